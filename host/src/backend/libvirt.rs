@@ -1,0 +1,1 @@
+//! The libvirt backend (see issue 3).

@@ -1,0 +1,100 @@
+//! Stage 1, **collect**: the one boundary between the daemon and a hypervisor.
+//!
+//! The trait is deliberately small and synchronous: one call to observe, two
+//! to act. The libvirt backend and the simulator implement it; nothing else
+//! in the daemon names either.
+
+pub mod libvirt;
+
+use vm_balancer_sdk::{Domain, Host};
+
+/// What a backend saw over the quantum that just ended. Reserve, reserved
+/// CPUs and params are added by the snapshot stage from the config.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observation {
+    /// Host CPUs and memory.
+    pub host: Host,
+    /// Managed domains (the backend leaves out the ones excluded by config).
+    pub domains: Vec<Domain>,
+}
+
+/// Errors from a backend; each names the domain, vCPU or value involved.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The domain disappeared (destroyed between collect and apply).
+    #[error("domain {domain:?} no longer exists")]
+    DomainGone {
+        /// Domain name.
+        domain: String,
+    },
+    /// The domain has no such vCPU.
+    #[error("domain {domain:?} has no vCPU {vcpu}")]
+    NoSuchVcpu {
+        /// Domain name.
+        domain: String,
+        /// vCPU number.
+        vcpu: u32,
+    },
+    /// Pinning failed.
+    #[error("pinning domain {domain:?} vCPU {vcpu} to CPUs {cpus:?} failed: {message}")]
+    Pin {
+        /// Domain name.
+        domain: String,
+        /// vCPU number.
+        vcpu: u32,
+        /// Requested CPUs.
+        cpus: Vec<u32>,
+        /// The hypervisor's message.
+        message: String,
+    },
+    /// Setting a balloon target failed.
+    #[error("setting domain {domain:?} balloon target to {target_kib} KiB failed: {message}")]
+    SetMemory {
+        /// Domain name.
+        domain: String,
+        /// Requested target.
+        target_kib: u64,
+        /// The hypervisor's message.
+        message: String,
+    },
+    /// Talking to the hypervisor failed (connection lost, call refused).
+    #[error("hypervisor at {uri} failed during {operation}: {message}")]
+    Hypervisor {
+        /// Connection URI.
+        uri: String,
+        /// What was being done.
+        operation: &'static str,
+        /// The hypervisor's message.
+        message: String,
+    },
+}
+
+/// A hypervisor, real or simulated.
+pub trait Backend {
+    /// Observes the host and the managed domains over the last quantum.
+    fn collect(&mut self) -> Result<Observation, BackendError>;
+    /// Pins a vCPU to a set of host CPUs (live).
+    fn pin_vcpu(&mut self, domain: &str, vcpu: u32, cpus: &[u32]) -> Result<(), BackendError>;
+    /// Sets a domain's balloon target (live), KiB.
+    fn set_memory(&mut self, domain: &str, target_kib: u64) -> Result<(), BackendError>;
+    /// Puts back every pin and balloon target this daemon changed. Default:
+    /// nothing to restore (the simulator).
+    fn restore(&mut self) -> Result<usize, BackendError> {
+        Ok(0)
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn collect(&mut self) -> Result<Observation, BackendError> {
+        (**self).collect()
+    }
+    fn pin_vcpu(&mut self, domain: &str, vcpu: u32, cpus: &[u32]) -> Result<(), BackendError> {
+        (**self).pin_vcpu(domain, vcpu, cpus)
+    }
+    fn set_memory(&mut self, domain: &str, target_kib: u64) -> Result<(), BackendError> {
+        (**self).set_memory(domain, target_kib)
+    }
+    fn restore(&mut self) -> Result<usize, BackendError> {
+        (**self).restore()
+    }
+}

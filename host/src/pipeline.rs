@@ -1,0 +1,91 @@
+//! The quantum loop: collect → snapshot → decide → guard → apply, in that
+//! order, once per call to [`Pipeline::step`].
+
+use vm_balancer_sdk::Verdict;
+
+use crate::apply::Applier;
+use crate::backend::{Backend, BackendError};
+use crate::config::Config;
+use crate::guard::{Checked, Guard};
+use crate::policy::PolicySet;
+use crate::snapshot;
+
+/// What one quantum did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuantumOutcome {
+    /// Quantum number.
+    pub quantum: u64,
+    /// Domains in the snapshot.
+    pub domains: usize,
+    /// Actions proposed by all slots.
+    pub proposed: usize,
+    /// The guard's verdicts.
+    pub verdicts: Vec<Verdict>,
+    /// Slots whose quantum was decided by the fallback.
+    pub fallback_slots: Vec<String>,
+}
+
+/// The daemon's pipeline over some backend.
+pub struct Pipeline<B> {
+    /// The backend (libvirt or simulator).
+    pub backend: B,
+    /// The policy slots.
+    pub policies: PolicySet,
+    /// The guard.
+    pub guard: Guard,
+    /// The apply stage.
+    pub applier: Applier,
+    config: Config,
+    quantum: u64,
+    feedback: Vec<Verdict>,
+    dry_run: bool,
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// A pipeline; `dry_run` decides and logs but applies nothing.
+    pub fn new(backend: B, policies: PolicySet, config: Config, dry_run: bool) -> Self {
+        Pipeline {
+            backend,
+            policies,
+            guard: Guard::new(config.guard.clone()),
+            applier: Applier::default(),
+            config,
+            quantum: 0,
+            feedback: Vec::new(),
+            dry_run,
+        }
+    }
+
+    /// The next quantum's number.
+    pub fn quantum(&self) -> u64 {
+        self.quantum
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs one quantum. Only a backend failure to collect is an error;
+    /// policy failures and guard rejections are outcomes.
+    pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
+        let observation = self.backend.collect()?;
+        let snapshot = snapshot::assemble(observation, self.quantum, &self.config, std::mem::take(&mut self.feedback));
+        let proposals = self.policies.decide(&snapshot);
+        let proposed = proposals.len();
+        let mut fallback_slots: Vec<String> = proposals.iter().filter(|p| p.from_fallback).map(|p| p.slot.clone()).collect();
+        fallback_slots.dedup();
+        let checked: Checked = self.guard.check(&snapshot, proposals);
+        self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
+        self.feedback = checked.feedback();
+        let outcome = QuantumOutcome {
+            quantum: self.quantum,
+            domains: snapshot.domains.len(),
+            proposed,
+            verdicts: checked.verdicts,
+            fallback_slots,
+        };
+        self.quantum += 1;
+        Ok(outcome)
+    }
+}

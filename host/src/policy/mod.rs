@@ -1,0 +1,15 @@
+//! Stage 3, **decide**: policies in their sandbox, and the fallback.
+//!
+//! - [`sandbox`]: wasmtime: load a component, check its imports and world,
+//!   call `decide` under a deadline and a memory limit.
+//! - [`builtin`]: the embedded default components and their native twins,
+//!   which are the fallback.
+//! - [`slots`]: the ordered set of policies the daemon runs, failure
+//!   counting, disabling with backoff.
+
+pub mod builtin;
+pub mod sandbox;
+pub mod slots;
+
+pub use sandbox::{LoadedPolicy, PolicyError, Sandbox};
+pub use slots::{PolicySet, Proposal, Slot};

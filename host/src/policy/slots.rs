@@ -1,0 +1,244 @@
+//! The ordered set of policy slots the daemon runs each quantum.
+//!
+//! Slot order is the conflict rule: when two slots act on the same vCPU or
+//! the same domain's memory, the earlier slot wins (see [`crate::guard`]).
+//! With no policy given, the slots are `cpu` then `mem` (the builtins).
+//!
+//! Failure handling follows sched_ext: a failing policy's quantum is decided
+//! by the native default; after `max_consecutive_failures` in a row the
+//! policy is disabled for `retry_backoff_quanta`, then retried once; each
+//! further failure doubles the backoff (capped), so a broken policy does not
+//! flap between loaded and ejected every quantum.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
+
+use super::builtin::{Builtin, Fallback};
+use super::sandbox::{LoadedPolicy, PolicyError, Sandbox, SandboxLimits};
+use crate::config::Limits;
+
+/// Longest backoff, quanta.
+const MAX_BACKOFF_QUANTA: u64 = 3600;
+
+/// An action and the slot that proposed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proposal {
+    /// Slot name.
+    pub slot: String,
+    /// The action.
+    pub action: Action,
+    /// True when the native fallback proposed it.
+    pub from_fallback: bool,
+}
+
+/// Counters of one slot.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SlotStats {
+    /// Quanta the slot's own policy decided.
+    pub decided: u64,
+    /// Quanta the fallback decided (failures plus disabled quanta).
+    pub fallbacks: u64,
+    /// Failures by kind (`timeout`, `trap`, ...).
+    pub failures: BTreeMap<&'static str, u64>,
+    /// Times the policy was disabled.
+    pub disabled: u64,
+}
+
+/// One policy slot.
+pub struct Slot {
+    name: String,
+    policy: Option<LoadedPolicy>,
+    fallback: Fallback,
+    consecutive_failures: u32,
+    disabled_until: Option<u64>,
+    backoff_quanta: u64,
+    stats: SlotStats,
+}
+
+impl Slot {
+    /// A slot running `policy`, falling back to the defaults for what it manages.
+    pub fn new(name: &str, policy: LoadedPolicy) -> Self {
+        let info = policy.info();
+        let fallback = Fallback::new(info.cpu, info.memory);
+        Slot::with(name, Some(policy), fallback)
+    }
+
+    /// A slot whose policy could not be loaded: the defaults decide everything.
+    pub fn fallback_only(name: &str) -> Self {
+        Slot::with(name, None, Fallback::new(true, true))
+    }
+
+    fn with(name: &str, policy: Option<LoadedPolicy>, fallback: Fallback) -> Self {
+        Slot {
+            name: name.to_string(),
+            policy,
+            fallback,
+            consecutive_failures: 0,
+            disabled_until: None,
+            backoff_quanta: 0,
+            stats: SlotStats::default(),
+        }
+    }
+
+    /// Slot name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The loaded policy, if any.
+    pub fn policy(&self) -> Option<&LoadedPolicy> {
+        self.policy.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SlotStats {
+        &self.stats
+    }
+
+    /// True while the policy is disabled after repeated failures.
+    pub fn is_disabled(&self, quantum: u64) -> bool {
+        self.disabled_until.is_some_and(|until| quantum < until)
+    }
+
+    fn decide(&mut self, snapshot: &Snapshot, bytes: &[u8], limits: &Limits) -> (Vec<Action>, bool) {
+        let quantum = snapshot.quantum;
+        let Some(policy) = self.policy.as_mut().filter(|_| !self.disabled_until.is_some_and(|u| quantum < u)) else {
+            self.stats.fallbacks += 1;
+            return (self.fallback.decide(snapshot), true);
+        };
+        match policy.decide(bytes) {
+            Ok(actions) => {
+                if self.disabled_until.take().is_some() || self.consecutive_failures > 0 {
+                    tracing::info!(slot = %self.name, source = policy.source_name(), "policy recovered; it decides again");
+                }
+                self.consecutive_failures = 0;
+                self.backoff_quanta = 0;
+                self.stats.decided += 1;
+                (actions, false)
+            }
+            Err(error) => {
+                self.consecutive_failures += 1;
+                *self.stats.failures.entry(error.kind()).or_default() += 1;
+                self.stats.fallbacks += 1;
+                tracing::warn!(slot = %self.name, kind = error.kind(), %error, "policy failed; the built-in default decides this quantum");
+                if self.consecutive_failures >= limits.max_consecutive_failures {
+                    self.backoff_quanta = if self.backoff_quanta == 0 {
+                        limits.retry_backoff_quanta.max(1)
+                    } else {
+                        (self.backoff_quanta * 2).min(MAX_BACKOFF_QUANTA)
+                    };
+                    self.disabled_until = Some(quantum + self.backoff_quanta);
+                    self.stats.disabled += 1;
+                    tracing::error!(
+                        slot = %self.name,
+                        source = policy.source_name(),
+                        failures = self.consecutive_failures,
+                        retry_in_quanta = self.backoff_quanta,
+                        "policy disabled after consecutive failures; the default decides until the retry"
+                    );
+                }
+                (self.fallback.decide(snapshot), true)
+            }
+        }
+    }
+}
+
+/// Errors naming which policy spec could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// The file could not be read.
+    #[error("cannot read policy file {path}")]
+    Read {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An unknown `builtin:` name.
+    #[error("unknown builtin policy {spec:?} (known: builtin:cpu, builtin:mem, builtin:classic)")]
+    UnknownBuiltin {
+        /// What was asked for.
+        spec: String,
+    },
+    /// The component was refused.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Every slot, in order, and the sandbox they run in.
+pub struct PolicySet {
+    sandbox: Sandbox,
+    limits: Limits,
+    slots: Vec<Slot>,
+}
+
+impl PolicySet {
+    /// An empty set.
+    pub fn new(limits: &Limits) -> Self {
+        PolicySet { sandbox: Sandbox::new(SandboxLimits::from_config(limits)), limits: limits.clone(), slots: Vec::new() }
+    }
+
+    /// The default slots: builtin `cpu` then builtin `mem`.
+    pub fn defaults(limits: &Limits) -> Result<Self, SlotError> {
+        PolicySet::from_specs(limits, &["builtin:cpu".into(), "builtin:mem".into()])
+    }
+
+    /// Slots from specs (`builtin:NAME` or a file path), in order; the first
+    /// bad spec is an error naming it.
+    pub fn from_specs(limits: &Limits, specs: &[String]) -> Result<Self, SlotError> {
+        let mut set = PolicySet::new(limits);
+        for spec in specs {
+            let policy = set.load_spec(spec)?;
+            set.slots.push(Slot::new(&slot_name(spec), policy));
+        }
+        Ok(set)
+    }
+
+    /// Loads one spec into a policy without adding it.
+    pub fn load_spec(&self, spec: &str) -> Result<LoadedPolicy, SlotError> {
+        let name = slot_name(spec);
+        if spec.starts_with("builtin:") {
+            let builtin = Builtin::parse(spec).ok_or_else(|| SlotError::UnknownBuiltin { spec: spec.into() })?;
+            return Ok(self.sandbox.load_compiled(&name, spec, builtin.component()?)?);
+        }
+        let bytes = std::fs::read(spec).map_err(|source| SlotError::Read { path: spec.into(), source })?;
+        Ok(self.sandbox.load(&name, spec, &bytes)?)
+    }
+
+    /// Appends a slot.
+    pub fn push(&mut self, slot: Slot) {
+        self.slots.push(slot);
+    }
+
+    /// The slots, in order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Runs every slot on the snapshot. The snapshot is encoded once.
+    pub fn decide(&mut self, snapshot: &Snapshot) -> Vec<Proposal> {
+        let bytes = encode_snapshot(snapshot);
+        let mut proposals = Vec::new();
+        for slot in &mut self.slots {
+            let (actions, from_fallback) = slot.decide(snapshot, &bytes, &self.limits);
+            proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
+        }
+        proposals
+    }
+}
+
+/// A slot's name: the builtin's name, or the file name.
+pub fn slot_name(spec: &str) -> String {
+    match Builtin::parse(spec) {
+        Some(b) if spec.starts_with("builtin:") => b.name().to_string(),
+        _ => Path::new(spec).file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
+    }
+}

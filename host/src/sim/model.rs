@@ -1,0 +1,391 @@
+//! The simulated hypervisor: a [`Backend`] whose clock advances one quantum
+//! per [`collect`](Backend::collect).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vm_balancer_sdk::{Domain, DomainMemory, Host, HostCpu, HostMemory, Vcpu};
+
+use super::scenario::{Placement, Profile, Scenario, VmSpec};
+use crate::backend::{Backend, BackendError, Observation};
+use crate::MIB;
+
+const URI: &str = "sim://";
+
+/// What the simulator measured, per quantum and in total.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metrics {
+    /// Busiest pCPU's demand over the lower bound, per quantum (1.0 when idle).
+    pub load_ratio: Vec<f64>,
+    /// Demand that could not be served, CPU-seconds, per quantum.
+    pub unserved_cpu_s: Vec<f64>,
+    /// Total demand, CPU-seconds, per quantum.
+    pub demand_cpu_s: Vec<f64>,
+    /// Pin changes decided after each quantum.
+    pub pin_changes: Vec<u64>,
+    /// VM-quanta whose balloon was below the guest's use.
+    pub pressure_events: u64,
+    /// VM-quanta whose shortfall exceeded the guest's swap.
+    pub oom_events: u64,
+    /// Quanta in which guests held more than the host has.
+    pub host_oom_events: u64,
+    /// Memory taken back from guests, KiB.
+    pub reclaimed_kib: u64,
+    /// Memory given to guests, KiB.
+    pub given_kib: u64,
+    /// Lowest host available memory seen, KiB.
+    pub lowest_host_available_kib: u64,
+    /// Most VMs alive at once.
+    pub peak_vms: usize,
+}
+
+struct SimVcpu {
+    affinity: Vec<u32>,
+    cpu: u32,
+    demand: f64,
+}
+
+struct SimVm {
+    name: String,
+    uuid: String,
+    spec: usize,
+    start: u64,
+    stop: Option<u64>,
+    scale: f64,
+    alive: bool,
+    vcpus: Vec<SimVcpu>,
+    target_kib: u64,
+    used_mib: f64,
+}
+
+/// The simulator backend.
+pub struct SimBackend {
+    scenario: Scenario,
+    rng: ChaCha8Rng,
+    t: u64,
+    vms: Vec<SimVm>,
+    next_cpu: u32,
+    metrics: Metrics,
+}
+
+impl SimBackend {
+    /// A simulator at quantum 0 of `scenario`.
+    pub fn new(scenario: Scenario) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
+        let mut vms = Vec::new();
+        for (spec_index, spec) in scenario.vms.iter().enumerate() {
+            for i in 0..spec.count {
+                let name = if spec.count == 1 { spec.name.clone() } else { format!("{}-{i}", spec.name) };
+                let scale = if spec.spread > 0.0 { 1.0 + rng.gen_range(-spec.spread..=spec.spread) } else { 1.0 };
+                let start = spec.start + u64::from(i) * spec.stagger;
+                vms.push(SimVm {
+                    uuid: format!("5151{:04x}-0000-4000-8000-{:012x}", spec_index, vms.len()),
+                    name,
+                    spec: spec_index,
+                    start,
+                    stop: spec.stop.map(|s| s + u64::from(i) * spec.stagger),
+                    scale,
+                    alive: false,
+                    vcpus: Vec::new(),
+                    target_kib: spec.initial_mib.unwrap_or(spec.max_mib) * MIB,
+                    used_mib: 0.0,
+                });
+            }
+        }
+        let lowest = scenario.host.memory_mib * MIB;
+        SimBackend {
+            scenario,
+            rng,
+            t: 0,
+            vms,
+            next_cpu: 0,
+            metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() },
+        }
+    }
+
+    /// What was measured so far.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The scenario.
+    pub fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    /// Current affinity of every live vCPU: (domain, vCPU, CPUs).
+    pub fn placements(&self) -> Vec<(String, u32, Vec<u32>)> {
+        self.vms
+            .iter()
+            .filter(|vm| vm.alive)
+            .flat_map(|vm| vm.vcpus.iter().enumerate().map(|(i, v)| (vm.name.clone(), i as u32, v.affinity.clone())))
+            .collect()
+    }
+
+    /// Current balloon target of a live VM, KiB.
+    pub fn target_kib(&self, domain: &str) -> Option<u64> {
+        self.vms.iter().find(|vm| vm.alive && vm.name == domain).map(|vm| vm.target_kib)
+    }
+
+    fn spec(&self, vm: &SimVm) -> &VmSpec {
+        &self.scenario.vms[vm.spec]
+    }
+
+    fn place(&mut self, placement: Placement) -> (Vec<u32>, u32) {
+        let cpus = self.scenario.host.cpus;
+        match placement {
+            Placement::First => (vec![0], 0),
+            Placement::RoundRobin => {
+                let cpu = self.next_cpu % cpus;
+                self.next_cpu += 1;
+                (vec![cpu], cpu)
+            }
+            Placement::Random => {
+                let cpu = self.rng.gen_range(0..cpus);
+                (vec![cpu], cpu)
+            }
+            Placement::Unpinned => (Vec::new(), self.rng.gen_range(0..cpus)),
+        }
+    }
+
+    /// Creates and destroys VMs whose time has come.
+    fn lifecycle(&mut self) {
+        let t = self.t;
+        for i in 0..self.vms.len() {
+            let (start, stop, alive) = (self.vms[i].start, self.vms[i].stop, self.vms[i].alive);
+            if !alive && start == t {
+                let spec = &self.scenario.vms[self.vms[i].spec];
+                let (vcpus, placement) = (spec.vcpus, spec.placement);
+                let mut made = Vec::new();
+                for _ in 0..vcpus {
+                    let (affinity, cpu) = self.place(placement);
+                    made.push(SimVcpu { affinity, cpu, demand: 0.0 });
+                }
+                let vm = &mut self.vms[i];
+                vm.vcpus = made;
+                vm.alive = true;
+            }
+            if alive && stop == Some(t) {
+                let vm = &mut self.vms[i];
+                vm.alive = false;
+                vm.vcpus.clear();
+            }
+        }
+        let alive = self.vms.iter().filter(|vm| vm.alive).count();
+        self.metrics.peak_vms = self.metrics.peak_vms.max(alive);
+    }
+
+    /// Advances every live VM's demand and memory use to quantum `t`.
+    fn advance_workloads(&mut self) {
+        let t = self.t;
+        for i in 0..self.vms.len() {
+            if !self.vms[i].alive {
+                continue;
+            }
+            let age = t - self.vms[i].start;
+            let (cpu_profile, mem_profile, max_mib) = {
+                let spec = self.spec(&self.vms[i]);
+                (spec.cpu.clone(), spec.mem_mib.clone(), spec.max_mib as f64)
+            };
+            let scale = self.vms[i].scale;
+            for v in 0..self.vms[i].vcpus.len() {
+                let noise = self.noise(&cpu_profile);
+                let vcpu = &mut self.vms[i].vcpus[v];
+                let raw = cpu_profile.at(age, vcpu.demand / scale, noise);
+                vcpu.demand = (raw * scale).clamp(0.0, 1.0);
+            }
+            let noise = self.noise(&mem_profile);
+            let vm = &mut self.vms[i];
+            vm.used_mib = (mem_profile.at(age, vm.used_mib / scale, noise) * scale).clamp(0.0, max_mib);
+        }
+    }
+
+    fn noise(&mut self, profile: &Profile) -> f64 {
+        match profile {
+            Profile::RandomWalk { .. } => self.rng.gen_range(-1.0..=1.0),
+            _ => 0.0,
+        }
+    }
+
+    fn vm_mut(&mut self, domain: &str) -> Result<&mut SimVm, BackendError> {
+        self.vms
+            .iter_mut()
+            .find(|vm| vm.alive && vm.name == domain)
+            .ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
+    }
+}
+
+/// Max-min fair shares of `capacity` among `demands` (what CFS converges to).
+fn water_fill(demands: &[f64], capacity: f64) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by(|a, b| demands[*a].total_cmp(&demands[*b]));
+    let mut served = vec![0.0; demands.len()];
+    let mut left = capacity.max(0.0);
+    for (k, &i) in order.iter().enumerate() {
+        let share = left / (order.len() - k) as f64;
+        served[i] = demands[i].min(share);
+        left -= served[i];
+    }
+    served
+}
+
+impl Backend for SimBackend {
+    fn collect(&mut self) -> Result<Observation, BackendError> {
+        self.lifecycle();
+        self.advance_workloads();
+        let ncpu = self.scenario.host.cpus as usize;
+        let quantum_s = f64::from(self.scenario.quantum_ms) / 1000.0;
+        let background: Vec<f64> = (0..ncpu).map(|c| f64::from(self.scenario.host.background.get(c).copied().unwrap_or(0.0))).collect();
+
+        // Who runs where, and what each pCPU can serve.
+        let mut on_cpu: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ncpu];
+        for (i, vm) in self.vms.iter().enumerate().filter(|(_, vm)| vm.alive) {
+            for (j, v) in vm.vcpus.iter().enumerate() {
+                let cpu = match v.affinity.as_slice() {
+                    [only] => *only,
+                    _ => v.cpu,
+                };
+                on_cpu[cpu as usize].push((i, j));
+            }
+        }
+        let mut served = vec![vec![]; self.vms.len()];
+        for (i, vm) in self.vms.iter().enumerate() {
+            served[i] = vec![0.0; vm.vcpus.len()];
+        }
+        let mut cpu_usage = vec![0.0; ncpu];
+        let mut cpu_demand = vec![0.0; ncpu];
+        let (mut total_demand, mut max_vcpu_demand, mut unserved) = (0.0, 0.0f64, 0.0);
+        for c in 0..ncpu {
+            let demands: Vec<f64> = on_cpu[c].iter().map(|&(i, j)| self.vms[i].vcpus[j].demand).collect();
+            let shares = water_fill(&demands, 1.0 - background[c]);
+            for (k, &(i, j)) in on_cpu[c].iter().enumerate() {
+                served[i][j] = shares[k];
+                self.vms[i].vcpus[j].cpu = c as u32;
+            }
+            cpu_usage[c] = (background[c] + shares.iter().sum::<f64>()).min(1.0);
+            cpu_demand[c] = background[c] + demands.iter().sum::<f64>();
+            total_demand += cpu_demand[c];
+            max_vcpu_demand = demands.iter().copied().fold(max_vcpu_demand, f64::max);
+            unserved += demands.iter().sum::<f64>() - shares.iter().sum::<f64>();
+        }
+        let lower_bound = (total_demand / ncpu as f64).max(max_vcpu_demand);
+        let busiest = cpu_demand.iter().copied().fold(0.0, f64::max);
+        self.metrics.load_ratio.push(if lower_bound > 1e-9 { busiest / lower_bound } else { 1.0 });
+        self.metrics.unserved_cpu_s.push(unserved * quantum_s);
+        self.metrics.demand_cpu_s.push(total_demand * quantum_s);
+        self.metrics.pin_changes.push(0);
+
+        // Memory: guests hold their balloon target on the host.
+        let host = &self.scenario.host;
+        let held_kib: u64 = self.vms.iter().filter(|vm| vm.alive).map(|vm| vm.target_kib).sum();
+        let capacity_kib = (host.memory_mib.saturating_sub(host.base_used_mib)) * MIB;
+        if held_kib > capacity_kib {
+            self.metrics.host_oom_events += 1;
+        }
+        let available_kib = capacity_kib.saturating_sub(held_kib);
+        self.metrics.lowest_host_available_kib = self.metrics.lowest_host_available_kib.min(available_kib);
+
+        let mut domains = Vec::new();
+        for (i, vm) in self.vms.iter().enumerate().filter(|(_, vm)| vm.alive) {
+            let spec = &self.scenario.vms[vm.spec];
+            let used_kib = (vm.used_mib * MIB as f64) as u64;
+            let deficit_kib = used_kib.saturating_sub(vm.target_kib);
+            if deficit_kib > 0 {
+                self.metrics.pressure_events += 1;
+                if deficit_kib > spec.swap_mib * MIB {
+                    self.metrics.oom_events += 1;
+                }
+            }
+            let free_kib = vm.target_kib.saturating_sub(used_kib);
+            let stats = spec.balloon_stats;
+            domains.push(Domain {
+                name: vm.name.clone(),
+                uuid: vm.uuid.clone(),
+                tags: spec.tags.clone(),
+                vcpus: vm
+                    .vcpus
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| Vcpu {
+                        id: j as u32,
+                        cpu: v.cpu,
+                        affinity: v.affinity.clone(),
+                        usage: served[i][j] as f32,
+                        steal: Some((v.demand - served[i][j]).max(0.0) as f32),
+                    })
+                    .collect(),
+                memory: DomainMemory {
+                    max_kib: spec.max_mib * MIB,
+                    target_kib: vm.target_kib,
+                    unused_kib: stats.then_some(free_kib),
+                    available_kib: stats.then_some(vm.target_kib),
+                    usable_kib: stats.then_some(free_kib),
+                    rss_kib: Some(vm.target_kib),
+                    swap_in_kib: stats.then_some(deficit_kib.min(spec.swap_mib * MIB)),
+                    swap_out_kib: stats.then_some(0),
+                    major_faults: stats.then_some(deficit_kib / 4),
+                    autodeflate: false,
+                },
+            });
+        }
+        let observation = Observation {
+            host: Host {
+                cpus: (0..ncpu)
+                    .map(|c| HostCpu { id: c as u32, online: true, reserved: false, usage: cpu_usage[c] as f32, node: 0 })
+                    .collect(),
+                memory: HostMemory { total_kib: host.memory_mib * MIB, available_kib, reserve_kib: 0 },
+            },
+            domains,
+        };
+        self.t += 1;
+        Ok(observation)
+    }
+
+    fn pin_vcpu(&mut self, domain: &str, vcpu: u32, cpus: &[u32]) -> Result<(), BackendError> {
+        let ncpu = self.scenario.host.cpus;
+        if let Some(bad) = cpus.iter().find(|c| **c >= ncpu) {
+            return Err(BackendError::Pin {
+                domain: domain.into(),
+                vcpu,
+                cpus: cpus.to_vec(),
+                message: format!("{URI} host has no CPU {bad}"),
+            });
+        }
+        let vm = self.vm_mut(domain)?;
+        let v = vm
+            .vcpus
+            .get_mut(vcpu as usize)
+            .ok_or_else(|| BackendError::NoSuchVcpu { domain: domain.into(), vcpu })?;
+        if v.affinity != cpus {
+            v.affinity = cpus.to_vec();
+            if let Some(last) = self.metrics.pin_changes.last_mut() {
+                *last += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_memory(&mut self, domain: &str, target_kib: u64) -> Result<(), BackendError> {
+        let vm = self.vm_mut(domain)?;
+        let before = vm.target_kib;
+        vm.target_kib = target_kib;
+        if target_kib < before {
+            self.metrics.reclaimed_kib += before - target_kib;
+        } else {
+            self.metrics.given_kib += target_kib - before;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn water_fill_is_max_min_fair() {
+        assert_eq!(water_fill(&[1.0, 1.0], 1.0), vec![0.5, 0.5]);
+        assert_eq!(water_fill(&[0.2, 1.0], 1.0), vec![0.2, 0.8]);
+        assert_eq!(water_fill(&[0.2, 0.3], 1.0), vec![0.2, 0.3]);
+        assert!(water_fill(&[], 1.0).is_empty());
+    }
+}

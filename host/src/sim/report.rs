@@ -1,0 +1,176 @@
+//! The quality report of a simulation run, and [`simulate`] which produces it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use super::model::{Metrics, SimBackend};
+use super::scenario::Scenario;
+use crate::backend::BackendError;
+use crate::config::Config;
+use crate::guard::GuardStats;
+use crate::pipeline::Pipeline;
+use crate::policy::slots::{SlotError, SlotStats};
+use crate::policy::PolicySet;
+use crate::MIB;
+
+/// Errors of a simulation run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    /// A policy could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] SlotError),
+    /// The simulated backend failed (a bug).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Runs `scenario` for `quanta` (or its own length) with the policy specs
+/// (`builtin:NAME` or paths; empty = the defaults).
+pub fn simulate(scenario: &Scenario, specs: &[String], config: &Config, quanta: Option<u64>) -> Result<Report, SimulateError> {
+    let mut config = config.clone();
+    config.quantum_ms = scenario.quantum_ms;
+    if let Some(reserve) = scenario.host.reserve_mib {
+        config.guard.host_reserve_mib = reserve;
+    }
+    let policies = if specs.is_empty() {
+        PolicySet::defaults(&config.limits)?
+    } else {
+        PolicySet::from_specs(&config.limits, specs)?
+    };
+    let mut pipeline = Pipeline::new(SimBackend::new(scenario.clone()), policies, config, false);
+    for _ in 0..quanta.unwrap_or(scenario.quanta) {
+        pipeline.step()?;
+    }
+    Ok(Report::build(scenario, &pipeline))
+}
+
+/// CPU balance figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CpuReport {
+    /// Busiest pCPU demand / lower bound, averaged over all quanta (1.0 is ideal).
+    pub mean_load_ratio: f64,
+    /// The same ratio averaged from convergence on.
+    pub steady_load_ratio: f64,
+    /// First quantum from which the ratio stays within 5 % (+0.02) of its final level.
+    pub converged_at: u64,
+    /// Demand that was not served, CPU-seconds.
+    pub unserved_cpu_s: f64,
+    /// That, as a percentage of all demand.
+    pub unserved_pct: f64,
+    /// Pin changes applied.
+    pub pin_changes: u64,
+    /// Pin changes decided from convergence on.
+    pub steady_pin_changes: u64,
+}
+
+/// Memory figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MemoryReport {
+    /// VM-quanta with the balloon below the guest's use.
+    pub pressure_events: u64,
+    /// VM-quanta whose shortfall exceeded the guest's swap (OOM).
+    pub oom_events: u64,
+    /// Memory taken back, MiB.
+    pub reclaimed_mib: u64,
+    /// Memory given, MiB.
+    pub given_mib: u64,
+    /// Lowest host available memory, MiB.
+    pub lowest_host_available_mib: u64,
+    /// Quanta in which guests held more memory than the host has.
+    pub host_oom_events: u64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Policy slots, in order.
+    pub policies: Vec<String>,
+    /// Quanta simulated.
+    pub quanta: u64,
+    /// Host CPUs.
+    pub cpus: u32,
+    /// Most VMs alive at once.
+    pub peak_vms: usize,
+    /// CPU figures.
+    pub cpu: CpuReport,
+    /// Memory figures.
+    pub memory: MemoryReport,
+    /// Per-slot policy counters.
+    pub slots: BTreeMap<String, SlotStats>,
+    /// Guard counters.
+    pub guard: GuardStats,
+}
+
+impl Report {
+    /// Builds the report from a finished pipeline.
+    pub fn build(scenario: &Scenario, pipeline: &Pipeline<SimBackend>) -> Report {
+        let m: &Metrics = pipeline.backend.metrics();
+        let r = &m.load_ratio;
+        let n = r.len().max(1);
+        let tail = (n / 10).max(1);
+        let final_level = r.iter().rev().take(tail).sum::<f64>() / tail as f64;
+        let bound = final_level * 1.05 + 0.02;
+        let converged_at = r.iter().rposition(|x| *x > bound).map_or(0, |i| i + 1);
+        let steady = &r[converged_at.min(r.len())..];
+        let demand: f64 = m.demand_cpu_s.iter().sum();
+        let unserved: f64 = m.unserved_cpu_s.iter().sum();
+        Report {
+            scenario: scenario.name.clone(),
+            policies: pipeline.policies.slots().iter().map(|s| s.name().to_string()).collect(),
+            quanta: r.len() as u64,
+            cpus: scenario.host.cpus,
+            peak_vms: m.peak_vms,
+            cpu: CpuReport {
+                mean_load_ratio: r.iter().sum::<f64>() / n as f64,
+                steady_load_ratio: if steady.is_empty() { final_level } else { steady.iter().sum::<f64>() / steady.len() as f64 },
+                converged_at: converged_at as u64,
+                unserved_cpu_s: unserved,
+                unserved_pct: if demand > 0.0 { 100.0 * unserved / demand } else { 0.0 },
+                pin_changes: m.pin_changes.iter().sum(),
+                steady_pin_changes: m.pin_changes.iter().skip(converged_at).sum(),
+            },
+            memory: MemoryReport {
+                pressure_events: m.pressure_events,
+                oom_events: m.oom_events,
+                reclaimed_mib: m.reclaimed_kib / MIB,
+                given_mib: m.given_kib / MIB,
+                lowest_host_available_mib: m.lowest_host_available_kib / MIB,
+                host_oom_events: m.host_oom_events,
+            },
+            slots: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
+            guard: pipeline.guard.stats().clone(),
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.cpu;
+        let m = &self.memory;
+        writeln!(f, "scenario {}  ({} quanta, {} pCPUs, up to {} VMs)", self.scenario, self.quanta, self.cpus, self.peak_vms)?;
+        writeln!(f, "policies {}", self.policies.join(", "))?;
+        writeln!(f, "cpu")?;
+        writeln!(f, "  busiest pCPU / lower bound   mean {:.3}   steady {:.3}   (1.000 is ideal)", c.mean_load_ratio, c.steady_load_ratio)?;
+        writeln!(f, "  converged at quantum         {}", c.converged_at)?;
+        writeln!(f, "  unserved demand              {:.1} CPU-s ({:.2} %)", c.unserved_cpu_s, c.unserved_pct)?;
+        writeln!(f, "  pin changes                  {} total, {} in steady state", c.pin_changes, c.steady_pin_changes)?;
+        writeln!(f, "memory")?;
+        writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
+        writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;
+        writeln!(f, "  lowest host available        {} MiB ({} host OOM quanta)", m.lowest_host_available_mib, m.host_oom_events)?;
+        writeln!(f, "guard    {} accepted, {} clamped, {} rejected, {} dropped", self.guard.accepted, self.guard.clamped, self.guard.rejected, self.guard.dropped)?;
+        for (name, s) in &self.slots {
+            let failures: u64 = s.failures.values().sum();
+            write!(f, "slot {name:<10} decided {}, fallback {}, failures {}", s.decided, s.fallbacks, failures)?;
+            if failures > 0 {
+                write!(f, " {:?}", s.failures)?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! Stage 2, **snapshot**: the observation plus what the config and the guard
+//! add, in the exact shape every policy receives.
+
+use vm_balancer_sdk::{Snapshot, Verdict, SCHEMA_VERSION};
+
+use crate::backend::Observation;
+use crate::config::Config;
+use crate::MIB;
+
+/// Builds the snapshot for quantum `quantum`. `verdicts` are the guard's
+/// non-accepted verdicts from the previous quantum.
+pub fn assemble(observation: Observation, quantum: u64, config: &Config, verdicts: Vec<Verdict>) -> Snapshot {
+    let Observation { mut host, domains } = observation;
+    host.memory.reserve_kib = config.guard.host_reserve_mib * MIB;
+    for cpu in &mut host.cpus {
+        cpu.reserved = config.guard.reserved_cpus.contains(&cpu.id);
+    }
+    Snapshot {
+        schema_version: SCHEMA_VERSION,
+        quantum,
+        quantum_ms: config.quantum_ms,
+        host,
+        domains,
+        verdicts,
+        params: config.policy_params(),
+    }
+}

@@ -1,0 +1,145 @@
+//! The vm-balancer policy SDK.
+//!
+//! One definition of the contract: the daemon serializes exactly these types
+//! into the MessagePack snapshot, and policies written with this crate
+//! decode them. The field-by-field description for authors in other
+//! languages is `wit/SCHEMA.md`.
+//!
+//! Design decisions:
+//! - **Bytes across the WIT boundary, named MessagePack maps inside.** Adding a
+//!   field never needs a new WIT world; every decoder ignores fields it does
+//!   not know (serde's default, kept on purpose: no `deny_unknown_fields`).
+//! - **Policies are plain Rust.** A policy implements [`Policy`]; the
+//!   [`export_policy!`] macro wires it to the component exports on wasm, and
+//!   on the host the same type is an ordinary value that unit tests (and the
+//!   daemon's fallback) call natively.
+//! - **State lives in the policy value.** The instance is kept across quanta,
+//!   so `&mut self` persists; after a trap or a reload it starts from
+//!   `Default::default()` again.
+#![deny(missing_docs)]
+
+mod action;
+pub mod builder;
+mod log;
+mod param;
+mod snapshot;
+
+pub use action::{Action, Decision, Outcome, Verdict};
+pub use log::{log, set_native_log_hook, Level};
+pub use param::Param;
+pub use snapshot::{Domain, DomainMemory, Host, HostCpu, HostMemory, Snapshot, Vcpu, SCHEMA_VERSION};
+
+/// What a policy says about itself (mirrors the WIT `policy-info` record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    /// Short name, e.g. `"cpu-default"`.
+    pub name: &'static str,
+    /// Free-form version string.
+    pub version: &'static str,
+    /// Emits `pin` actions.
+    pub cpu: bool,
+    /// Emits `set-memory` actions.
+    pub memory: bool,
+}
+
+/// A policy: turns a snapshot into actions. Implement this and call
+/// [`export_policy!`] once in the crate.
+pub trait Policy: Default {
+    /// Describes the policy.
+    fn info() -> Info;
+    /// Decides this quantum's actions. An `Err` makes the daemon fall back to
+    /// its built-in default for this quantum and counts as a failure.
+    fn decide(&mut self, snapshot: &Snapshot) -> Result<Vec<Action>, String>;
+}
+
+/// Errors of the byte-level glue, named so a policy's `err(..)` says what broke.
+#[derive(Debug)]
+pub enum CodecError {
+    /// The snapshot bytes did not decode.
+    Snapshot(rmp_serde::decode::Error),
+    /// The actions did not encode.
+    Actions(rmp_serde::encode::Error),
+}
+
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CodecError::Snapshot(e) => write!(f, "cannot decode snapshot: {e}"),
+            CodecError::Actions(e) => write!(f, "cannot encode actions: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// Encodes a snapshot the way the daemon does (named MessagePack map).
+pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
+    rmp_serde::to_vec_named(snapshot).expect("snapshot types always encode")
+}
+
+/// Decodes a snapshot; unknown fields are ignored.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, CodecError> {
+    rmp_serde::from_slice(bytes).map_err(CodecError::Snapshot)
+}
+
+/// Encodes a policy's answer as `{ "actions": [...] }`.
+pub fn encode_actions(actions: Vec<Action>) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::to_vec_named(&Decision { actions }).map_err(CodecError::Actions)
+}
+
+/// The byte-level `decide`: decode, run the policy, encode. Used by the
+/// wasm export glue; public so native harnesses can run the exact same path.
+pub fn decide_bytes<P: Policy>(policy: &mut P, snapshot: &[u8]) -> Result<Vec<u8>, String> {
+    let snapshot = decode_snapshot(snapshot).map_err(|e| e.to_string())?;
+    let actions = policy.decide(&snapshot)?;
+    encode_actions(actions).map_err(|e| e.to_string())
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "policy",
+        pub_export_macro: true,
+        export_macro_name: "__export_policy_world",
+        default_bindings_module: "vm_balancer_sdk::bindings",
+    });
+}
+
+/// Exports a [`Policy`] type as the component's `describe` and `decide`.
+/// On non-wasm targets it expands to nothing, so the crate still builds and
+/// tests natively.
+#[macro_export]
+macro_rules! export_policy {
+    ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct __VmbExport;
+            ::std::thread_local! {
+                static __VMB_STATE: ::std::cell::RefCell<::std::option::Option<$ty>> =
+                    const { ::std::cell::RefCell::new(::std::option::Option::None) };
+            }
+            impl $crate::bindings::Guest for __VmbExport {
+                fn describe() -> $crate::bindings::PolicyInfo {
+                    let info = <$ty as $crate::Policy>::info();
+                    $crate::bindings::PolicyInfo {
+                        name: info.name.into(),
+                        version: info.version.into(),
+                        cpu: info.cpu,
+                        memory: info.memory,
+                    }
+                }
+                fn decide(snapshot: ::std::vec::Vec<u8>) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    __VMB_STATE.with(|state| {
+                        let mut state = state.borrow_mut();
+                        let policy = state.get_or_insert_with(<$ty as ::std::default::Default>::default);
+                        $crate::decide_bytes(policy, &snapshot)
+                    })
+                }
+            }
+            $crate::bindings::__export_policy_world!(__VmbExport with_types_in $crate::bindings);
+        };
+    };
+}
