@@ -32,6 +32,7 @@ const ARTIFACTS: &[(&str, &str, bool)] = &[
     ("FIXTURE_FORBIDDEN", "forbidden", true),
     ("FIXTURE_WRONGWORLD", "wrongworld", true),
     ("FIXTURE_COUNTER", "counter", true),
+    ("FIXTURE_HOSTILE", "hostile", true),
 ];
 
 fn main() {

@@ -15,8 +15,10 @@
 //! - **Shrink slowly, with a dead band.** Only free memory above 1.5 times the
 //!   band is reclaimed, at most `mem.max_shrink_pct` % of the guest's max per
 //!   quantum (MOM's 5 %), and steps under 1 % are skipped, so nothing flaps.
-//! - **Host short?** When host available memory is below its reserve, guests
-//!   with more than half their band free are squeezed to half the band.
+//! - **Host short?** When host available memory is below its reserve, or
+//!   starving guests need more than the host can give above its reserve,
+//!   guests with more than half their band free are squeezed toward half
+//!   the band (MOM's "squeeze harder"), at twice the normal step.
 #![deny(missing_docs)]
 
 use std::collections::HashMap;
@@ -56,6 +58,14 @@ pub struct MemPolicy {
     last_used_kib: HashMap<String, u64>,
 }
 
+struct Donor {
+    domain: usize,
+    used: u64,
+    free: u64,
+    band: u64,
+    want: u64,
+}
+
 struct Grow {
     domain: usize,
     need_kib: u64,
@@ -70,10 +80,9 @@ impl Policy for MemPolicy {
     fn decide(&mut self, snap: &Snapshot) -> Result<Vec<Action>, String> {
         let p = MemParams::from_snapshot(snap);
         let host = &snap.host.memory;
-        let host_short = host.available_kib < host.reserve_kib;
         let mut pool_kib = host.available_kib.saturating_sub(host.reserve_kib);
-        let mut actions = Vec::new();
         let mut grows = Vec::new();
+        let mut donors = Vec::new();
         let mut seen = HashMap::with_capacity(snap.domains.len());
 
         for (di, d) in snap.domains.iter().enumerate() {
@@ -87,20 +96,40 @@ impl Policy for MemPolicy {
             let predicted_used = used + (growth as f64 * p.growth_factor) as u64;
             let want = (predicted_used + band).min(m.max_kib);
             let predicted_free = m.target_kib.saturating_sub(predicted_used);
-
             if (predicted_free < band / 2 || m.under_pressure_signals()) && want > m.target_kib {
                 grows.push(Grow { domain: di, need_kib: want - m.target_kib, free_ratio: free as f64 / band.max(1) as f64 });
-            } else if free > band + band / 2 || (host_short && free > band / 2) {
-                let floor = if host_short { used + band / 2 } else { want };
-                let step = (m.max_kib as f64 * p.max_shrink_pct / 100.0 * if host_short { 2.0 } else { 1.0 }) as u64;
-                let target = floor.max(m.target_kib.saturating_sub(step));
-                if m.target_kib.saturating_sub(target) >= m.max_kib / 100 {
-                    let why = if host_short { "host short: squeeze" } else { "reclaim excess free" };
-                    actions.push(Action::set_memory(&d.name, target, format!("{why} (free {} MiB, band {} MiB)", free / MIB, band / MIB)));
-                }
+            } else if free > band / 2 {
+                donors.push(Donor { domain: di, used, free, band, want });
             }
         }
         self.last_used_kib = seen;
+
+        // Squeeze when the host is below its reserve, or when starving guests
+        // need more than the host pool holds: then the donors' spare band is
+        // worth more to the starving guests than to them.
+        let need_kib: u64 = grows.iter().map(|g| g.need_kib).sum();
+        let squeeze = host.available_kib < host.reserve_kib || need_kib > pool_kib;
+        let mut actions = Vec::new();
+        for donor in donors {
+            let d = &snap.domains[donor.domain];
+            let m = &d.memory;
+            let step = (m.max_kib as f64 * p.max_shrink_pct / 100.0) as u64;
+            let (floor, step, why) = if squeeze {
+                (donor.used + donor.band / 2, step * 2, "host short: squeeze")
+            } else if donor.free > donor.band + donor.band / 2 {
+                (donor.want, step, "reclaim excess free")
+            } else {
+                continue; // Inside the dead band.
+            };
+            let target = floor.max(m.target_kib.saturating_sub(step));
+            if m.target_kib.saturating_sub(target) >= m.max_kib / 100 {
+                actions.push(Action::set_memory(
+                    &d.name,
+                    target,
+                    format!("{why} (free {} MiB, band {} MiB)", donor.free / MIB, donor.band / MIB),
+                ));
+            }
+        }
 
         // Most starved first; the host pool (available minus reserve) is the budget.
         grows.sort_by(|a, b| a.free_ratio.total_cmp(&b.free_ratio));

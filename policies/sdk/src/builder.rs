@@ -150,6 +150,11 @@ impl DomainBuilder {
         self
     }
 
+    /// The domain, for adding to a snapshot by hand.
+    pub fn into_domain(self) -> Domain {
+        self.domain
+    }
+
     /// Adds a tag.
     pub fn tag(mut self, tag: &str) -> Self {
         self.domain.tags.push(tag.to_string());

@@ -1,0 +1,74 @@
+//! Helpers shared by the test modules.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vm_balancer::config::{Config, Limits};
+use vm_balancer::pipeline::Pipeline;
+use vm_balancer::policy::PolicySet;
+use vm_balancer::sim::{Scenario, SimBackend};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A shipped scenario by name.
+pub fn scenario(name: &str) -> Scenario {
+    Scenario::load(&root().join("examples/scenarios").join(format!("{name}.toml"))).expect("shipped scenario loads")
+}
+
+/// Limits that make hostile fixtures fail fast.
+pub fn tight_limits() -> Limits {
+    Limits { decide_timeout_ms: 50, max_memory_mib: 32, ..Limits::default() }
+}
+
+/// A simulator pipeline over `scenario` with the given policy specs.
+pub fn sim_pipeline(scenario: &Scenario, specs: &[&str], config: Config) -> Pipeline<SimBackend> {
+    let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+    let mut config = config;
+    config.quantum_ms = scenario.quantum_ms;
+    if let Some(reserve) = scenario.host.reserve_mib {
+        config.guard.host_reserve_mib = reserve;
+    }
+    let policies = PolicySet::from_specs(&config.limits, &specs).expect("policies load");
+    Pipeline::new(SimBackend::new(scenario.clone()), policies, config, false)
+}
+
+/// Output of a finished command.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the built binary; on any later assertion failure, the message
+/// carries the command and both streams (see [`Run::context`]).
+pub fn vm_balancer(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).output().expect("binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Run {
+    /// Everything needed to understand a failure.
+    pub fn context(&self, args: &[&str]) -> String {
+        format!("command: vm-balancer {}\nexit: {}\nstdout:\n{}\nstderr:\n{}", args.join(" "), self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Writes `bytes` to a fresh temp file and returns it (kept alive by the guard).
+pub fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    (dir, path)
+}
+
+/// A path as &str.
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
