@@ -84,14 +84,12 @@ impl Policy for CpuPolicy {
                 vcpu_usage[i] += v.usage;
             }
         }
-        let mut load: Vec<f32> = usable
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let total = snap.host.cpus.iter().find(|c| c.id == *id).map_or(0.0, |c| c.usage);
-                (total - vcpu_usage[i]).max(0.0)
-            })
-            .collect();
+        let mut load = vec![0.0f32; usable.len()];
+        for cpu in &snap.host.cpus {
+            if let Some(&i) = slot_of.get(&cpu.id) {
+                load[i] = (cpu.usage - vcpu_usage[i]).max(0.0);
+            }
+        }
 
         let mut actions = Vec::new();
         let mut items = Vec::new();
