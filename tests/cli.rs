@@ -2,7 +2,7 @@
 
 use vm_balancer::components as c;
 
-use crate::util::{root, s, temp_file, vm_balancer};
+use crate::util::{relaxed_config_file, root, s, temp_file, vm_balancer};
 
 #[test]
 fn help_explains_itself() {
@@ -16,11 +16,12 @@ fn help_explains_itself() {
 #[test]
 fn simulate_prints_a_report_and_json() {
     let scenario = root().join("examples/scenarios/all-on-one.toml");
-    let args = ["simulate", s(&scenario)];
+    let (_d, config) = relaxed_config_file();
+    let args = ["--config", s(&config), "simulate", s(&scenario)];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 0, "{}", run.context(&args));
     assert!(run.stdout.contains("busiest pCPU / lower bound"), "{}", run.context(&args));
-    let args = ["simulate", s(&scenario), "--json", "--quanta", "5", "--policy", "builtin:classic"];
+    let args = ["--config", s(&config), "simulate", s(&scenario), "--json", "--quanta", "5", "--policy", "builtin:classic"];
     let run = vm_balancer(&args);
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.context(&args)));
     assert_eq!(report["quanta"], 5);
@@ -45,8 +46,9 @@ fn simulate_bad_inputs_name_the_problem() {
 
 #[test]
 fn policy_check_accepts_the_defaults() {
+    let (_d, config) = relaxed_config_file();
     for spec in ["builtin:cpu", "builtin:mem", "builtin:classic", c::CPU] {
-        let args = ["policy", "check", spec];
+        let args = ["--config", s(&config), "policy", "check", spec];
         let run = vm_balancer(&args);
         assert_eq!(run.code, 0, "{}", run.context(&args));
         assert!(run.stdout.contains("imports  log") || run.stdout.contains("imports  (none)"), "{}", run.context(&args));
@@ -72,7 +74,8 @@ fn policy_check_refuses_bad_files_clearly() {
         assert_eq!(run.code, 2, "{}", run.context(&args));
         assert!(run.stderr.contains(words), "{}", run.context(&args));
     }
-    let args = ["policy", "check", c::FIXTURE_TRAP];
+    let (_d3, config) = relaxed_config_file();
+    let args = ["--config", s(&config), "policy", "check", c::FIXTURE_TRAP];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 1, "a policy that fails on the samples: {}", run.context(&args));
     assert!(run.stdout.contains("FAILED"), "{}", run.context(&args));

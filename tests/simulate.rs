@@ -6,13 +6,13 @@ use vm_balancer::components as c;
 use vm_balancer::config::{Config, GuardConfig};
 use vm_balancer::sim::{simulate, Report};
 
-use crate::util::{scenario, sim_pipeline};
+use crate::util::{relaxed_config, scenario, sim_pipeline};
 
 const SCENARIOS: [&str; 8] = ["all-on-one", "uneven", "phases", "idle-reclaim", "filling", "host-short", "churn", "large"];
 
 fn run(name: &str, specs: &[&str]) -> Report {
     let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
-    simulate(&scenario(name), &specs, &Config::default(), None).expect("simulation runs")
+    simulate(&scenario(name), &specs, &relaxed_config(), None).expect("simulation runs")
 }
 
 #[test]
@@ -77,7 +77,7 @@ fn same_scenario_same_report() {
 #[test]
 fn guard_holds_against_a_hostile_policy() {
     let sc = scenario("idle-reclaim");
-    let config = Config { guard: GuardConfig { reserved_cpus: vec![0], host_reserve_mib: 4096, ..GuardConfig::default() }, ..Config::default() };
+    let config = Config { guard: GuardConfig { reserved_cpus: vec![0], host_reserve_mib: 4096, ..GuardConfig::default() }, ..relaxed_config() };
     let mut p = sim_pipeline(&sc, &[c::FIXTURE_HOSTILE], config);
     for _ in 0..40 {
         p.step().unwrap();
@@ -95,7 +95,7 @@ fn guard_holds_against_a_hostile_policy() {
 fn verdicts_reach_the_next_snapshot() {
     // The counter fixture proposes set-memory on a domain that does not exist;
     // its rejection must be in the verdicts of the next quantum's outcome.
-    let mut p = sim_pipeline(&scenario("all-on-one"), &[c::FIXTURE_COUNTER], Config::default());
+    let mut p = sim_pipeline(&scenario("all-on-one"), &[c::FIXTURE_COUNTER], relaxed_config());
     let first = p.step().unwrap();
     assert!(first.verdicts.iter().any(|v| v.reason.contains("not managed")), "{:?}", first.verdicts);
 }

@@ -23,6 +23,18 @@ pub fn tight_limits() -> Limits {
     Limits { decide_timeout_ms: 50, max_memory_mib: 32, ..Limits::default() }
 }
 
+/// Defaults, but with a deadline that a loaded CI machine (guests burning
+/// CPU next door) cannot hit by accident: only the spinner fixture should
+/// ever time out in the tests.
+pub fn relaxed_config() -> Config {
+    Config { limits: Limits { decide_timeout_ms: 5_000, ..Limits::default() }, ..Config::default() }
+}
+
+/// The same as a config file, for the binary.
+pub fn relaxed_config_file() -> (tempfile::TempDir, PathBuf) {
+    temp_file("relaxed.toml", b"[limits]\ndecide_timeout_ms = 5000\n")
+}
+
 /// A simulator pipeline over `scenario` with the given policy specs.
 pub fn sim_pipeline(scenario: &Scenario, specs: &[&str], config: Config) -> Pipeline<SimBackend> {
     let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
