@@ -3,6 +3,7 @@
 
 mod cli;
 mod guard_table;
+mod hot_swap;
 mod sandbox_limits;
 mod simulate;
 mod util;

@@ -54,6 +54,15 @@ pub struct Config {
     pub exclude: Exclude,
     /// Free-form policy parameters, passed to policies in the snapshot.
     pub params: BTreeMap<String, toml::Value>,
+    /// The drop-in policy directory: every `*.wasm` in it is a policy slot,
+    /// in file-name order. Empty or missing: the embedded defaults.
+    pub policy_dir: PathBuf,
+    /// Where the daemon keeps state (the compile cache).
+    pub state_dir: PathBuf,
+    /// Size bound of the compile cache, MiB.
+    pub compile_cache_max_mib: u64,
+    /// Quiet time after the last filesystem event before a rescan, ms.
+    pub reload_debounce_ms: u64,
 }
 
 impl Default for Config {
@@ -64,6 +73,10 @@ impl Default for Config {
             guard: GuardConfig::default(),
             exclude: Exclude::default(),
             params: BTreeMap::new(),
+            policy_dir: PathBuf::from("/etc/vm-balancer/policies"),
+            state_dir: PathBuf::from("/var/lib/vm-balancer"),
+            compile_cache_max_mib: 512,
+            reload_debounce_ms: 200,
         }
     }
 }
@@ -116,6 +129,9 @@ pub struct GuardConfig {
     pub max_pins_per_quantum: usize,
     /// Quanta a re-pinned vCPU must wait before it is re-pinned again.
     pub pin_cooldown_quanta: u64,
+    /// Seconds a vCPU that somebody else re-pinned is left alone (the
+    /// daemon does not fight an administrator's `virsh vcpupin`).
+    pub external_pin_hold_s: u64,
 }
 
 impl Default for GuardConfig {
@@ -129,6 +145,7 @@ impl Default for GuardConfig {
             max_grow_pct: 50.0,
             max_pins_per_quantum: 256,
             pin_cooldown_quanta: 2,
+            external_pin_hold_s: 300,
         }
     }
 }

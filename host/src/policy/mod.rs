@@ -6,8 +6,14 @@
 //!   which are the fallback.
 //! - [`slots`]: the ordered set of policies the daemon runs, failure
 //!   counting, disabling with backoff.
+//! - [`dir`], [`reload`], [`cache`]: the drop-in policy directory, hot swap
+//!   at quantum boundaries, and the compile cache.
 
 pub mod builtin;
+pub mod cache;
+pub mod dir;
+pub mod reload;
+pub mod samples;
 pub mod sandbox;
 pub mod slots;
 

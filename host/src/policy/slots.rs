@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
 
@@ -173,12 +174,18 @@ pub struct PolicySet {
     sandbox: Sandbox,
     limits: Limits,
     slots: Vec<Slot>,
+    last_snapshot: super::reload::LastSnapshot,
 }
 
 impl PolicySet {
     /// An empty set.
     pub fn new(limits: &Limits) -> Self {
-        PolicySet { sandbox: Sandbox::new(SandboxLimits::from_config(limits)), limits: limits.clone(), slots: Vec::new() }
+        PolicySet {
+            sandbox: Sandbox::new(SandboxLimits::from_config(limits)),
+            limits: limits.clone(),
+            slots: Vec::new(),
+            last_snapshot: Default::default(),
+        }
     }
 
     /// The default slots: builtin `cpu` then builtin `mem`.
@@ -223,9 +230,35 @@ impl PolicySet {
         &self.sandbox
     }
 
+    /// The sandbox limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Where the last encoded snapshot is kept, for trial runs of new policies.
+    pub fn last_snapshot(&self) -> super::reload::LastSnapshot {
+        self.last_snapshot.clone()
+    }
+
+    /// Removes and returns the slots.
+    pub fn take_slots(&mut self) -> Vec<Slot> {
+        std::mem::take(&mut self.slots)
+    }
+
+    /// The slots, consuming the set.
+    pub fn into_slots(self) -> Vec<Slot> {
+        self.slots
+    }
+
+    /// Replaces the slots.
+    pub fn set_slots(&mut self, slots: Vec<Slot>) {
+        self.slots = slots;
+    }
+
     /// Runs every slot on the snapshot. The snapshot is encoded once.
     pub fn decide(&mut self, snapshot: &Snapshot) -> Vec<Proposal> {
-        let bytes = encode_snapshot(snapshot);
+        let bytes = Arc::new(encode_snapshot(snapshot));
+        *self.last_snapshot.lock().expect("snapshot lock") = Some(bytes.clone());
         let mut proposals = Vec::new();
         for slot in &mut self.slots {
             let (actions, from_fallback) = slot.decide(snapshot, &bytes, &self.limits);
