@@ -27,6 +27,21 @@ fn snapshot(domains: u32) -> Snapshot {
     b.build()
 }
 
+/// Where the time goes: the host's encode and a native decode of the snapshot.
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    group.sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(2));
+    for n in [100u32, 1000] {
+        let snap = snapshot(n);
+        let bytes = encode_snapshot(&snap);
+        group.bench_with_input(BenchmarkId::new("encode", n), &snap, |b, snap| b.iter(|| encode_snapshot(snap).len()));
+        group.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
+            b.iter(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap().domains.len())
+        });
+    }
+    group.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
     let set = PolicySet::new(&limits);
@@ -55,5 +70,5 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, codec, bench);
 criterion_main!(benches);
