@@ -18,12 +18,13 @@ use vm_balancer::policy::reload::Reloader;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sim::SimBackend;
 
-use crate::util::{relaxed_config, scenario};
+use crate::util::{quiet_cpu, relaxed_config, scenario};
 
 const QUANTUM: Duration = Duration::from_millis(50);
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
 struct Harness {
+    _quiet: std::sync::RwLockReadGuard<'static, ()>,
     lenient: bool,
     dir: tempfile::TempDir,
     pipeline: Pipeline<SimBackend>,
@@ -36,6 +37,7 @@ impl Harness {
     }
 
     fn start_with(files: &[(&str, &[u8])], cache: Option<Arc<CompileCache>>, config: Config) -> Harness {
+        let quiet = quiet_cpu();
         let dir = tempfile::tempdir().unwrap();
         for (name, bytes) in files {
             std::fs::write(dir.path().join(name), bytes).unwrap();
@@ -44,7 +46,7 @@ impl Harness {
         let reloader = Reloader::spawn(dir.path(), &config.limits, cache, set.last_snapshot(), DEBOUNCE);
         assert!(reloader.wait_and_apply(&mut set, Duration::from_secs(60)), "initial plan");
         let pipeline = Pipeline::new(SimBackend::new(scenario("churn")), set, config, false);
-        Harness { lenient: false, dir, pipeline, reloader }
+        Harness { _quiet: quiet, lenient: false, dir, pipeline, reloader }
     }
 
     fn path(&self, name: &str) -> PathBuf {

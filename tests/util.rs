@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vm_balancer::config::{Config, Limits};
 use vm_balancer::pipeline::Pipeline;
@@ -83,4 +84,20 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
 /// A path as &str.
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+/// The tests share one binary and run in parallel threads. The libvirt e2e
+/// test boots guests that burn both cores, which would make the real-time
+/// tests (hot swap, 50 ms quanta) miss deadlines that no production host
+/// would. Real-time tests hold this shared; the e2e test holds it exclusively.
+static CPU: RwLock<()> = RwLock::new(());
+
+/// For real-time tests: no CPU-burning guests while held.
+pub fn quiet_cpu() -> RwLockReadGuard<'static, ()> {
+    CPU.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// For the e2e test: nothing timing-sensitive runs while held.
+pub fn busy_cpu() -> RwLockWriteGuard<'static, ()> {
+    CPU.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -26,6 +26,7 @@
 pub mod apply;
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod guard;
 pub mod pipeline;
 pub mod policy;

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vm_balancer::config::Config;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::sdk::builder::{DomainBuilder, SnapshotBuilder};
 use vm_balancer::sdk::{Action, Snapshot};
 use vm_balancer::sim::{simulate, Scenario};
 
@@ -45,6 +44,41 @@ enum Command {
         #[arg(long)]
         quanta: Option<u64>,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daemon on a libvirt host: every quantum, collect, decide,
+    /// guard and apply. SIGINT/SIGTERM finish the quantum, restore what the
+    /// daemon changed and exit 0; SIGHUP re-reads the policy files.
+    Run {
+        /// libvirt URI (any, remote ones included: qemu+ssh://host/system).
+        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
+        connect: String,
+        /// Length of a quantum, e.g. 500ms, 1s (default: the config's quantum_ms, 1s).
+        #[arg(long, value_parser = vm_balancer::daemon::parse_duration, value_name = "DURATION")]
+        quantum: Option<std::time::Duration>,
+        /// Decide and log, apply nothing (no pin, no balloon change).
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after N quanta.
+        #[arg(long, value_name = "N")]
+        quanta: Option<u64>,
+        /// Policy: a component file or builtin:NAME. Repeat for several
+        /// slots, in order. Default: builtin:cpu then builtin:mem. A file
+        /// that cannot be loaded runs the built-in defaults in its place.
+        #[arg(long = "policy", value_name = "FILE|builtin:NAME")]
+        policies: Vec<String>,
+        /// On exit, leave pins and balloon targets as they are.
+        #[arg(long)]
+        no_restore: bool,
+    },
+    /// Print exactly what a policy would receive right now (collects twice,
+    /// one quantum apart; changes nothing).
+    Snapshot {
+        /// libvirt URI.
+        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
+        connect: String,
+        /// Print JSON (pretty); otherwise a readable summary.
         #[arg(long)]
         json: bool,
     },
@@ -120,26 +154,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&config, &file),
+        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore } => {
+            let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
+            let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore };
+            vm_balancer::daemon::run(config, options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot { connect, json } => {
+            let snapshot = vm_balancer::daemon::snapshot(&config, &connect)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print_snapshot(&snapshot);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
-}
-
-/// Sample snapshots a policy must handle: empty host, CPU imbalance,
-/// memory pressure and excess, a guest without stats.
-fn sample_snapshots() -> Vec<(&'static str, Snapshot)> {
-    let mut imbalance = SnapshotBuilder::new(4, 16 << 20);
-    for i in 0..6 {
-        imbalance = imbalance.domain(DomainBuilder::new(&format!("busy-{i}")).vcpu_with_steal(0, 0.16, 0.84));
-    }
-    let memory = SnapshotBuilder::new(2, 8 << 20)
-        .host_memory(4 << 20, 512 << 10)
-        .domain(DomainBuilder::new("idle").vcpu(0, 0.01).memory_mib(2048, 2048, Some(1900)))
-        .domain(DomainBuilder::new("starved").vcpu(1, 0.3).memory_mib(2048, 512, Some(8)).pressure(4096, 900))
-        .domain(DomainBuilder::new("nostats").vcpu(1, 0.1).memory_mib(1024, 1024, None));
-    vec![
-        ("empty host", SnapshotBuilder::new(2, 4 << 20).build()),
-        ("6 busy vCPUs on pCPU 0 of 4", imbalance.build()),
-        ("idle, starved and stat-less guests", memory.build()),
-    ]
 }
 
 fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
@@ -157,7 +187,7 @@ fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
     println!("imports  {}", if policy.imports().is_empty() { "(none)".to_string() } else { policy.imports().join(", ") });
     println!("exports  {}", policy.exports().join(", "));
     let mut failed = 0;
-    for (label, snapshot) in sample_snapshots() {
+    for (label, snapshot) in vm_balancer::policy::samples::samples() {
         let bytes = vm_balancer::sdk::encode_snapshot(&snapshot);
         let started = std::time::Instant::now();
         match policy.decide(&bytes) {
@@ -182,4 +212,42 @@ fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
     }
     println!("ok");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A readable summary of a snapshot (`--json` prints it whole).
+fn print_snapshot(s: &Snapshot) {
+    let m = &s.host.memory;
+    println!("quantum_ms {}  schema {}", s.quantum_ms, s.schema_version);
+    println!(
+        "host memory: total {} MiB, available {} MiB, reserve {} MiB",
+        m.total_kib / 1024,
+        m.available_kib / 1024,
+        m.reserve_kib / 1024
+    );
+    for c in &s.host.cpus {
+        println!(
+            "cpu {:>3}: {:>5.1}%{}{}",
+            c.id,
+            c.usage * 100.0,
+            if c.online { "" } else { " offline" },
+            if c.reserved { " reserved" } else { "" }
+        );
+    }
+    for d in &s.domains {
+        let mem = &d.memory;
+        let used = mem.used_kib().map_or("?".to_string(), |u| (u / 1024).to_string());
+        println!(
+            "domain {} ({}){}: balloon {} / max {} MiB, used {} MiB",
+            d.name,
+            d.uuid,
+            if d.tags.is_empty() { String::new() } else { format!(" tags {:?}", d.tags) },
+            mem.target_kib / 1024,
+            mem.max_kib / 1024,
+            used
+        );
+        for v in &d.vcpus {
+            let steal = v.steal.map_or("?".to_string(), |x| format!("{:.1}%", x * 100.0));
+            println!("  vcpu {}: on cpu {}, affinity {:?}, usage {:.1}%, steal {}", v.id, v.cpu, v.affinity, v.usage * 100.0, steal);
+        }
+    }
 }

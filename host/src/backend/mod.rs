@@ -27,6 +27,12 @@ pub enum BackendError {
         /// Domain name.
         domain: String,
     },
+    /// The domain is opted out (config `[exclude]` or libvirt metadata).
+    #[error("domain {domain:?} is excluded from balancing; it is never touched")]
+    Excluded {
+        /// Domain name.
+        domain: String,
+    },
     /// The domain has no such vCPU.
     #[error("domain {domain:?} has no vCPU {vcpu}")]
     NoSuchVcpu {
