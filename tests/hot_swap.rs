@@ -256,3 +256,60 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
     assert!(missing.is_empty(), "a missing directory means the defaults");
     let _ = Limits::default();
 }
+
+/// The daemon itself (`run` on the simulator in real time): a policy dropped
+/// into the directory mid-run is loaded, validated and swapped in; SIGHUP
+/// rescans; an unsafe directory stops the start with a clear error.
+#[test]
+fn the_daemon_picks_up_a_dropped_in_policy() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let _quiet = quiet_cpu();
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("config.toml");
+    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = 5000\n", state.path())).unwrap();
+    let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--log".into(),
+            "info".into(),
+            "run".into(),
+            "--connect".into(),
+            format!("sim:{}", scenario.display()),
+            "--quantum".into(),
+            "100ms".into(),
+            "--policy-dir".into(),
+            dir.path().display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
+        .args(args(&["--quanta", "40"]))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    rename_into(dir.path(), "50-classic.wasm", Builtin::Classic.wasm());
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("policy loaded and validated") && log.contains("50-classic.wasm"), "{log}");
+    assert!(log.contains("policy slots swapped"), "{log}");
+    assert!(log.contains("SIGHUP: re-reading policies"), "{log}");
+    assert!(!log.contains("policy failed"), "{log}");
+    assert!(std::fs::read_dir(state.path().join("compile-cache")).unwrap().count() >= 1, "the compile cache was used");
+
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&["--quanta", "1"])).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("0777") && err.contains(&dir.path().display().to_string()), "{err}");
+}

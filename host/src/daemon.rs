@@ -9,7 +9,10 @@
 //!   sleeping: SIGINT/SIGTERM let the quantum in flight finish, then the
 //!   backend restores every pin and balloon target the daemon changed (unless
 //!   `--no-restore`) and `run` returns Ok, so the process exits 0. SIGHUP
-//!   re-reads the policy files at the next quantum boundary.
+//!   re-reads the policies: the drop-in directory (through the same
+//!   validated, off-thread path as a file change) or the `--policy` files.
+//! - **Policies come from the drop-in directory** unless `--policy` is
+//!   given; plans made off the quantum thread are applied at the boundary.
 //! - **A policy never stops the daemon.** A file that cannot be loaded at
 //!   start becomes a fallback-only slot (the built-in defaults decide for
 //!   it); on SIGHUP, if any file fails, the previous slots are all kept.
@@ -47,6 +50,8 @@ pub struct RunOptions {
     pub policies: Vec<String>,
     /// Restore pins and balloon targets on exit.
     pub restore: bool,
+    /// The drop-in policy directory, watched when `policies` is empty.
+    pub policy_dir: std::path::PathBuf,
 }
 
 /// Errors that stop the daemon before it starts.
@@ -67,6 +72,12 @@ pub enum DaemonError {
     /// The backend failed (snapshot command only).
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The policy directory is unsafe or unreadable.
+    #[error(transparent)]
+    PolicyDir(#[from] crate::policy::dir::DirError),
+    /// A `sim:` scenario could not be loaded.
+    #[error(transparent)]
+    Scenario(#[from] crate::sim::ScenarioError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -165,14 +176,43 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     backend_options.exclude = config.exclude.clone();
     backend_options.external_pin_hold = Duration::from_secs(config.guard.external_pin_hold_s);
     backend_options.read_only = options.dry_run;
-    let backend: Box<dyn Backend> = Box::new(LibvirtBackend::new(backend_options));
+    let backend: Box<dyn Backend> = match options.connect.strip_prefix("sim:") {
+        // The simulator in real time: the daemon loop without a hypervisor.
+        Some(path) => Box::new(crate::sim::SimBackend::new(crate::sim::Scenario::load(std::path::Path::new(path))?)),
+        None => Box::new(LibvirtBackend::new(backend_options)),
+    };
     let policies = build_policies(&config, &options.policies)?;
-    let slot_names: Vec<&str> = policies.slots().iter().map(Slot::name).collect();
-    tracing::info!(
-        uri = %options.connect, quantum = ?options.quantum, dry_run = options.dry_run, slots = ?slot_names,
-        "vm-balancer running"
-    );
+    // With no --policy, the drop-in directory decides (hot-swapped); the
+    // embedded defaults run until its first plan is ready, and whenever it
+    // is empty or missing.
+    let reloader = if options.policies.is_empty() {
+        crate::policy::dir::scan(&options.policy_dir)?;
+        let cache_dir = config.state_dir.join("compile-cache");
+        let cache = match crate::policy::cache::CompileCache::new(&cache_dir, config.compile_cache_max_mib * 1024 * 1024) {
+            Ok(cache) => Some(Arc::new(cache)),
+            Err(error) => {
+                tracing::warn!(dir = %cache_dir.display(), %error, "no compile cache: policies are compiled at every load");
+                None
+            }
+        };
+        let reloader = crate::policy::reload::Reloader::spawn(
+            &options.policy_dir,
+            &config.limits,
+            cache,
+            policies.last_snapshot(),
+            Duration::from_millis(config.reload_debounce_ms),
+        );
+        tracing::info!(dir = %options.policy_dir.display(), "watching the policy directory");
+        Some(reloader)
+    } else {
+        None
+    };
     let mut pipeline = Pipeline::new(backend, policies, config.clone(), options.dry_run);
+    if let Some(reloader) = &reloader {
+        // Give a warm-cache start its policies from the first quantum; a
+        // cold compile (seconds for Python or JS) does not hold the loop.
+        reloader.wait_and_apply(&mut pipeline.policies, Duration::from_secs(2));
+    }
     let mut next_tick = Instant::now();
     let mut done = 0u64;
     let mut fed_back = 0usize;
@@ -180,9 +220,17 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     while !signals.stop.load(Ordering::SeqCst) && options.quanta.is_none_or(|n| done < n) {
         if signals.hup.swap(false, Ordering::SeqCst) {
             tracing::info!("SIGHUP: re-reading policies");
-            let placeholder = PolicySet::new(&config.limits);
-            let old = std::mem::replace(&mut pipeline.policies, placeholder);
-            pipeline.policies = reload_policies(&config, &options.policies, old);
+            match &reloader {
+                Some(reloader) => reloader.request(),
+                None => {
+                    let placeholder = PolicySet::new(&config.limits);
+                    let old = std::mem::replace(&mut pipeline.policies, placeholder);
+                    pipeline.policies = reload_policies(&config, &options.policies, old);
+                }
+            }
+        }
+        if let Some(reloader) = &reloader {
+            reloader.poll(&mut pipeline.policies);
         }
         let started = Instant::now();
         match pipeline.step() {

@@ -51,7 +51,8 @@ enum Command {
     /// guard and apply. SIGINT/SIGTERM finish the quantum, restore what the
     /// daemon changed and exit 0; SIGHUP re-reads the policy files.
     Run {
-        /// libvirt URI (any, remote ones included: qemu+ssh://host/system).
+        /// libvirt URI (any, remote ones included: qemu+ssh://host/system),
+        /// or sim:SCENARIO.toml to run the daemon on the simulator in real time.
         #[arg(long, default_value = "qemu:///system", value_name = "URI")]
         connect: String,
         /// Length of a quantum, e.g. 500ms, 1s (default: the config's quantum_ms, 1s).
@@ -71,6 +72,12 @@ enum Command {
         /// On exit, leave pins and balloon targets as they are.
         #[arg(long)]
         no_restore: bool,
+        /// Drop-in policy directory, watched while running (used when no
+        /// --policy is given): every *.wasm in it is a policy, applied in
+        /// file-name order. Default: the config's policy_dir,
+        /// /etc/vm-balancer/policies.
+        #[arg(long, value_name = "DIR")]
+        policy_dir: Option<PathBuf>,
     },
     /// Print exactly what a policy would receive right now (collects twice,
     /// one quantum apart; changes nothing).
@@ -154,9 +161,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&config, &file),
-        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore } => {
+        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir } => {
             let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
-            let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore };
+            let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
+            let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }
