@@ -71,7 +71,9 @@ fn build_wasm(root: &Path, target_dir: &Path) {
         .args(["--lib", "--examples"])
         // Small, debug-free modules; the outer build's flags are for the host.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
+        .env("CARGO_PROFILE_RELEASE_LTO", "true")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
         cmd.env_remove(var);
     }

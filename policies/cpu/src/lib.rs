@@ -54,7 +54,9 @@ impl CpuParams {
 /// The default CPU policy. State: when each vCPU was last moved.
 #[derive(Default, Debug)]
 pub struct CpuPolicy {
-    last_moved: HashMap<(String, u32), u64>,
+    /// Domain → (vCPU, quantum it was last moved). Keyed by name so the hot
+    /// path looks up with a borrowed `&str` instead of cloning a String per vCPU.
+    last_moved: HashMap<String, Vec<(u32, u64)>>,
 }
 
 /// A vCPU as the planner sees it.
@@ -79,19 +81,23 @@ impl Policy for CpuPolicy {
         if usable.is_empty() {
             return Ok(Vec::new());
         }
-        let slot_of: HashMap<u32, usize> = usable.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        self.last_moved.retain(|_, q| snap.quantum.saturating_sub(*q) < params.cooldown_quanta);
+        let slots = SlotIndex::new(&usable);
+        let slot_of = &slots;
+        self.last_moved.retain(|_, moves| {
+            moves.retain(|(_, q)| snap.quantum.saturating_sub(*q) < params.cooldown_quanta);
+            !moves.is_empty()
+        });
 
         // Background load per usable CPU: what is busy there besides the vCPUs we see.
         let mut vcpu_usage = vec![0.0f32; usable.len()];
         for v in snap.domains.iter().flat_map(|d| &d.vcpus) {
-            if let Some(&i) = slot_of.get(&v.cpu) {
+            if let Some(i) = slot_of.get(v.cpu) {
                 vcpu_usage[i] += v.usage;
             }
         }
         let mut load = vec![0.0f32; usable.len()];
         for cpu in &snap.host.cpus {
-            if let Some(&i) = slot_of.get(&cpu.id) {
+            if let Some(i) = slot_of.get(cpu.id) {
                 load[i] = (cpu.usage - vcpu_usage[i]).max(0.0);
             }
         }
@@ -100,13 +106,13 @@ impl Policy for CpuPolicy {
         let mut items = Vec::new();
         for (di, d) in snap.domains.iter().enumerate() {
             for (vi, v) in d.vcpus.iter().enumerate() {
-                let pinned_home = v.pinned_to().and_then(|c| slot_of.get(&c).copied());
+                let pinned_home = v.pinned_to().and_then(|c| slot_of.get(c));
                 let home = match pinned_home {
                     Some(h) => h,
                     None => {
                         // Not pinned to one usable CPU: pin it where it runs if
                         // that CPU is usable, else onto the least-loaded one.
-                        let h = slot_of.get(&v.cpu).copied().unwrap_or_else(|| argmin(&load));
+                        let h = slot_of.get(v.cpu).unwrap_or_else(|| argmin(&load));
                         actions.push(Action::pin(&d.name, v.id, vec![usable[h]], "initial pin where it runs"));
                         h
                     }
@@ -115,8 +121,9 @@ impl Policy for CpuPolicy {
                 load[home] += demand;
                 let cooled = self
                     .last_moved
-                    .get(&(d.name.clone(), v.id))
-                    .is_none_or(|q| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
+                    .get(d.name.as_str())
+                    .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
+                    .is_none_or(|(_, q)| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
                 items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below });
             }
         }
@@ -130,9 +137,30 @@ impl Policy for CpuPolicy {
             // An initial pin for the same vCPU is superseded by the move.
             actions.retain(|a| !matches!(a, Action::Pin { domain, vcpu, .. } if *domain == d.name && *vcpu == v.id));
             actions.push(Action::pin(&d.name, v.id, vec![usable[it.home]], reason));
-            self.last_moved.insert((d.name.clone(), v.id), snap.quantum);
+            let moves = self.last_moved.entry(d.name.clone()).or_default();
+            moves.retain(|(id, _)| *id != v.id);
+            moves.push((v.id, snap.quantum));
         }
         Ok(actions)
+    }
+}
+
+/// Host CPU id → index into the usable-CPU table, by direct indexing
+/// (CPU ids are small and dense; a hash map here costs a lookup per vCPU).
+struct SlotIndex(Vec<Option<usize>>);
+
+impl SlotIndex {
+    fn new(usable: &[u32]) -> Self {
+        let len = usable.iter().max().map_or(0, |m| *m as usize + 1);
+        let mut index = vec![None; len];
+        for (i, id) in usable.iter().enumerate() {
+            index[*id as usize] = Some(i);
+        }
+        SlotIndex(index)
+    }
+
+    fn get(&self, cpu: u32) -> Option<usize> {
+        self.0.get(cpu as usize).copied().flatten()
     }
 }
 
