@@ -97,22 +97,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Loads each spec into a slot, in order; a spec that fails becomes a
+/// fallback-only slot and is returned with its error.
+fn load_each(config: &Config, specs: &[String]) -> (PolicySet, Vec<(String, String)>) {
+    let mut set = PolicySet::new(&config.limits);
+    let mut failures = Vec::new();
+    for spec in specs {
+        let name = slot_name(spec);
+        match set.load_spec(spec) {
+            Ok(policy) => set.push(Slot::new(&name, policy)),
+            Err(error) => {
+                failures.push((spec.clone(), error_chain(&error)));
+                set.push(Slot::fallback_only(&name));
+            }
+        }
+    }
+    (set, failures)
+}
+
 /// The policy slots for `specs`; a spec that fails becomes a fallback-only
 /// slot (logged), so the daemon always starts.
 pub fn build_policies(config: &Config, specs: &[String]) -> Result<PolicySet, DaemonError> {
     if specs.is_empty() {
         return PolicySet::defaults(&config.limits).map_err(DaemonError::Defaults);
     }
-    let mut set = PolicySet::new(&config.limits);
-    for spec in specs {
-        let name = slot_name(spec);
-        match set.load_spec(spec) {
-            Ok(policy) => set.push(Slot::new(&name, policy)),
-            Err(error) => {
-                tracing::error!(slot = %name, spec, error = %error_chain(&error), "policy cannot be loaded; the built-in defaults decide for this slot");
-                set.push(Slot::fallback_only(&name));
-            }
-        }
+    let (set, failures) = load_each(config, specs);
+    for (spec, error) in failures {
+        tracing::error!(slot = %slot_name(&spec), spec, error, "policy cannot be loaded; the built-in defaults decide for this slot");
     }
     Ok(set)
 }
@@ -126,16 +137,10 @@ fn reload_policies(config: &Config, specs: &[String], old: PolicySet) -> PolicyS
         tracing::info!("SIGHUP: running the built-in defaults; nothing to re-read");
         return old;
     }
-    let mut fresh = PolicySet::new(&config.limits);
-    for spec in specs {
-        let name = slot_name(spec);
-        match fresh.load_spec(spec) {
-            Ok(policy) => fresh.push(Slot::new(&name, policy)),
-            Err(error) => {
-                tracing::error!(slot = %name, spec, error = %error_chain(&error), "SIGHUP: policy cannot be reloaded; keeping the previous policies");
-                return old;
-            }
-        }
+    let (fresh, failures) = load_each(config, specs);
+    if let Some((spec, error)) = failures.into_iter().next() {
+        tracing::error!(slot = %slot_name(&spec), spec, error, "SIGHUP: policy cannot be reloaded; keeping the previous policies");
+        return old;
     }
     tracing::info!(slots = fresh.slots().len(), "SIGHUP: policies reloaded");
     fresh
