@@ -4,6 +4,7 @@
 mod cli;
 mod guard_table;
 mod hot_swap;
+mod languages;
 mod libvirt_e2e;
 mod sandbox_limits;
 mod simulate;
