@@ -271,6 +271,67 @@ fn real_guests_end_to_end() {
     eprintln!("e2e: memory done at {:.0?}", started.elapsed());
     scenario_churn_and_fault(&guests);
     eprintln!("e2e: churn/fault done at {:.0?}", started.elapsed());
+    scenario_admin_pin_and_libvirtd_restart(&guests);
+    eprintln!("e2e: admin pin/libvirtd restart done at {:.0?}", started.elapsed());
+}
+
+/// An administrator's `virsh vcpupin` is left alone (not fought), and the
+/// daemon survives libvirtd being killed and restarted: it logs the outage
+/// once, reconnects, and manages the guests again.
+fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
+    let names: Vec<String> = (0..2).map(|i| guests.create(&format!("adm{i}"), 1, "", true)).collect();
+    for i in 0..2 {
+        guests.wait_console(&format!("adm{i}"), "vmb: ready", Duration::from_secs(60));
+    }
+    let config = "[guard]\nexternal_pin_hold_s = 600\n";
+    let mut daemon = Daemon::start("admin", &["--quantum", "1s"], Some(config));
+    wait_until("the daemon to pin the new guests", Duration::from_secs(30), || {
+        daemon.summaries().len() >= 2 && names.iter().all(|n| pins(n).len() == 1)
+    });
+    // The administrator moves adm0's vCPU to the other pCPU by hand.
+    let theirs = if pins(&names[0]) == ["0"] { "1" } else { "0" };
+    virsh_ok(&["vcpupin", &names[0], "0", theirs, "--live"]);
+    wait_until("the daemon to notice the hand-made pin", Duration::from_secs(20), || {
+        daemon.log().contains("re-pinned by someone else")
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(pins(&names[0]), [theirs], "the daemon fought the administrator's pin; log:\n{}", daemon.log());
+
+    // libvirtd goes away and comes back.
+    let libvirtd = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "libvirtd"))
+            .collect()
+    };
+    let pids = libvirtd();
+    assert!(!pids.is_empty(), "no libvirtd to kill");
+    for pid in pids {
+        // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    wait_until("the daemon to notice the outage", Duration::from_secs(30), || {
+        daemon.log().contains("lost the libvirt connection") || daemon.log().contains("cannot connect to libvirt")
+    });
+    wait_until("libvirtd to exit", Duration::from_secs(30), || libvirtd().is_empty());
+    let setup = crate::util::root().join(".ci/setup-libvirt.sh");
+    let restarted = Command::new("bash").arg(&setup).stdout(Stdio::null()).status().expect("setup-libvirt runs");
+    assert!(restarted.success(), "libvirtd did not come back");
+    wait_until("the daemon to reconnect and see the guests again", Duration::from_secs(60), || {
+        let log = daemon.log();
+        log.contains("reconnected to libvirt")
+            && log.lines().rev().find(|l| l.contains("quantum summary")).and_then(|l| field(l, "domains")).is_some_and(|d| d.parse::<usize>().is_ok_and(|d| d >= 2))
+    });
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon died with libvirtd; log:\n{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.matches("lost the libvirt connection").count() <= 1, "outage logged more than once:\n{log}");
+    daemon.signal(libc::SIGTERM);
+    daemon.assert_clean_exit(Duration::from_secs(20));
+    assert_eq!(pins(&names[0]), [theirs], "restore undid the administrator's pin");
+    for i in 0..2 {
+        guests.destroy(&format!("adm{i}"));
+    }
 }
 
 /// Scenarios 4 (dry run), 1 (CPU) and 5 (restore) on four burning guests.
