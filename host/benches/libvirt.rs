@@ -82,6 +82,8 @@ fn main() {
 
     let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
+    // Reaped by wait4 below, which also returns its resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(exe)
         .args(["run", "--dry-run", "--quantum", "1s", "--quanta", &run_s.to_string(), "--policy", "builtin:cpu", "--policy", "builtin:mem"])
         .spawn()

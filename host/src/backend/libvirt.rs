@@ -730,8 +730,8 @@ impl LibvirtBackend {
                 .iter()
                 .zip(now)
                 .map(|(p, n)| {
-                    let total = n.total.checked_sub(p.total).unwrap_or(0);
-                    let busy = n.busy.checked_sub(p.busy).unwrap_or(0);
+                    let total = n.total.saturating_sub(p.total);
+                    let busy = n.busy.saturating_sub(p.busy);
                     if total == 0 { 0.0 } else { (busy as f64 / total as f64).clamp(0.0, 1.0) as f32 }
                 })
                 .collect(),

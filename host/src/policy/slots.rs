@@ -105,7 +105,7 @@ impl Slot {
 
     fn decide(&mut self, snapshot: &Snapshot, bytes: &[u8], limits: &Limits) -> (Vec<Action>, bool) {
         let quantum = snapshot.quantum;
-        let Some(policy) = self.policy.as_mut().filter(|_| !self.disabled_until.is_some_and(|u| quantum < u)) else {
+        let Some(policy) = self.policy.as_mut().filter(|_| self.disabled_until.is_none_or(|u| quantum >= u)) else {
             self.stats.fallbacks += 1;
             return (self.fallback.decide(snapshot), true);
         };

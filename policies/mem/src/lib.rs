@@ -175,7 +175,7 @@ mod tests {
                 target = t;
             }
         }
-        assert!(target >= 100 + 204 && target <= 100 + 204 + 110, "settled in the band: {target}");
+        assert!((100 + 204..=100 + 204 + 110).contains(&target), "settled in the band: {target}");
     }
 
     #[test]
