@@ -183,7 +183,6 @@ fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32
     }
     // Sources that cannot be improved are skipped for the rest of the quantum.
     let mut stuck = vec![false; ncpu];
-    let mut order: Vec<usize> = (0..ncpu).collect();
     const DESTINATIONS: usize = 4;
     while moved.len() < budget {
         let Some(src) = (0..ncpu).filter(|c| !stuck[*c]).max_by(|a, b| load[*a].total_cmp(&load[*b])) else {
@@ -192,13 +191,13 @@ fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32
         if load[src] <= mean + min_gain {
             break;
         }
-        order.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
+        let destinations = least_loaded::<DESTINATIONS>(load, src);
         // (score, item, swap item, dst). A candidate must lower the pair's
         // larger load by at least max(min_gain, min_gain_ratio × the demand
         // it moves): demand estimates are noisy in proportion to their size.
         let mut best: Option<(f32, usize, Option<usize>, usize)> = None;
         let required = |moved: f32| min_gain.max(min_gain_ratio * moved);
-        for &dst in order.iter().filter(|c| **c != src).take(DESTINATIONS) {
+        for &dst in destinations.iter().flatten() {
             for &i in &on_cpu[src] {
                 if !items[i].movable {
                     continue;
@@ -234,6 +233,31 @@ fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32
         }
     }
     moved
+}
+
+/// The `K` least-loaded CPUs other than `skip`, by one linear pass (a full
+/// sort per move costs more than the rest of the planning on a large host).
+fn least_loaded<const K: usize>(load: &[f32], skip: usize) -> [Option<usize>; K] {
+    let before = |a: usize, b: usize| load[a].total_cmp(&load[b]).then(a.cmp(&b)).is_lt();
+    let mut best: [Option<usize>; K] = [None; K];
+    for c in (0..load.len()).filter(|c| *c != skip) {
+        // Insert into the sorted array, carrying the displaced entry down.
+        let mut carry = c;
+        for slot in best.iter_mut() {
+            match *slot {
+                None => {
+                    *slot = Some(carry);
+                    break;
+                }
+                Some(b) if before(carry, b) => {
+                    *slot = Some(carry);
+                    carry = b;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    best
 }
 
 fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<usize>], i: usize, dst: usize) {
@@ -340,6 +364,16 @@ mod tests {
         for a in &again {
             assert!(!matches!(a, Action::Pin { domain, .. } if domain == "vm0" || domain == "vm1"), "{again:?}");
         }
+    }
+
+    #[test]
+    fn least_loaded_matches_a_stable_sort() {
+        let load: [f32; 7] = [0.5, 0.1, 0.3, 0.1, 0.9, 0.0, 0.3];
+        let mut sorted: Vec<usize> = (0..load.len()).filter(|c| *c != 5).collect();
+        sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
+        let got: Vec<usize> = least_loaded::<4>(&load, 5).iter().flatten().copied().collect();
+        assert_eq!(got, sorted[..4]);
+        assert_eq!(least_loaded::<4>(&[1.0, 2.0], 0), [Some(1), None, None, None]);
     }
 
     #[test]

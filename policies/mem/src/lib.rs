@@ -55,7 +55,9 @@ impl MemParams {
 /// The default memory policy. State: each guest's used memory last quantum.
 #[derive(Default, Debug)]
 pub struct MemPolicy {
-    last_used_kib: HashMap<String, u64>,
+    /// Domain → (used KiB, quantum it was seen). Updated in place, so a
+    /// steady domain costs no allocation per quantum.
+    last_used_kib: HashMap<String, (u64, u64)>,
 }
 
 struct Donor {
@@ -83,15 +85,23 @@ impl Policy for MemPolicy {
         let mut pool_kib = host.available_kib.saturating_sub(host.reserve_kib);
         let mut grows = Vec::new();
         let mut donors = Vec::new();
-        let mut seen = HashMap::with_capacity(snap.domains.len());
 
         for (di, d) in snap.domains.iter().enumerate() {
             let m = &d.memory;
             let (Some(used), Some(free)) = (m.used_kib(), m.free_kib()) else {
                 continue; // No balloon stats: nothing safe to decide.
             };
-            let growth = self.last_used_kib.get(&d.name).map_or(0, |last| used.saturating_sub(*last));
-            seen.insert(d.name.clone(), used);
+            let growth = match self.last_used_kib.get_mut(d.name.as_str()) {
+                Some(entry) => {
+                    let growth = used.saturating_sub(entry.0);
+                    *entry = (used, snap.quantum);
+                    growth
+                }
+                None => {
+                    self.last_used_kib.insert(d.name.clone(), (used, snap.quantum));
+                    0
+                }
+            };
             let band = ((m.max_kib as f64 * p.free_pct / 100.0) as u64).max(p.free_min_mib * MIB);
             let predicted_used = used + (growth as f64 * p.growth_factor) as u64;
             let want = (predicted_used + band).min(m.max_kib);
@@ -102,7 +112,7 @@ impl Policy for MemPolicy {
                 donors.push(Donor { domain: di, used, free, band, want });
             }
         }
-        self.last_used_kib = seen;
+        self.last_used_kib.retain(|_, (_, seen)| *seen == snap.quantum);
 
         // Squeeze when the host is below its reserve, or when starving guests
         // need more than the host pool holds: then the donors' spare band is

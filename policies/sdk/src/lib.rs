@@ -74,7 +74,13 @@ impl std::error::Error for CodecError {}
 
 /// Encodes a snapshot the way the daemon does (named MessagePack map).
 pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
-    rmp_serde::to_vec_named(snapshot).expect("snapshot types always encode")
+    // Sized from the typical encoded size (about 90 bytes a vCPU, 50 a host
+    // CPU, 150 a domain besides its vCPUs): growing a 350 KB buffer by
+    // doubling costs a third of the encode.
+    let vcpus: usize = snapshot.domains.iter().map(|d| d.vcpus.len()).sum();
+    let mut buf = Vec::with_capacity(1024 + vcpus * 90 + snapshot.domains.len() * 150 + snapshot.host.cpus.len() * 50);
+    rmp_serde::encode::write_named(&mut buf, snapshot).expect("snapshot types always encode");
+    buf
 }
 
 /// Decodes a snapshot; unknown fields are ignored.
