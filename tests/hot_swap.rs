@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_balancer::components as c;
-use vm_balancer::config::{Config, Limits};
-use vm_balancer::sdk::Param;
+use vm_balancer::config::Config;
 use vm_balancer::pipeline::Pipeline;
 use vm_balancer::policy::builtin::Builtin;
 use vm_balancer::policy::cache::CompileCache;
@@ -213,7 +212,6 @@ fn a_failing_policy_is_disabled_until_its_file_changes() {
     // meanwhile) and come back only when its file changes.
     let mut config = relaxed_config();
     config.params.insert("counter".into(), toml::Value::Table([("trap_after_quantum".to_string(), toml::Value::Integer(40))].into_iter().collect()));
-    let _ = Param::Bool(true);
     let mut h = Harness::start_with(&[("10-p.wasm", Builtin::Cpu.wasm())], None, config);
     h.lenient = true;
     // A file that fails its trial is refused outright.
@@ -254,7 +252,6 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
     assert!(err.contains("10-x.wasm") && err.contains("0666"), "{err}");
     let missing = vm_balancer::policy::dir::scan(&dir.path().join("nope")).unwrap();
     assert!(missing.is_empty(), "a missing directory means the defaults");
-    let _ = Limits::default();
 }
 
 /// The daemon itself (`run` on the simulator in real time): a policy dropped

@@ -506,8 +506,7 @@ fn scenario_churn_and_fault(guests: &Guests) {
     let log = daemon.log();
     let summaries = daemon.summaries();
     assert_eq!(summaries.len(), 5, "{log}");
-    // `fallback_slots` lists slots whose fallback proposed something; an
-    // idle host may need no action, so one such quantum is enough.
+    // `fallback_slots` lists the slots the fallback decided that quantum.
     assert!(
         summaries.iter().any(|l| field(l, "fallback_slots").is_some_and(|s| s.contains("spin.wasm"))),
         "no quantum decided by the fallback:\n{log}"

@@ -7,7 +7,6 @@
 //! be named in `VMB_BENCH_COMPONENTS=path1:path2`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_balancer::config::Limits;
@@ -85,5 +84,4 @@ fn main() {
         }
     }
     swap_latency();
-    let _ = Arc::new(());
 }

@@ -306,7 +306,7 @@ pub fn snapshot(config: &Config, uri: &str) -> Result<Snapshot, DaemonError> {
     backend.collect()?;
     std::thread::sleep(Duration::from_millis(u64::from(config.quantum_ms)));
     let observation = backend.collect()?;
-    Ok(snapshot::assemble(observation, 0, config, Vec::new()))
+    Ok(snapshot::assemble(observation, 0, config, &config.policy_params(), Vec::new()))
 }
 
 #[cfg(test)]

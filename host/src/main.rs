@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vm_balancer::config::Config;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::sdk::{Action, Snapshot};
+use vm_balancer::sdk::Snapshot;
 use vm_balancer::sim::{simulate, Scenario};
 
 /// Balances KVM guests: each quantum, sandboxed WebAssembly policies decide
@@ -211,10 +211,7 @@ fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
             Ok(actions) => {
                 println!("sample   {label}: {} action(s) in {:.2?}", actions.len(), started.elapsed());
                 for action in &actions {
-                    let reason = action.reason();
-                    match action {
-                        Action::Pin { .. } | Action::SetMemory { .. } => println!("           {action}  ({reason})"),
-                    }
+                    println!("           {action}  ({})", action.reason());
                 }
             }
             Err(error) => {

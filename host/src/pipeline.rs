@@ -36,6 +36,8 @@ pub struct Pipeline<B> {
     /// The apply stage.
     pub applier: Applier,
     config: Config,
+    /// `[params]` converted once, not every quantum.
+    params: std::collections::BTreeMap<String, vm_balancer_sdk::Param>,
     quantum: u64,
     feedback: Vec<Verdict>,
     dry_run: bool,
@@ -49,6 +51,7 @@ impl<B: Backend> Pipeline<B> {
             policies,
             guard: Guard::new(config.guard.clone()),
             applier: Applier::default(),
+            params: config.policy_params(),
             config,
             quantum: 0,
             feedback: Vec::new(),
@@ -70,11 +73,10 @@ impl<B: Backend> Pipeline<B> {
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
         let observation = self.backend.collect()?;
-        let snapshot = snapshot::assemble(observation, self.quantum, &self.config, std::mem::take(&mut self.feedback));
+        let snapshot = snapshot::assemble(observation, self.quantum, &self.config, &self.params, std::mem::take(&mut self.feedback));
         let proposals = self.policies.decide(&snapshot);
         let proposed = proposals.len();
-        let mut fallback_slots: Vec<String> = proposals.iter().filter(|p| p.from_fallback).map(|p| p.slot.clone()).collect();
-        fallback_slots.dedup();
+        let fallback_slots = self.policies.fell_back().to_vec();
         let checked: Checked = self.guard.check(&snapshot, proposals);
         self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();

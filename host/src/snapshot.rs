@@ -1,15 +1,24 @@
 //! Stage 2, **snapshot**: the observation plus what the config and the guard
 //! add, in the exact shape every policy receives.
 
-use vm_balancer_sdk::{Snapshot, Verdict, SCHEMA_VERSION};
+use std::collections::BTreeMap;
+
+use vm_balancer_sdk::{Param, Snapshot, Verdict, SCHEMA_VERSION};
 
 use crate::backend::Observation;
 use crate::config::Config;
 use crate::MIB;
 
 /// Builds the snapshot for quantum `quantum`. `verdicts` are the guard's
-/// non-accepted verdicts from the previous quantum.
-pub fn assemble(observation: Observation, quantum: u64, config: &Config, verdicts: Vec<Verdict>) -> Snapshot {
+/// non-accepted verdicts from the previous quantum; `params` is the config's
+/// `[params]` table, converted once by the caller.
+pub fn assemble(
+    observation: Observation,
+    quantum: u64,
+    config: &Config,
+    params: &BTreeMap<String, Param>,
+    verdicts: Vec<Verdict>,
+) -> Snapshot {
     let Observation { mut host, domains } = observation;
     host.memory.reserve_kib = config.guard.host_reserve_mib * MIB;
     for cpu in &mut host.cpus {
@@ -22,6 +31,6 @@ pub fn assemble(observation: Observation, quantum: u64, config: &Config, verdict
         host,
         domains,
         verdicts,
-        params: config.policy_params(),
+        params: params.clone(),
     }
 }

@@ -175,6 +175,7 @@ pub struct PolicySet {
     limits: Limits,
     slots: Vec<Slot>,
     last_snapshot: super::reload::LastSnapshot,
+    fell_back: Vec<String>,
 }
 
 impl PolicySet {
@@ -185,6 +186,7 @@ impl PolicySet {
             limits: limits.clone(),
             slots: Vec::new(),
             last_snapshot: Default::default(),
+            fell_back: Vec::new(),
         }
     }
 
@@ -240,6 +242,12 @@ impl PolicySet {
         self.last_snapshot.clone()
     }
 
+    /// Slots whose last quantum was decided by the fallback (whether or not
+    /// it proposed anything).
+    pub fn fell_back(&self) -> &[String] {
+        &self.fell_back
+    }
+
     /// Removes and returns the slots.
     pub fn take_slots(&mut self) -> Vec<Slot> {
         std::mem::take(&mut self.slots)
@@ -260,8 +268,12 @@ impl PolicySet {
         let bytes = Arc::new(encode_snapshot(snapshot));
         *self.last_snapshot.lock().expect("snapshot lock") = Some(bytes.clone());
         let mut proposals = Vec::new();
+        self.fell_back.clear();
         for slot in &mut self.slots {
             let (actions, from_fallback) = slot.decide(snapshot, &bytes, &self.limits);
+            if from_fallback {
+                self.fell_back.push(slot.name.clone());
+            }
             proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
         }
         proposals

@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vm_balancer_sdk::{Domain, DomainMemory, Host, HostCpu, HostMemory, Vcpu};
 
-use super::scenario::{Placement, Profile, Scenario, VmSpec};
+use super::scenario::{Placement, Profile, Scenario};
 use crate::backend::{Backend, BackendError, Observation};
 use crate::MIB;
 
@@ -126,10 +126,6 @@ impl SimBackend {
         self.vms.iter().find(|vm| vm.alive && vm.name == domain).map(|vm| vm.target_kib)
     }
 
-    fn spec(&self, vm: &SimVm) -> &VmSpec {
-        &self.scenario.vms[vm.spec]
-    }
-
     fn place(&mut self, placement: Placement) -> (Vec<u32>, u32) {
         let cpus = self.scenario.host.cpus;
         match placement {
@@ -177,32 +173,19 @@ impl SimBackend {
     /// Advances every live VM's demand and memory use to quantum `t`.
     fn advance_workloads(&mut self) {
         let t = self.t;
-        for i in 0..self.vms.len() {
-            if !self.vms[i].alive {
-                continue;
-            }
-            let age = t - self.vms[i].start;
-            let (cpu_profile, mem_profile, max_mib) = {
-                let spec = self.spec(&self.vms[i]);
-                (spec.cpu.clone(), spec.mem_mib.clone(), spec.max_mib as f64)
-            };
-            let scale = self.vms[i].scale;
-            for v in 0..self.vms[i].vcpus.len() {
-                let noise = self.noise(&cpu_profile);
-                let vcpu = &mut self.vms[i].vcpus[v];
-                let raw = cpu_profile.at(age, vcpu.demand / scale, noise);
+        // Split borrows: profiles are read from the scenario in place (no
+        // clone per VM per quantum) while VMs and the RNG are updated.
+        let SimBackend { scenario, vms, rng, .. } = self;
+        for vm in vms.iter_mut().filter(|vm| vm.alive) {
+            let spec = &scenario.vms[vm.spec];
+            let (age, scale) = (t - vm.start, vm.scale);
+            for vcpu in &mut vm.vcpus {
+                let noise = noise(rng, &spec.cpu);
+                let raw = spec.cpu.at(age, vcpu.demand / scale, noise);
                 vcpu.demand = (raw * scale).clamp(0.0, 1.0);
             }
-            let noise = self.noise(&mem_profile);
-            let vm = &mut self.vms[i];
-            vm.used_mib = (mem_profile.at(age, vm.used_mib / scale, noise) * scale).clamp(0.0, max_mib);
-        }
-    }
-
-    fn noise(&mut self, profile: &Profile) -> f64 {
-        match profile {
-            Profile::RandomWalk { .. } => self.rng.gen_range(-1.0..=1.0),
-            _ => 0.0,
+            let noise = noise(rng, &spec.mem_mib);
+            vm.used_mib = (spec.mem_mib.at(age, vm.used_mib / scale, noise) * scale).clamp(0.0, spec.max_mib as f64);
         }
     }
 
@@ -211,6 +194,15 @@ impl SimBackend {
             .iter_mut()
             .find(|vm| vm.alive && vm.name == domain)
             .ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
+    }
+}
+
+/// A random-walk step in [-1, 1]; other profiles need no randomness (and
+/// draw none, so adding a random VM does not reshuffle the others).
+fn noise(rng: &mut ChaCha8Rng, profile: &Profile) -> f64 {
+    match profile {
+        Profile::RandomWalk { .. } => rng.gen_range(-1.0..=1.0),
+        _ => 0.0,
     }
 }
 
