@@ -122,7 +122,7 @@ fn pin_rate_limits() {
     // Next quantum: the vCPU is pinned to 1 now and asked back to 0: cooling down.
     let mut next = s.clone();
     next.quantum = 1;
-    next.domains[0].vcpus[0].affinity = vec![1];
+    next.domains[0].vcpus[0].affinity = vm_balancer::sdk::smallvec![1];
     let checked = guard.check(&next, propose(vec![("a", pin(0, vec![0]))]));
     assert!(checked.verdicts[0].reason.contains("cooldown 3"), "{:?}", checked.verdicts);
     next.quantum = 3;

@@ -24,7 +24,10 @@ fn snapshot(domains: u32) -> Snapshot {
         }
         b = b.domain(d.memory_mib(4096, 2048, Some(((i * 37) % 1800) as u64)));
     }
-    b.build()
+    let mut s = b.build();
+    if std::env::var("NOAFF").is_ok() { for d in &mut s.domains { for v in &mut d.vcpus { v.affinity.clear(); } } }
+    if std::env::var("NOSTR").is_ok() { for d in &mut s.domains { d.uuid.clear(); } }
+    s
 }
 
 /// Where the time goes: the host's encode and a native decode of the snapshot.
@@ -37,6 +40,18 @@ fn codec(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("encode", n), &snap, |b, snap| b.iter(|| encode_snapshot(snap).len()));
         group.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
             b.iter(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap().domains.len())
+        });
+        let mut reused = Snapshot::default();
+        group.bench_with_input(BenchmarkId::new("decode-into", n), &bytes, |b, bytes| {
+            b.iter(|| vm_balancer::sdk::decode_snapshot_into(bytes, &mut reused).unwrap())
+        });
+        group.bench_with_input(BenchmarkId::new("decode-nodrop", n), &bytes, |b, bytes| {
+            b.iter_with_large_drop(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap())
+        });
+        let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
+        let mut counter = PolicySet::new(&limits).load_spec(vm_balancer::components::FIXTURE_COUNTER).unwrap();
+        group.bench_with_input(BenchmarkId::new("wasm-decode-only", n), &snap, |b, snap| {
+            b.iter(|| counter.decide(&encode_snapshot(snap)).unwrap().len())
         });
     }
     group.finish();
@@ -55,10 +70,13 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| wasm.decide(&encode_snapshot(snap)).unwrap().len())
             });
             let mut native = builtin.native();
+            if std::env::var("COUNT").is_ok() { let d = vm_balancer::sdk::decode_snapshot(&encode_snapshot(&snap)).unwrap(); for k in 0..6 { let a = native.decide(&d).unwrap(); eprintln!("{n} call {k}: {} actions", a.len()); } }
             group.bench_with_input(BenchmarkId::new("native", n), &snap, |b, snap| {
+                // Decoded into last iteration's snapshot, as the wasm glue does.
+                let mut decoded = Snapshot::default();
                 b.iter(|| {
                     let bytes = encode_snapshot(snap);
-                    let decoded = vm_balancer::sdk::decode_snapshot(&bytes).unwrap();
+                    vm_balancer::sdk::decode_snapshot_into(&bytes, &mut decoded).unwrap();
                     let actions = native.decide(&decoded).unwrap();
                     let out = vm_balancer::sdk::encode_actions(actions).unwrap();
                     rmp_serde::from_slice::<Decision>(&out).unwrap().actions.len()

@@ -187,7 +187,7 @@ impl Guard {
         wanted.dedup();
         let mut current = v.affinity.clone();
         current.sort_unstable();
-        if wanted == current {
+        if wanted[..] == current[..] {
             return Check::Drop;
         }
         let first_pin = v.pinned_to().is_none();

@@ -780,7 +780,7 @@ impl LibvirtBackend {
                 }
                 None => (0.0, None),
             };
-            vcpus.push(Vcpu { id: *n, cpu: v.cpu, affinity: v.affinity.clone(), usage, steal });
+            vcpus.push(Vcpu { id: *n, cpu: v.cpu, affinity: v.affinity.as_slice().into(), usage, steal });
         }
         let actual = balloon("current").unwrap_or(0);
         // While a balloon moves, report the target it moves to and no guest
@@ -1075,7 +1075,7 @@ mod tests {
         assert!(matches!(b.set_memory("no-such-domain", 1024), Err(BackendError::DomainGone { .. })));
         let obs = b.collect().unwrap();
         let d = obs.domains.iter().find(|d| d.name == "test").unwrap();
-        assert_eq!(d.vcpus[0].affinity, vec![1]);
+        assert_eq!(d.vcpus[0].affinity[..], [1]);
         assert!(b.restore().unwrap() >= 1);
     }
 

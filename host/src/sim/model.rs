@@ -300,7 +300,7 @@ impl Backend for SimBackend {
                     .map(|(j, v)| Vcpu {
                         id: j as u32,
                         cpu: v.cpu,
-                        affinity: v.affinity.clone(),
+                        affinity: v.affinity.as_slice().into(),
                         usage: served[i][j] as f32,
                         steal: Some((v.demand - served[i][j]).max(0.0) as f32),
                     })

@@ -57,6 +57,9 @@ pub struct CpuPolicy {
     /// Domain → (vCPU, quantum it was last moved). Keyed by name so the hot
     /// path looks up with a borrowed `&str` instead of cloning a String per vCPU.
     last_moved: HashMap<String, Vec<(u32, u64)>>,
+    /// Per-CPU candidate lists, kept between quanta only for their memory:
+    /// refilling them allocates nothing on a steady host.
+    on_cpu: Vec<Vec<(f32, usize)>>,
 }
 
 /// A vCPU as the planner sees it.
@@ -103,8 +106,10 @@ impl Policy for CpuPolicy {
         }
 
         let mut actions = Vec::new();
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
         for (di, d) in snap.domains.iter().enumerate() {
+            // One lookup per domain, not per vCPU.
+            let recent = self.last_moved.get(d.name.as_str());
             for (vi, v) in d.vcpus.iter().enumerate() {
                 let pinned_home = v.pinned_to().and_then(|c| slot_of.get(c));
                 let home = match pinned_home {
@@ -119,9 +124,7 @@ impl Policy for CpuPolicy {
                 };
                 let demand = v.demand();
                 load[home] += demand;
-                let cooled = self
-                    .last_moved
-                    .get(d.name.as_str())
+                let cooled = recent
                     .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
                     .is_none_or(|(_, q)| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
                 items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below });
@@ -129,7 +132,7 @@ impl Policy for CpuPolicy {
         }
 
         let budget = if params.max_moves == 0 { (usable.len() / 4).max(2) } else { params.max_moves };
-        let moves = plan_moves(&mut items, &mut load, budget, params.min_gain, params.min_gain_pct / 100.0);
+        let moves = plan_moves(&mut items, &mut load, &mut self.on_cpu, budget, params.min_gain, params.min_gain_pct / 100.0);
         for (item_index, reason) in moves {
             let it = items[item_index];
             let d = &snap.domains[it.domain];
@@ -170,16 +173,29 @@ fn argmin(load: &[f32]) -> usize {
 
 /// Plans at most `budget` improving moves or swaps; mutates homes and loads.
 /// Returns (item index, reason) for each vCPU whose home changed.
-fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32, min_gain_ratio: f32) -> Vec<(usize, String)> {
+///
+/// `on_cpu` is scratch: per CPU, the (demand, item) of its *movable* vCPUs,
+/// in item order. Only movable vCPUs can be candidates and a moved vCPU is
+/// not movable again this quantum, so the lists hold exactly the candidates,
+/// contiguous, and the inner loops never look anything up.
+fn plan_moves(
+    items: &mut [Item],
+    load: &mut [f32],
+    on_cpu: &mut Vec<Vec<(f32, usize)>>,
+    budget: usize,
+    min_gain: f32,
+    min_gain_ratio: f32,
+) -> Vec<(usize, String)> {
     let ncpu = load.len();
     let mut moved: Vec<(usize, String)> = Vec::new();
     if ncpu < 2 {
         return moved;
     }
     let mean = load.iter().sum::<f32>() / ncpu as f32;
-    let mut on_cpu: Vec<Vec<usize>> = vec![Vec::new(); ncpu];
-    for (i, it) in items.iter().enumerate() {
-        on_cpu[it.home].push(i);
+    on_cpu.iter_mut().for_each(Vec::clear);
+    on_cpu.resize_with(ncpu, Vec::new);
+    for (i, it) in items.iter().enumerate().filter(|(_, it)| it.movable) {
+        on_cpu[it.home].push((it.demand, i));
     }
     // Sources that cannot be improved are skipped for the rest of the quantum.
     let mut stuck = vec![false; ncpu];
@@ -198,20 +214,15 @@ fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32
         let mut best: Option<(f32, usize, Option<usize>, usize)> = None;
         let required = |moved: f32| min_gain.max(min_gain_ratio * moved);
         for &dst in destinations.iter().flatten() {
-            for &i in &on_cpu[src] {
-                if !items[i].movable {
-                    continue;
-                }
-                let d = items[i].demand;
+            for &(d, i) in &on_cpu[src] {
                 let score = (load[src] - d).max(load[dst] + d);
                 if score < load[src] - required(d) && best.is_none_or(|b| score < b.0) {
                     best = Some((score, i, None, dst));
                 }
-                for &j in &on_cpu[dst] {
-                    if !items[j].movable || items[j].demand >= d {
+                for &(e, j) in &on_cpu[dst] {
+                    if e >= d {
                         continue;
                     }
-                    let e = items[j].demand;
                     let score = (load[src] - d + e).max(load[dst] - e + d);
                     if score < load[src] - required(d + e) && best.is_none_or(|b| score < b.0) {
                         best = Some((score, i, Some(j), dst));
@@ -222,9 +233,9 @@ fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, min_gain: f32
         match best {
             Some((score, i, swap, dst)) => {
                 let before = load[src];
-                relocate(items, load, &mut on_cpu, i, dst);
+                relocate(items, load, on_cpu, i, dst);
                 if let Some(j) = swap {
-                    relocate(items, load, &mut on_cpu, j, src);
+                    relocate(items, load, on_cpu, j, src);
                     moved.push((j, format!("swap: busiest pCPU load {before:.2} -> {score:.2}")));
                 }
                 moved.push((i, format!("busiest pCPU load {before:.2} -> {score:.2}")));
@@ -260,10 +271,10 @@ fn least_loaded<const K: usize>(load: &[f32], skip: usize) -> [Option<usize>; K]
     best
 }
 
-fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<usize>], i: usize, dst: usize) {
+/// Moves item `i` to `dst`. It is no longer movable, so it leaves the candidate lists.
+fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)>], i: usize, dst: usize) {
     let src = items[i].home;
-    on_cpu[src].retain(|x| *x != i);
-    on_cpu[dst].push(i);
+    on_cpu[src].retain(|(_, x)| *x != i);
     load[src] -= items[i].demand;
     load[dst] += items[i].demand;
     items[i].home = dst;

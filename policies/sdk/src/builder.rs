@@ -121,14 +121,14 @@ impl DomainBuilder {
     /// Adds a vCPU pinned to `cpu` that used `usage` of it.
     pub fn vcpu(mut self, cpu: u32, usage: f32) -> Self {
         let id = self.domain.vcpus.len() as u32;
-        self.domain.vcpus.push(Vcpu { id, cpu, affinity: vec![cpu], usage, steal: None });
+        self.domain.vcpus.push(Vcpu { id, cpu, affinity: crate::smallvec![cpu], usage, steal: None });
         self
     }
 
     /// Adds a vCPU pinned to `cpu` with usage and steal (waiting) fractions.
     pub fn vcpu_with_steal(mut self, cpu: u32, usage: f32, steal: f32) -> Self {
         let id = self.domain.vcpus.len() as u32;
-        self.domain.vcpus.push(Vcpu { id, cpu, affinity: vec![cpu], usage, steal: Some(steal) });
+        self.domain.vcpus.push(Vcpu { id, cpu, affinity: crate::smallvec![cpu], usage, steal: Some(steal) });
         self
     }
 

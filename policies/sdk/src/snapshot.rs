@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Param, Verdict};
 
+/// A vCPU's affinity: pCPU ids, stored inline up to four. Almost every
+/// managed vCPU is pinned to one pCPU, and a heap list per vCPU was an
+/// allocation (and a free) per vCPU per quantum on the decode path.
+pub type CpuList = smallvec::SmallVec<[u32; 4]>;
+
 /// Bumped only for incompatible changes; new optional fields do not bump it.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -96,7 +101,7 @@ pub struct Vcpu {
     pub cpu: u32,
     /// pCPUs it may run on; empty means any online CPU.
     #[serde(default)]
-    pub affinity: Vec<u32>,
+    pub affinity: CpuList,
     /// Fraction of one pCPU it used over the last quantum, 0.0–1.0.
     pub usage: f32,
     /// Fraction of the quantum it was runnable but waiting for a pCPU
