@@ -122,7 +122,8 @@ impl Policy for CpuPolicy {
                         h
                     }
                 };
-                let demand = v.demand();
+                // Negative demand is meaningless, and the planner's pruning relies on demand ≥ 0.
+                let demand = v.demand().max(0.0);
                 load[home] += demand;
                 let cooled = recent
                     .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
@@ -199,23 +200,48 @@ fn plan_moves(
     }
     // Sources that cannot be improved are skipped for the rest of the quantum.
     let mut stuck = vec![false; ncpu];
+    let mut by_load = ByLoad::new(load);
     const DESTINATIONS: usize = 4;
     while moved.len() < budget {
-        let Some(src) = (0..ncpu).filter(|c| !stuck[*c]).max_by(|a, b| load[*a].total_cmp(&load[*b])) else {
+        let Some(src) = by_load.busiest(|c| !stuck[c]) else {
             break;
         };
         if load[src] <= mean + min_gain {
             break;
         }
-        let destinations = least_loaded::<DESTINATIONS>(load, src);
+        if on_cpu[src].is_empty() {
+            // Nothing movable here (all cooling down or negligible): no need
+            // to look for destinations. On a host where the hot CPUs' vCPUs
+            // all moved recently this skips a CPU-count-squared scan.
+            stuck[src] = true;
+            continue;
+        }
         // (score, item, swap item, dst). A candidate must lower the pair's
         // larger load by at least max(min_gain, min_gain_ratio × the demand
         // it moves): demand estimates are noisy in proportion to their size.
         let mut best: Option<(f32, usize, Option<usize>, usize)> = None;
-        let required = |moved: f32| min_gain.max(min_gain_ratio * moved);
-        for &dst in destinations.iter().flatten() {
+        let required = |moved: f32| larger(min_gain, min_gain_ratio * moved);
+        // Pruning that never changes the answer: a candidate replaces `best`
+        // only with a strictly lower score, and any accepted score is below
+        // `load[src] - min_gain`. Bounds are lowered by `slack` so float
+        // rounding can never make a skipped candidate the better one.
+        let a = load[src];
+        let slack = 1e-4 * a.abs().max(1.0);
+        for dst in by_load.least_loaded(src, DESTINATIONS) {
+            let b = load[dst];
+            // A move or swap between two CPUs keeps their sum, so the
+            // larger of the two ends at least at the mean; destinations come
+            // least loaded first, so later ones cannot do better either.
+            let pair_floor = (a + b) / 2.0 - slack;
+            if pair_floor >= best.map_or(a - min_gain, |x| x.0) {
+                break;
+            }
             for &(d, i) in &on_cpu[src] {
-                let score = (load[src] - d).max(load[dst] + d);
+                // Moving i, or swapping it for something no bigger, leaves src at ≥ a - d.
+                if larger(a - d - slack, pair_floor) >= best.map_or(a - min_gain, |x| x.0) {
+                    continue;
+                }
+                let score = larger(load[src] - d, load[dst] + d);
                 if score < load[src] - required(d) && best.is_none_or(|b| score < b.0) {
                     best = Some((score, i, None, dst));
                 }
@@ -223,7 +249,7 @@ fn plan_moves(
                     if e >= d {
                         continue;
                     }
-                    let score = (load[src] - d + e).max(load[dst] - e + d);
+                    let score = larger(load[src] - d + e, load[dst] - e + d);
                     if score < load[src] - required(d + e) && best.is_none_or(|b| score < b.0) {
                         best = Some((score, i, Some(j), dst));
                     }
@@ -239,6 +265,7 @@ fn plan_moves(
                     moved.push((j, format!("swap: busiest pCPU load {before:.2} -> {score:.2}")));
                 }
                 moved.push((i, format!("busiest pCPU load {before:.2} -> {score:.2}")));
+                by_load.reposition(load, [src, dst]);
             }
             _ => stuck[src] = true,
         }
@@ -246,29 +273,57 @@ fn plan_moves(
     moved
 }
 
-/// The `K` least-loaded CPUs other than `skip`, by one linear pass (a full
-/// sort per move costs more than the rest of the planning on a large host).
-fn least_loaded<const K: usize>(load: &[f32], skip: usize) -> [Option<usize>; K] {
-    let before = |a: usize, b: usize| load[a].total_cmp(&load[b]).then(a.cmp(&b)).is_lt();
-    let mut best: [Option<usize>; K] = [None; K];
-    for c in (0..load.len()).filter(|c| *c != skip) {
-        // Insert into the sorted array, carrying the displaced entry down.
-        let mut carry = c;
-        for slot in best.iter_mut() {
-            match *slot {
-                None => {
-                    *slot = Some(carry);
-                    break;
-                }
-                Some(b) if before(carry, b) => {
-                    *slot = Some(carry);
-                    carry = b;
-                }
-                Some(_) => {}
-            }
+/// `a.max(b)` where neither is NaN. `f32::max` is a libm call in wasm (its
+/// NaN rule differs from the `f32.max` instruction's), and this is in the
+/// planner's innermost loop.
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if a >= b {
+        a
+    } else {
+        b
+    }
+}
+
+/// CPU indexes ordered by (load, index), kept sorted as loads change: the
+/// busiest is last, the least loaded first. Sorting once and repositioning
+/// the two CPUs a move touches replaces two scans of every CPU per move.
+/// The order is the one `max_by`/`min_by` with `total_cmp` would give
+/// (ties: the higher index counts as busier), so decisions do not change.
+struct ByLoad {
+    order: Vec<usize>,
+}
+
+impl ByLoad {
+    fn new(load: &[f32]) -> Self {
+        let mut order: Vec<usize> = (0..load.len()).collect();
+        order.sort_unstable_by(|x, y| Self::cmp(load, *x, *y));
+        ByLoad { order }
+    }
+
+    fn cmp(load: &[f32], x: usize, y: usize) -> std::cmp::Ordering {
+        load[x].total_cmp(&load[y]).then(x.cmp(&y))
+    }
+
+    /// The busiest CPU that `eligible` accepts.
+    fn busiest(&self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        self.order.iter().rev().copied().find(|c| eligible(*c))
+    }
+
+    /// Up to `k` least-loaded CPUs other than `skip`, least loaded first.
+    fn least_loaded(&self, skip: usize, k: usize) -> impl Iterator<Item = usize> + '_ {
+        self.order.iter().copied().filter(move |c| *c != skip).take(k)
+    }
+
+    /// Puts the CPUs whose loads changed back in order: all are taken out
+    /// first, so each binary search runs over a correctly sorted list.
+    fn reposition<const N: usize>(&mut self, load: &[f32], cpus: [usize; N]) {
+        self.order.retain(|c| !cpus.contains(c));
+        for cpu in cpus {
+            let at = self.order.partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
+            self.order.insert(at, cpu);
         }
     }
-    best
 }
 
 /// Moves item `i` to `dst`. It is no longer movable, so it leaves the candidate lists.
@@ -378,13 +433,31 @@ mod tests {
     }
 
     #[test]
-    fn least_loaded_matches_a_stable_sort() {
-        let load: [f32; 7] = [0.5, 0.1, 0.3, 0.1, 0.9, 0.0, 0.3];
-        let mut sorted: Vec<usize> = (0..load.len()).filter(|c| *c != 5).collect();
-        sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
-        let got: Vec<usize> = least_loaded::<4>(&load, 5).iter().flatten().copied().collect();
-        assert_eq!(got, sorted[..4]);
-        assert_eq!(least_loaded::<4>(&[1.0, 2.0], 0), [Some(1), None, None, None]);
+    fn by_load_matches_a_stable_sort_and_max_by_as_loads_change() {
+        let mut load: Vec<f32> = vec![0.5, 0.1, 0.3, 0.1, 0.9, 0.0, 0.3, 0.9];
+        let mut by_load = ByLoad::new(&load);
+        // Deterministic pseudo-random load changes, two CPUs at a time, with ties.
+        let mut seed = 7u32;
+        for _ in 0..500 {
+            let mut next = || {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (seed >> 16) as usize
+            };
+            let (x, y) = (next() % load.len(), next() % load.len());
+            if x == y {
+                continue;
+            }
+            let delta = (next() % 5) as f32 / 10.0;
+            load[x] += delta;
+            load[y] = (load[y] - delta).max(0.0);
+            by_load.reposition(&load, [x, y]);
+            let mut sorted: Vec<usize> = (0..load.len()).filter(|c| *c != 5).collect();
+            sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
+            assert_eq!(by_load.least_loaded(5, 4).collect::<Vec<_>>(), sorted[..4]);
+            let max_by = (0..load.len()).filter(|c| *c != 2).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+            assert_eq!(by_load.busiest(|c| c != 2), max_by);
+        }
+        assert_eq!(ByLoad::new(&[1.0, 2.0]).least_loaded(0, 4).collect::<Vec<_>>(), [1]);
     }
 
     #[test]

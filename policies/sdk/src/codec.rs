@@ -459,6 +459,7 @@ impl<'de> Reader<'de> {
         Ok(count)
     }
 
+    #[inline]
     fn map_len(&mut self, what: &str) -> Result<usize> {
         let n = match self.peek()? {
             b @ 0x80..=0x8f => (b & 0x0f) as usize,
@@ -474,6 +475,7 @@ impl<'de> Reader<'de> {
         self.count(n, 2, what)
     }
 
+    #[inline]
     fn array_len(&mut self, what: &str) -> Result<usize> {
         let n = match self.peek()? {
             b @ 0x90..=0x9f => (b & 0x0f) as usize,
@@ -542,38 +544,49 @@ impl<'de> Reader<'de> {
         self.str_bytes("map key")
     }
 
+    #[inline]
     fn str(&mut self, field: &str) -> Result<&'de str> {
         let start = self.pos;
         let bytes = self.str_bytes(field)?;
         std::str::from_utf8(bytes).map_err(|e| DecodeError { offset: start, message: format!("{field}: string is not UTF-8: {e}") })
     }
 
+    /// Unsigned integers of any width inline (KiB figures are mostly
+    /// uint32); signed encodings of non-negative values out of line.
     #[inline(always)]
     fn u64(&mut self, field: &str) -> Result<u64> {
-        // positive fixint, inline: ids, CPU numbers, small counters.
-        if let Some(&b @ 0x00..=0x7f) = self.input.get(self.pos) {
-            self.pos += 1;
-            return Ok(b.into());
-        }
-        self.wide_u64(field)
+        let at = self.pos;
+        let input = self.input;
+        let (value, width) = match input.get(at) {
+            Some(&b @ 0x00..=0x7f) => (u64::from(b), 0),
+            Some(0xcc) if at + 2 <= input.len() => (u64::from(input[at + 1]), 1),
+            Some(0xcd) if at + 3 <= input.len() => (u64::from(u16::from_be_bytes([input[at + 1], input[at + 2]])), 2),
+            Some(0xce) if at + 5 <= input.len() => {
+                (u64::from(u32::from_be_bytes([input[at + 1], input[at + 2], input[at + 3], input[at + 4]])), 4)
+            }
+            _ => return self.other_u64(field),
+        };
+        self.pos = at + 1 + width;
+        Ok(value)
     }
 
     #[inline(never)]
-    fn wide_u64(&mut self, field: &str) -> Result<u64> {
+    fn other_u64(&mut self, field: &str) -> Result<u64> {
         let marker = self.peek()?;
-        if marker <= 0x7f {
-            self.pos += 1;
-            return Ok(marker.into());
-        }
-        let (value, width): (i128, usize) = match marker {
+        let (value, width): (i64, usize) = match marker {
+            0xcf => {
+                let value = u64::from_be_bytes(self.at(1)?);
+                self.pos += 9;
+                return Ok(value);
+            }
             0xcc => (self.at::<1>(1)?[0].into(), 1),
             0xcd => (u16::from_be_bytes(self.at(1)?).into(), 2),
             0xce => (u32::from_be_bytes(self.at(1)?).into(), 4),
-            0xcf => (u64::from_be_bytes(self.at(1)?).into(), 8),
             0xd0 => (i8::from_be_bytes(self.at(1)?).into(), 1),
             0xd1 => (i16::from_be_bytes(self.at(1)?).into(), 2),
             0xd2 => (i32::from_be_bytes(self.at(1)?).into(), 4),
-            0xd3 => (i64::from_be_bytes(self.at(1)?).into(), 8),
+            0xd3 => (i64::from_be_bytes(self.at(1)?), 8),
+            0x00..=0x7f => (marker.into(), 0),
             0xe0..=0xff => ((marker as i8).into(), 0),
             _ => return Err(self.unexpected(field, "an unsigned integer")),
         };
@@ -609,6 +622,7 @@ impl<'de> Reader<'de> {
         }
     }
 
+    #[inline]
     fn bool(&mut self, field: &str) -> Result<bool> {
         match self.peek()? {
             0xc2 => {

@@ -149,12 +149,14 @@ pub struct DomainMemory {
 impl DomainMemory {
     /// Memory the guest could still use without pressure, KiB: `usable_kib`,
     /// else `unused_kib`, else `None` (no balloon stats).
+    #[inline]
     pub fn free_kib(&self) -> Option<u64> {
         self.usable_kib.or(self.unused_kib)
     }
 
     /// Memory the guest is using, KiB: the target minus [`free_kib`](Self::free_kib).
     /// The guard's guest floor and the default policies share this one definition.
+    #[inline]
     pub fn used_kib(&self) -> Option<u64> {
         self.free_kib().map(|free| self.target_kib.saturating_sub(free))
     }
@@ -167,11 +169,13 @@ impl DomainMemory {
 
 impl Vcpu {
     /// Estimated demand: what it used plus what it waited for, as a fraction of one pCPU.
+    #[inline]
     pub fn demand(&self) -> f32 {
         self.usage + self.steal.unwrap_or(0.0)
     }
 
     /// The single pCPU it is pinned to, if its affinity is exactly one CPU.
+    #[inline]
     pub fn pinned_to(&self) -> Option<u32> {
         match self.affinity.as_slice() {
             [cpu] => Some(*cpu),
