@@ -18,8 +18,9 @@
 #![deny(missing_docs)]
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
-use vm_balancer_sdk::{export_policy, Action, Info, Policy, Snapshot};
+use vm_balancer_sdk::{export_policy, Action, Info, Policy, Reads, Snapshot};
 
 /// Tunables, read from `[params.cpu]` each quantum.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -56,10 +57,34 @@ impl CpuParams {
 pub struct CpuPolicy {
     /// Domain → (vCPU, quantum it was last moved). Keyed by name so the hot
     /// path looks up with a borrowed `&str` instead of cloning a String per vCPU.
-    last_moved: HashMap<String, Vec<(u32, u64)>>,
+    last_moved: HashMap<String, Vec<(u32, u64)>, BuildHasherDefault<Fnv>>,
     /// Per-CPU candidate lists, kept between quanta only for their memory:
     /// refilling them allocates nothing on a steady host.
     on_cpu: Vec<Vec<(f32, usize)>>,
+}
+
+/// FNV-1a, for the per-domain cooldown lookups: the keys are domain names
+/// from the daemon, not attacker-chosen, and SipHash was a visible share of
+/// a 1,000-domain quantum in wasm.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
 }
 
 /// A vCPU as the planner sees it.
@@ -74,8 +99,18 @@ struct Item {
 }
 
 impl Policy for CpuPolicy {
+    const READS: Reads = Reads {
+        vcpus: true,
+        domain_memory: false,
+    };
+
     fn info() -> Info {
-        Info { name: "cpu-default", version: env!("CARGO_PKG_VERSION"), cpu: true, memory: false }
+        Info {
+            name: "cpu-default",
+            version: env!("CARGO_PKG_VERSION"),
+            cpu: true,
+            memory: false,
+        }
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Result<Vec<Action>, String> {
@@ -101,7 +136,7 @@ impl Policy for CpuPolicy {
         let mut load = vec![0.0f32; usable.len()];
         for cpu in &snap.host.cpus {
             if let Some(i) = slot_of.get(cpu.id) {
-                load[i] = (cpu.usage - vcpu_usage[i]).max(0.0);
+                load[i] = larger(cpu.usage - vcpu_usage[i], 0.0);
             }
         }
 
@@ -118,22 +153,44 @@ impl Policy for CpuPolicy {
                         // Not pinned to one usable CPU: pin it where it runs if
                         // that CPU is usable, else onto the least-loaded one.
                         let h = slot_of.get(v.cpu).unwrap_or_else(|| argmin(&load));
-                        actions.push(Action::pin(&d.name, v.id, vec![usable[h]], "initial pin where it runs"));
+                        actions.push(Action::pin(
+                            &d.name,
+                            v.id,
+                            vec![usable[h]],
+                            "initial pin where it runs",
+                        ));
                         h
                     }
                 };
                 // Negative demand is meaningless, and the planner's pruning relies on demand ≥ 0.
-                let demand = v.demand().max(0.0);
+                let demand = larger(v.demand(), 0.0);
                 load[home] += demand;
                 let cooled = recent
                     .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
                     .is_none_or(|(_, q)| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
-                items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below });
+                items.push(Item {
+                    domain: di,
+                    vcpu: vi,
+                    demand,
+                    home,
+                    movable: cooled && demand >= params.ignore_below,
+                });
             }
         }
 
-        let budget = if params.max_moves == 0 { (usable.len() / 4).max(2) } else { params.max_moves };
-        let moves = plan_moves(&mut items, &mut load, &mut self.on_cpu, budget, params.min_gain, params.min_gain_pct / 100.0);
+        let budget = if params.max_moves == 0 {
+            (usable.len() / 4).max(2)
+        } else {
+            params.max_moves
+        };
+        let moves = plan_moves(
+            &mut items,
+            &mut load,
+            &mut self.on_cpu,
+            budget,
+            params.min_gain,
+            params.min_gain_pct / 100.0,
+        );
         for (item_index, reason) in moves {
             let it = items[item_index];
             let d = &snap.domains[it.domain];
@@ -169,7 +226,9 @@ impl SlotIndex {
 }
 
 fn argmin(load: &[f32]) -> usize {
-    (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b])).unwrap_or(0)
+    (0..load.len())
+        .min_by(|a, b| load[*a].total_cmp(&load[*b]))
+        .unwrap_or(0)
 }
 
 /// Plans at most `budget` improving moves or swaps; mutates homes and loads.
@@ -262,9 +321,23 @@ fn plan_moves(
                 relocate(items, load, on_cpu, i, dst);
                 if let Some(j) = swap {
                     relocate(items, load, on_cpu, j, src);
-                    moved.push((j, format!("swap: busiest pCPU load {before:.2} -> {score:.2}")));
+                    moved.push((
+                        j,
+                        format!(
+                            "swap: busiest pCPU load {} -> {}",
+                            Hundredths(before),
+                            Hundredths(score)
+                        ),
+                    ));
                 }
-                moved.push((i, format!("busiest pCPU load {before:.2} -> {score:.2}")));
+                moved.push((
+                    i,
+                    format!(
+                        "busiest pCPU load {} -> {}",
+                        Hundredths(before),
+                        Hundredths(score)
+                    ),
+                ));
                 by_load.reposition(load, [src, dst]);
             }
             _ => stuck[src] = true,
@@ -273,11 +346,33 @@ fn plan_moves(
     moved
 }
 
-/// `a.max(b)` where neither is NaN. `f32::max` is a libm call in wasm (its
+/// A load with two decimals, for reasons. `{:.2}` on a float takes the exact
+/// (and in wasm slow) formatting path; loads need no more than this.
+struct Hundredths(f32);
+
+impl std::fmt::Display for Hundredths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hundredths = (self.0 * 100.0).round();
+        if !hundredths.is_finite() || hundredths.abs() > 1e15 {
+            return write!(f, "{:.2}", self.0);
+        }
+        let hundredths = hundredths as i64;
+        let sign = if hundredths < 0 { "-" } else { "" };
+        write!(
+            f,
+            "{sign}{}.{:02}",
+            hundredths.abs() / 100,
+            hundredths.abs() % 100
+        )
+    }
+}
+
+/// `a.max(b)` where `b` is not NaN (a NaN `a` gives `b`, as `f32::max` does). `f32::max` is a libm call in wasm (its
 /// NaN rule differs from the `f32.max` instruction's), and this is in the
 /// planner's innermost loop.
 #[inline(always)]
 fn larger(a: f32, b: f32) -> f32 {
+    // `>=` is false for a NaN `a`, so the result is `b`.
     if a >= b {
         a
     } else {
@@ -312,7 +407,11 @@ impl ByLoad {
 
     /// Up to `k` least-loaded CPUs other than `skip`, least loaded first.
     fn least_loaded(&self, skip: usize, k: usize) -> impl Iterator<Item = usize> + '_ {
-        self.order.iter().copied().filter(move |c| *c != skip).take(k)
+        self.order
+            .iter()
+            .copied()
+            .filter(move |c| *c != skip)
+            .take(k)
     }
 
     /// Puts the CPUs whose loads changed back in order: all are taken out
@@ -320,14 +419,22 @@ impl ByLoad {
     fn reposition<const N: usize>(&mut self, load: &[f32], cpus: [usize; N]) {
         self.order.retain(|c| !cpus.contains(c));
         for cpu in cpus {
-            let at = self.order.partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
+            let at = self
+                .order
+                .partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
             self.order.insert(at, cpu);
         }
     }
 }
 
 /// Moves item `i` to `dst`. It is no longer movable, so it leaves the candidate lists.
-fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)>], i: usize, dst: usize) {
+fn relocate(
+    items: &mut [Item],
+    load: &mut [f32],
+    on_cpu: &mut [Vec<(f32, usize)>],
+    i: usize,
+    dst: usize,
+) {
     let src = items[i].home;
     on_cpu[src].retain(|(_, x)| *x != i);
     load[src] -= items[i].demand;
@@ -347,19 +454,38 @@ mod tests {
         let mut b = SnapshotBuilder::new(cpus, 8 << 20);
         for i in 0..n {
             let share = 1.0 / n as f32;
-            b = b.domain(DomainBuilder::new(&format!("vm{i}")).vcpu_with_steal(0, share, 1.0 - share));
+            b = b.domain(DomainBuilder::new(&format!("vm{i}")).vcpu_with_steal(
+                0,
+                share,
+                1.0 - share,
+            ));
         }
         b.build()
     }
 
     fn targets(actions: &[Action]) -> Vec<u32> {
-        actions.iter().filter_map(|a| if let Action::Pin { cpus, .. } = a { Some(cpus[0]) } else { None }).collect()
+        actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Pin { cpus, .. } = a {
+                    Some(cpus[0])
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[test]
     fn four_busy_guests_on_one_of_two_cpus_end_two_and_two_in_one_quantum() {
-        let actions = CpuPolicy::default().decide(&busy_guests_on_cpu0(4, 2)).unwrap();
-        assert_eq!(targets(&actions), vec![1, 1], "two vCPUs move to pCPU 1: {actions:?}");
+        let actions = CpuPolicy::default()
+            .decide(&busy_guests_on_cpu0(4, 2))
+            .unwrap();
+        assert_eq!(
+            targets(&actions),
+            vec![1, 1],
+            "two vCPUs move to pCPU 1: {actions:?}"
+        );
     }
 
     #[test]
@@ -383,7 +509,9 @@ mod tests {
 
     #[test]
     fn unpinned_vcpus_are_pinned_where_they_run() {
-        let mut snap = SnapshotBuilder::new(4, 8 << 20).domain(DomainBuilder::new("a").vcpu(2, 0.1)).build();
+        let mut snap = SnapshotBuilder::new(4, 8 << 20)
+            .domain(DomainBuilder::new("a").vcpu(2, 0.1))
+            .build();
         snap.domains[0].vcpus[0].affinity.clear();
         let actions = CpuPolicy::default().decide(&snap).unwrap();
         assert_eq!(targets(&actions), vec![2]);
@@ -428,8 +556,23 @@ mod tests {
         next.quantum = 1;
         let again = policy.decide(&next).unwrap();
         for a in &again {
-            assert!(!matches!(a, Action::Pin { domain, .. } if domain == "vm0" || domain == "vm1"), "{again:?}");
+            assert!(
+                !matches!(a, Action::Pin { domain, .. } if domain == "vm0" || domain == "vm1"),
+                "{again:?}"
+            );
         }
+    }
+
+    #[test]
+    fn hundredths_read_like_two_decimals() {
+        let shown: Vec<String> = [0.0, 1.0, 2.345, 0.999, -0.5, 12.3, f32::NAN]
+            .iter()
+            .map(|x| Hundredths(*x).to_string())
+            .collect();
+        assert_eq!(
+            shown,
+            ["0.00", "1.00", "2.35", "1.00", "-0.50", "12.30", "NaN"]
+        );
     }
 
     #[test]
@@ -454,10 +597,17 @@ mod tests {
             let mut sorted: Vec<usize> = (0..load.len()).filter(|c| *c != 5).collect();
             sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
             assert_eq!(by_load.least_loaded(5, 4).collect::<Vec<_>>(), sorted[..4]);
-            let max_by = (0..load.len()).filter(|c| *c != 2).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+            let max_by = (0..load.len())
+                .filter(|c| *c != 2)
+                .max_by(|a, b| load[*a].total_cmp(&load[*b]));
             assert_eq!(by_load.busiest(|c| c != 2), max_by);
         }
-        assert_eq!(ByLoad::new(&[1.0, 2.0]).least_loaded(0, 4).collect::<Vec<_>>(), [1]);
+        assert_eq!(
+            ByLoad::new(&[1.0, 2.0])
+                .least_loaded(0, 4)
+                .collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     #[test]
@@ -468,5 +618,24 @@ mod tests {
         }
         let actions = CpuPolicy::default().decide(&b.build()).unwrap();
         assert_eq!(actions.len(), 64, "budget is cpus/4");
+    }
+
+    #[test]
+    fn reads_only_what_it_declares() {
+        // The wasm glue decodes only `READS`; the daemon's native fallback
+        // gets everything. Both must decide the same.
+        let mut snap = busy_guests_on_cpu0(6, 4);
+        snap.domains[0].memory.usable_kib = Some(100);
+        let mut partial = Snapshot::default();
+        vm_balancer_sdk::decode_snapshot_parts(
+            &vm_balancer_sdk::encode_snapshot(&snap),
+            &mut partial,
+            CpuPolicy::READS,
+        )
+        .unwrap();
+        assert_ne!(partial, snap, "something was skipped");
+        let full = CpuPolicy::default().decide(&snap).unwrap();
+        assert!(!full.is_empty());
+        assert_eq!(CpuPolicy::default().decide(&partial).unwrap(), full);
     }
 }

@@ -22,9 +22,8 @@
 use std::fmt;
 
 use rmp::encode as put;
-use rmp::Marker;
 
-use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Snapshot, Vcpu};
+use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Reads, Snapshot, Vcpu};
 
 /// Why a snapshot did not decode: what, and the byte offset where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +135,10 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         ("major_faults", m.major_faults),
     ];
     key(buf, "memory");
-    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count());
+    map(
+        buf,
+        3 + optional.iter().filter(|(_, v)| v.is_some()).count(),
+    );
     key(buf, "max_kib");
     uint(buf, m.max_kib);
     key(buf, "target_kib");
@@ -193,8 +195,13 @@ fn serde_value<T: serde::Serialize>(buf: &mut Vec<u8>, value: &T) {
 /// cleared and refilled in place, so a host whose domains did not change
 /// decodes without allocating. (On error `s` is left partly filled; the next
 /// call resets it.)
-pub fn decode_into(bytes: &[u8], s: &mut Snapshot) -> Result<()> {
-    let mut r = Reader { input: bytes, pos: 0 };
+///
+/// Parts that `reads` leaves out are skipped, not stored: they stay empty.
+pub fn decode_into(bytes: &[u8], s: &mut Snapshot, reads: Reads) -> Result<()> {
+    let mut r = Reader {
+        input: bytes,
+        pos: 0,
+    };
     s.schema_version = 0;
     s.quantum = 0;
     s.quantum_ms = 0;
@@ -217,7 +224,7 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot) -> Result<()> {
                 s.domains.truncate(n);
                 s.domains.resize_with(n, Domain::default);
                 for d in &mut s.domains {
-                    domain(&mut r, d)?;
+                    domain(&mut r, d, reads)?;
                 }
                 seen.set(4, ());
             }
@@ -229,9 +236,16 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot) -> Result<()> {
     if seen.0 & (1 << 4) == 0 {
         s.domains.clear();
     }
-    r.require(seen, &["schema_version", "quantum", "quantum_ms", "host", "domains"], "snapshot")?;
+    r.require(
+        seen,
+        &["schema_version", "quantum", "quantum_ms", "host", "domains"],
+        "snapshot",
+    )?;
     if r.pos != bytes.len() {
-        return Err(r.error(format!("{} trailing bytes after the snapshot", bytes.len() - r.pos)));
+        return Err(r.error(format!(
+            "{} trailing bytes after the snapshot",
+            bytes.len() - r.pos
+        )));
     }
     Ok(())
 }
@@ -240,7 +254,7 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot) -> Result<()> {
 #[cfg(test)]
 fn decode(bytes: &[u8]) -> Result<Snapshot> {
     let mut s = Snapshot::default();
-    decode_into(bytes, &mut s).map(|()| s)
+    decode_into(bytes, &mut s, Reads::ALL).map(|()| s)
 }
 
 fn host(r: &mut Reader<'_>, h: &mut Host) -> Result<()> {
@@ -291,12 +305,16 @@ fn host_memory(r: &mut Reader<'_>) -> Result<HostMemory> {
             _ => r.skip()?,
         }
     }
-    r.require(seen, &["total_kib", "available_kib", "reserve_kib"], "host.memory")?;
+    r.require(
+        seen,
+        &["total_kib", "available_kib", "reserve_kib"],
+        "host.memory",
+    )?;
     Ok(m)
 }
 
 /// Refills `d` in place, keeping its strings' and lists' capacity.
-fn domain(r: &mut Reader<'_>, d: &mut Domain) -> Result<()> {
+fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
     d.name.clear();
     d.uuid.clear();
     d.tags.clear();
@@ -322,6 +340,10 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain) -> Result<()> {
                     d.tags.push(r.str("tags")?.to_owned());
                 }
             }
+            b"vcpus" if !reads.vcpus => {
+                r.skip()?;
+                seen.set(2, ());
+            }
             b"vcpus" => {
                 let n = r.array_len("vcpus")?;
                 d.vcpus.clear();
@@ -330,6 +352,10 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain) -> Result<()> {
                     d.vcpus.push(vcpu(r)?);
                 }
                 seen.set(2, ());
+            }
+            b"memory" if !reads.domain_memory => {
+                r.skip()?;
+                seen.set(3, ());
             }
             b"memory" => {
                 d.memory = DomainMemory::default();
@@ -353,7 +379,7 @@ fn vcpu(r: &mut Reader<'_>) -> Result<Vcpu> {
             b"steal" => v.steal = r.option(|r| r.f32("steal"))?,
             b"affinity" => {
                 let n = r.array_len("affinity")?;
-                v.affinity.reserve_exact(n);
+                // (No reserve: up to four CPUs fit inline, and reserving is a call.)
                 for _ in 0..n {
                     v.affinity.push(r.u32("affinity")?);
                 }
@@ -404,11 +430,18 @@ struct Reader<'de> {
 
 impl<'de> Reader<'de> {
     fn error(&self, message: impl Into<String>) -> DecodeError {
-        DecodeError { offset: self.pos, message: message.into() }
+        DecodeError {
+            offset: self.pos,
+            message: message.into(),
+        }
     }
 
     fn require(&self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
-        match required.iter().enumerate().find(|(bit, _)| seen.0 & (1 << bit) == 0) {
+        match required
+            .iter()
+            .enumerate()
+            .find(|(bit, _)| seen.0 & (1 << bit) == 0)
+        {
             Some((_, name)) => Err(self.error(format!("{what}: missing field `{name}`"))),
             None => Ok(()),
         }
@@ -416,7 +449,10 @@ impl<'de> Reader<'de> {
 
     #[inline]
     fn peek(&self) -> Result<u8> {
-        self.input.get(self.pos).copied().ok_or_else(|| self.error("unexpected end of input"))
+        self.input
+            .get(self.pos)
+            .copied()
+            .ok_or_else(|| self.error("unexpected end of input"))
     }
 
     #[inline]
@@ -447,54 +483,80 @@ impl<'de> Reader<'de> {
 
     /// The value at `pos` is not what `field` needs (`pos` is in bounds: peeked).
     fn unexpected(&self, field: &str, expected: &str) -> DecodeError {
-        self.error(format!("{field}: expected {expected}, found marker 0x{:02x}", self.input[self.pos]))
+        self.error(format!(
+            "{field}: expected {expected}, found marker 0x{:02x}",
+            self.input[self.pos]
+        ))
     }
 
     /// Every element takes at least one byte: a count larger than what is
     /// left is corrupt, and refusing it bounds what `reserve` asks for.
     fn count(&self, count: usize, per_item: usize, what: &str) -> Result<usize> {
         if count.saturating_mul(per_item) > self.input.len() - self.pos {
-            return Err(self.error(format!("{what}: count {count} is larger than the {} bytes left", self.input.len() - self.pos)));
+            return Err(self.error(format!(
+                "{what}: count {count} is larger than the {} bytes left",
+                self.input.len() - self.pos
+            )));
         }
         Ok(count)
     }
 
-    #[inline]
+    #[inline(always)]
     fn map_len(&mut self, what: &str) -> Result<usize> {
-        let n = match self.peek()? {
-            b @ 0x80..=0x8f => (b & 0x0f) as usize,
-            0xde => u16::from_be_bytes(self.at(1)?) as usize,
-            0xdf => u32::from_be_bytes(self.at(1)?) as usize,
-            _ => return Err(self.unexpected(what, "a map")),
-        };
-        self.pos += match self.input[self.pos] {
-            0xde => 3,
-            0xdf => 5,
-            _ => 1,
-        };
-        self.count(n, 2, what)
+        // fixmap, inline: every struct in the snapshot has fewer than 16 fields.
+        if let Some(&b @ 0x80..=0x8f) = self.input.get(self.pos) {
+            let n = (b & 0x0f) as usize;
+            if 2 * n < self.input.len() - self.pos {
+                self.pos += 1;
+                return Ok(n);
+            }
+        }
+        self.container_len(what, [0x80, 0xde, 0xdf], 2, "a map")
     }
 
-    #[inline]
+    #[inline(always)]
     fn array_len(&mut self, what: &str) -> Result<usize> {
-        let n = match self.peek()? {
-            b @ 0x90..=0x9f => (b & 0x0f) as usize,
-            0xdc => u16::from_be_bytes(self.at(1)?) as usize,
-            0xdd => u32::from_be_bytes(self.at(1)?) as usize,
-            _ => return Err(self.unexpected(what, "an array")),
+        // fixarray, inline: vCPU and affinity lists.
+        if let Some(&b @ 0x90..=0x9f) = self.input.get(self.pos) {
+            let n = (b & 0x0f) as usize;
+            if n < self.input.len() - self.pos {
+                self.pos += 1;
+                return Ok(n);
+            }
+        }
+        self.container_len(what, [0x90, 0xdc, 0xdd], 1, "an array")
+    }
+
+    /// Any length encoding of a map or array (`markers`: fix base, 16-bit, 32-bit).
+    #[inline(never)]
+    fn container_len(
+        &mut self,
+        what: &str,
+        markers: [u8; 3],
+        per_item: usize,
+        expected: &str,
+    ) -> Result<usize> {
+        let marker = self.peek()?;
+        let (n, header) = if marker & 0xf0 == markers[0] {
+            ((marker & 0x0f) as usize, 1)
+        } else if marker == markers[1] {
+            (u16::from_be_bytes(self.at(1)?) as usize, 3)
+        } else if marker == markers[2] {
+            (u32::from_be_bytes(self.at(1)?) as usize, 5)
+        } else {
+            return Err(self.unexpected(what, expected));
         };
-        self.pos += match self.input[self.pos] {
-            0xdc => 3,
-            0xdd => 5,
-            _ => 1,
-        };
-        self.count(n, 1, what)
+        self.pos += header;
+        self.count(n, per_item, what)
     }
 
     /// `N` bytes starting `skip` bytes ahead, without consuming.
     fn at<const N: usize>(&self, skip: usize) -> Result<[u8; N]> {
         let start = self.pos + skip;
-        let bytes = self.input.get(start..start + N).ok_or_else(|| self.error("unexpected end of input"))?;
+        let bytes = self
+            .input
+            .get(start..start + N)
+            .ok_or_else(|| self.error("unexpected end of input"))?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
         Ok(out)
@@ -548,7 +610,15 @@ impl<'de> Reader<'de> {
     fn str(&mut self, field: &str) -> Result<&'de str> {
         let start = self.pos;
         let bytes = self.str_bytes(field)?;
-        std::str::from_utf8(bytes).map_err(|e| DecodeError { offset: start, message: format!("{field}: string is not UTF-8: {e}") })
+        if bytes.is_ascii() {
+            // SAFETY: ASCII is valid UTF-8. (Domain names and UUIDs are
+            // ASCII; this skips `from_utf8`'s setup, which showed up in wasm.)
+            return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+        }
+        std::str::from_utf8(bytes).map_err(|e| DecodeError {
+            offset: start,
+            message: format!("{field}: string is not UTF-8: {e}"),
+        })
     }
 
     /// Unsigned integers of any width inline (KiB figures are mostly
@@ -560,10 +630,19 @@ impl<'de> Reader<'de> {
         let (value, width) = match input.get(at) {
             Some(&b @ 0x00..=0x7f) => (u64::from(b), 0),
             Some(0xcc) if at + 2 <= input.len() => (u64::from(input[at + 1]), 1),
-            Some(0xcd) if at + 3 <= input.len() => (u64::from(u16::from_be_bytes([input[at + 1], input[at + 2]])), 2),
-            Some(0xce) if at + 5 <= input.len() => {
-                (u64::from(u32::from_be_bytes([input[at + 1], input[at + 2], input[at + 3], input[at + 4]])), 4)
-            }
+            Some(0xcd) if at + 3 <= input.len() => (
+                u64::from(u16::from_be_bytes([input[at + 1], input[at + 2]])),
+                2,
+            ),
+            Some(0xce) if at + 5 <= input.len() => (
+                u64::from(u32::from_be_bytes([
+                    input[at + 1],
+                    input[at + 2],
+                    input[at + 3],
+                    input[at + 4],
+                ])),
+                4,
+            ),
             _ => return self.other_u64(field),
         };
         self.pos = at + 1 + width;
@@ -590,15 +669,17 @@ impl<'de> Reader<'de> {
             0xe0..=0xff => ((marker as i8).into(), 0),
             _ => return Err(self.unexpected(field, "an unsigned integer")),
         };
-        let value = u64::try_from(value).map_err(|_| self.error(format!("{field}: {value} is negative")))?;
+        let value = u64::try_from(value)
+            .map_err(|_| self.error(format!("{field}: {value} is negative")))?;
         self.pos += 1 + width;
         Ok(value)
     }
 
-    #[inline]
+    #[inline(always)]
     fn u32(&mut self, field: &str) -> Result<u32> {
         let value = self.u64(field)?;
-        u32::try_from(value).map_err(|_| self.error(format!("{field}: {value} does not fit in 32 bits")))
+        u32::try_from(value)
+            .map_err(|_| self.error(format!("{field}: {value} does not fit in 32 bits")))
     }
 
     #[inline(always)]
@@ -617,7 +698,9 @@ impl<'de> Reader<'de> {
                 Ok(f64::from_be_bytes(self.be()?) as f32)
             }
             0xe0..=0xff => Ok(self.byte()? as i8 as f32),
-            0xd0..=0xd3 => Err(self.error(format!("{field}: negative integers are not valid here"))),
+            0xd0..=0xd3 => {
+                Err(self.error(format!("{field}: negative integers are not valid here")))
+            }
             _ => self.u64(field).map(|v| v as f32),
         }
     }
@@ -653,71 +736,98 @@ impl<'de> Reader<'de> {
     fn serde<T: serde::de::DeserializeOwned>(&mut self, field: &str) -> Result<T> {
         let start = self.pos;
         self.skip()?;
-        rmp_serde::from_slice(&self.input[start..self.pos]).map_err(|e| DecodeError { offset: start, message: format!("{field}: {e}") })
+        rmp_serde::from_slice(&self.input[start..self.pos]).map_err(|e| DecodeError {
+            offset: start,
+            message: format!("{field}: {e}"),
+        })
     }
 
-    /// Skips one value of any shape without recursion.
+    /// Skips one value of any shape without recursion: a table gives each
+    /// marker byte its payload and child count, so skipping the parts a
+    /// policy does not read is a short loop per token.
     fn skip(&mut self) -> Result<()> {
         let mut pending: usize = 1;
         while pending > 0 {
             pending -= 1;
-            let marker = Marker::from_u8(self.byte()?);
-            let len = match marker {
-                Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => 0,
-                Marker::U8 | Marker::I8 => 1,
-                Marker::U16 | Marker::I16 => 2,
-                Marker::U32 | Marker::I32 | Marker::F32 => 4,
-                Marker::U64 | Marker::I64 | Marker::F64 => 8,
-                Marker::FixStr(n) => n as usize,
-                Marker::Str8 | Marker::Bin8 => self.byte()? as usize,
-                Marker::Str16 | Marker::Bin16 => u16::from_be_bytes(self.be()?) as usize,
-                Marker::Str32 | Marker::Bin32 => u32::from_be_bytes(self.be()?) as usize,
-                Marker::FixExt1 => 2,
-                Marker::FixExt2 => 3,
-                Marker::FixExt4 => 5,
-                Marker::FixExt8 => 9,
-                Marker::FixExt16 => 17,
-                Marker::Ext8 => self.byte()? as usize + 1,
-                Marker::Ext16 => u16::from_be_bytes(self.be()?) as usize + 1,
-                Marker::Ext32 => u32::from_be_bytes(self.be()?) as usize + 1,
-                Marker::FixArray(n) => {
-                    pending += self.count(n.into(), 1, "skipped array")?;
-                    0
+            let marker = self.byte()?;
+            let (kind, size) = SKIP[marker as usize];
+            match kind {
+                SKIP_BYTES => {
+                    self.take(size as usize)?;
                 }
-                Marker::Array16 => {
-                    let n: usize = u16::from_be_bytes(self.be()?).into();
-                    pending += self.count(n, 1, "skipped array")?;
-                    0
+                SKIP_LEN => {
+                    // str/bin/ext 8/16/32: a big-endian length of `size` bytes (+1 type byte for ext).
+                    let len = match size {
+                        1 => self.byte()? as usize,
+                        2 => u16::from_be_bytes(self.be()?) as usize,
+                        _ => u32::from_be_bytes(self.be()?) as usize,
+                    };
+                    let ext = usize::from(matches!(marker, 0xc7..=0xc9));
+                    self.take(len + ext)?;
                 }
-                Marker::Array32 => {
-                    let n: usize = u32::from_be_bytes(self.be()?) as usize;
-                    pending += self.count(n, 1, "skipped array")?;
-                    0
+                SKIP_ITEMS => {
+                    // Arrays (per item 1) and maps (2): count inline or in `size` bytes.
+                    let per_item = if matches!(marker, 0x80..=0x8f | 0xde | 0xdf) {
+                        2
+                    } else {
+                        1
+                    };
+                    let count = match size {
+                        0 => (marker & 0x0f) as usize,
+                        2 => u16::from_be_bytes(self.be()?) as usize,
+                        _ => u32::from_be_bytes(self.be()?) as usize,
+                    };
+                    let what = if per_item == 2 {
+                        "skipped map"
+                    } else {
+                        "skipped array"
+                    };
+                    pending += per_item * self.count(count, per_item, what)?;
                 }
-                Marker::FixMap(n) => {
-                    pending += 2 * self.count(n.into(), 2, "skipped map")?;
-                    0
-                }
-                Marker::Map16 => {
-                    let n: usize = u16::from_be_bytes(self.be()?).into();
-                    pending += 2 * self.count(n, 2, "skipped map")?;
-                    0
-                }
-                Marker::Map32 => {
-                    let n: usize = u32::from_be_bytes(self.be()?) as usize;
-                    pending += 2 * self.count(n, 2, "skipped map")?;
-                    0
-                }
-                Marker::Reserved => {
+                _ => {
                     self.pos -= 1;
                     return Err(self.error("reserved MessagePack marker 0xc1"));
                 }
-            };
-            self.take(len)?;
+            }
         }
         Ok(())
     }
 }
+
+/// How to skip a value, by marker byte: `(kind, size)`.
+const SKIP_BYTES: u8 = 0; // `size` payload bytes follow
+const SKIP_LEN: u8 = 1; // a `size`-byte length follows, then that many bytes
+const SKIP_ITEMS: u8 = 2; // children follow; their count is in the marker (`size` 0) or the next `size` bytes
+const SKIP_RESERVED: u8 = 3;
+
+const SKIP: [(u8, u8); 256] = {
+    let mut table = [(SKIP_BYTES, 0u8); 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            0x80..=0x9f => (SKIP_ITEMS, 0),
+            0xa0..=0xbf => (SKIP_BYTES, b as u8 & 0x1f),
+            0xc1 => (SKIP_RESERVED, 0),
+            0xc4 | 0xc7 | 0xd9 => (SKIP_LEN, 1),
+            0xc5 | 0xc8 | 0xda => (SKIP_LEN, 2),
+            0xc6 | 0xc9 | 0xdb => (SKIP_LEN, 4),
+            0xca | 0xce | 0xd2 => (SKIP_BYTES, 4),
+            0xcb | 0xcf | 0xd3 => (SKIP_BYTES, 8),
+            0xcc | 0xd0 => (SKIP_BYTES, 1),
+            0xcd | 0xd1 => (SKIP_BYTES, 2),
+            0xd4 => (SKIP_BYTES, 2),
+            0xd5 => (SKIP_BYTES, 3),
+            0xd6 => (SKIP_BYTES, 5),
+            0xd7 => (SKIP_BYTES, 9),
+            0xd8 => (SKIP_BYTES, 17),
+            0xdc | 0xde => (SKIP_ITEMS, 2),
+            0xdd | 0xdf => (SKIP_ITEMS, 4),
+            _ => (SKIP_BYTES, 0), // fixint, nil, bool
+        };
+        b += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -732,11 +842,38 @@ mod tests {
             .host_memory(8 << 20, 1 << 20)
             .reserve_cpu(7)
             .quantum(u64::MAX)
-            .param("cpu", Param::Map([("min_gain".to_string(), Param::Float(0.1)), ("max_moves".to_string(), Param::Int(-3))].into()))
-            .param("tags", Param::List(vec![Param::Str("a".into()), Param::Bool(true)]))
-            .domain(DomainBuilder::new("web-ü").vcpu(1, 0.5).vcpu_with_steal(2, 1.0, 0.25).memory_mib(2048, 1024, Some(300)))
-            .domain(DomainBuilder::new(&"x".repeat(40)).vcpu(3, 0.0).memory_mib(4096, 4096, None).tag("latency"))
-            .domain(DomainBuilder::new(&"y".repeat(300)).vcpu(200, 0.1).pressure(70_000, 1).tag(&"z".repeat(70_000)))
+            .param(
+                "cpu",
+                Param::Map(
+                    [
+                        ("min_gain".to_string(), Param::Float(0.1)),
+                        ("max_moves".to_string(), Param::Int(-3)),
+                    ]
+                    .into(),
+                ),
+            )
+            .param(
+                "tags",
+                Param::List(vec![Param::Str("a".into()), Param::Bool(true)]),
+            )
+            .domain(
+                DomainBuilder::new("web-ü")
+                    .vcpu(1, 0.5)
+                    .vcpu_with_steal(2, 1.0, 0.25)
+                    .memory_mib(2048, 1024, Some(300)),
+            )
+            .domain(
+                DomainBuilder::new(&"x".repeat(40))
+                    .vcpu(3, 0.0)
+                    .memory_mib(4096, 4096, None)
+                    .tag("latency"),
+            )
+            .domain(
+                DomainBuilder::new(&"y".repeat(300))
+                    .vcpu(200, 0.1)
+                    .pressure(70_000, 1)
+                    .tag(&"z".repeat(70_000)),
+            )
             .build();
         snap.host.cpus[3].node = 1;
         snap.domains[1].vcpus[0].affinity = CpuList::new();
@@ -779,19 +916,71 @@ mod tests {
     #[test]
     fn decoding_into_last_quantums_snapshot_replaces_all_of_it() {
         let rich = rich_snapshot();
-        let small = SnapshotBuilder::new(2, 1 << 20).domain(DomainBuilder::new("only").vcpu(1, 0.25)).build();
+        let small = SnapshotBuilder::new(2, 1 << 20)
+            .domain(DomainBuilder::new("only").vcpu(1, 0.25))
+            .build();
         let mut reused = Snapshot::default();
         for snap in [&rich, &small, &rich, &Snapshot::default(), &small] {
-            decode_into(&ours(snap), &mut reused).unwrap();
+            decode_into(&ours(snap), &mut reused, Reads::ALL).unwrap();
             assert_eq!(&reused, snap);
         }
     }
 
     #[test]
+    fn parts_not_read_are_skipped_and_left_empty() {
+        let snap = rich_snapshot();
+        let bytes = ours(&snap);
+        let mut got = Snapshot::default();
+        decode_into(
+            &bytes,
+            &mut got,
+            Reads {
+                vcpus: false,
+                domain_memory: true,
+            },
+        )
+        .unwrap();
+        let mut want = snap.clone();
+        want.domains.iter_mut().for_each(|d| d.vcpus.clear());
+        assert_eq!(got, want);
+        decode_into(
+            &bytes,
+            &mut got,
+            Reads {
+                vcpus: true,
+                domain_memory: false,
+            },
+        )
+        .unwrap();
+        let mut want = snap.clone();
+        want.domains
+            .iter_mut()
+            .for_each(|d| d.memory = DomainMemory::default());
+        assert_eq!(got, want);
+        // Skipped parts are still checked for shape: a truncation is an error.
+        assert!(decode_into(
+            &bytes[..bytes.len() / 2],
+            &mut got,
+            Reads {
+                vcpus: false,
+                domain_memory: false
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
     fn unknown_fields_of_any_shape_are_skipped() {
+        /// A future snapshot: one more field, of every shape at once.
         #[derive(serde::Serialize)]
+        #[allow(clippy::type_complexity)]
         struct Future<'a> {
-            added: (u64, Vec<Option<Vec<&'a str>>>, std::collections::BTreeMap<&'a str, f64>, &'a serde_bytes_like::Bytes),
+            added: (
+                u64,
+                Vec<Option<Vec<&'a str>>>,
+                std::collections::BTreeMap<&'a str, f64>,
+                &'a serde_bytes_like::Bytes,
+            ),
             #[serde(flatten)]
             snap: &'a Snapshot,
         }
@@ -806,15 +995,26 @@ mod tests {
         }
         let snap = rich_snapshot();
         let bin = serde_bytes_like::Bytes(vec![7; 300]);
-        let extra = (u64::MAX, vec![None, Some(vec!["x"; 40])], [("k", -1.5)].into(), &bin);
-        let bytes = rmp_serde::to_vec_named(&Future { added: extra, snap: &snap }).unwrap();
+        let extra = (
+            u64::MAX,
+            vec![None, Some(vec!["x"; 40])],
+            [("k", -1.5)].into(),
+            &bin,
+        );
+        let bytes = rmp_serde::to_vec_named(&Future {
+            added: extra,
+            snap: &snap,
+        })
+        .unwrap();
         assert_eq!(decode(&bytes).unwrap(), snap);
     }
 
     #[test]
     fn numbers_are_read_in_any_width_that_fits() {
         // Another writer's float64 usage and 64-bit integer id still decode.
-        let snap = SnapshotBuilder::new(1, 1 << 20).domain(DomainBuilder::new("a").vcpu(0, 0.5)).build();
+        let snap = SnapshotBuilder::new(1, 1 << 20)
+            .domain(DomainBuilder::new("a").vcpu(0, 0.5))
+            .build();
         let bytes = ours(&snap);
         let usage = [&[0xa5][..], b"usage", &[0xca], &0.5f32.to_be_bytes()].concat();
         let wide_usage = [&[0xa5][..], b"usage", &[0xcb], &0.5f64.to_be_bytes()].concat();
@@ -838,8 +1038,15 @@ mod tests {
         assert_eq!(decode(&wide).unwrap(), snap);
         // Out of range is an error naming the field.
         let too_big = [&[0xa2][..], b"id", &[0xcf], &u64::MAX.to_be_bytes()].concat();
-        let bad: Vec<u8> = wide.windows(wide_id.len()).position(|w| w == wide_id).map(|at| [&wide[..at], &too_big, &wide[at + wide_id.len()..]].concat()).unwrap();
-        assert!(decode(&bad).unwrap_err().message.contains("id: 18446744073709551615 does not fit in 32 bits"));
+        let bad: Vec<u8> = wide
+            .windows(wide_id.len())
+            .position(|w| w == wide_id)
+            .map(|at| [&wide[..at], &too_big, &wide[at + wide_id.len()..]].concat())
+            .unwrap();
+        assert!(decode(&bad)
+            .unwrap_err()
+            .message
+            .contains("id: 18446744073709551615 does not fit in 32 bits"));
     }
 
     #[test]
@@ -849,7 +1056,11 @@ mod tests {
         let mut bytes = ours(&snap);
         // Rename the first vCPU's "usage" key to "usagf": an unknown field, so `usage` is missing.
         let vcpu_at = bytes.windows(8).position(|w| w == b"affinity").unwrap();
-        let at = vcpu_at + bytes[vcpu_at..].windows(5).position(|w| w == b"usage").unwrap();
+        let at = vcpu_at
+            + bytes[vcpu_at..]
+                .windows(5)
+                .position(|w| w == b"usage")
+                .unwrap();
         bytes[at + 4] = b'f';
         let err = decode(&bytes).unwrap_err();
         assert!(err.message.contains("vcpu: missing field `usage`"), "{err}");
@@ -860,7 +1071,11 @@ mod tests {
         let bytes = ours(&rich_snapshot());
         for len in 0..bytes.len() {
             let err = decode(&bytes[..len]).unwrap_err();
-            assert!(err.offset <= len, "offset {} past the {len} bytes given", err.offset);
+            assert!(
+                err.offset <= len,
+                "offset {} past the {len} bytes given",
+                err.offset
+            );
         }
     }
 
@@ -868,7 +1083,10 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = ours(&rich_snapshot());
         bytes.push(0xc0);
-        assert!(decode(&bytes).unwrap_err().message.contains("1 trailing bytes"));
+        assert!(decode(&bytes)
+            .unwrap_err()
+            .message
+            .contains("1 trailing bytes"));
     }
 
     #[test]
@@ -885,11 +1103,83 @@ mod tests {
     }
 
     #[test]
+    fn skip_knows_every_marker() {
+        let values: Vec<Vec<u8>> = vec![
+            vec![0x05],
+            vec![0xe0],
+            vec![0xc0],
+            vec![0xc2],
+            vec![0xc3],
+            vec![0xcc, 1],
+            vec![0xcd, 1, 2],
+            vec![0xce, 1, 2, 3, 4],
+            vec![0xcf, 1, 2, 3, 4, 5, 6, 7, 8],
+            vec![0xd0, 1],
+            vec![0xd1, 1, 2],
+            vec![0xd2, 1, 2, 3, 4],
+            vec![0xd3, 1, 2, 3, 4, 5, 6, 7, 8],
+            vec![0xca, 1, 2, 3, 4],
+            vec![0xcb, 1, 2, 3, 4, 5, 6, 7, 8],
+            vec![0xa2, b'h', b'i'],
+            [&[0xd9, 3][..], b"abc"].concat(),
+            [&[0xda, 0, 3][..], b"abc"].concat(),
+            [&[0xdb, 0, 0, 0, 3][..], b"abc"].concat(),
+            vec![0xc4, 2, 9, 9],
+            vec![0xc5, 0, 2, 9, 9],
+            vec![0xc6, 0, 0, 0, 2, 9, 9],
+            vec![0xd4, 1, 9],
+            vec![0xd5, 1, 9, 9],
+            vec![0xd6, 1, 9, 9, 9, 9],
+            [&[0xd7, 1][..], &[9; 8]].concat(),
+            [&[0xd8, 1][..], &[9; 16]].concat(),
+            vec![0xc7, 2, 1, 9, 9],
+            vec![0xc8, 0, 2, 1, 9, 9],
+            vec![0xc9, 0, 0, 0, 2, 1, 9, 9],
+            vec![0x92, 0x01, 0x91, 0xc0],
+            vec![0xdc, 0, 2, 0x01, 0x02],
+            vec![0xdd, 0, 0, 0, 1, 0x01],
+            vec![0x81, 0xa1, b'k', 0x90],
+            vec![0xde, 0, 1, 0x01, 0x80],
+            vec![0xdf, 0, 0, 0, 1, 0x01, 0x02],
+        ];
+        for value in &values {
+            let mut r = Reader {
+                input: value,
+                pos: 0,
+            };
+            r.skip().unwrap_or_else(|e| panic!("{value:02x?}: {e}"));
+            assert_eq!(r.pos, value.len(), "{value:02x?}");
+            for len in 0..value.len() {
+                assert!(
+                    Reader {
+                        input: &value[..len],
+                        pos: 0
+                    }
+                    .skip()
+                    .is_err(),
+                    "{value:02x?} cut at {len}"
+                );
+            }
+        }
+        assert!(Reader {
+            input: &[0xc1],
+            pos: 0
+        }
+        .skip()
+        .unwrap_err()
+        .message
+        .contains("reserved"));
+    }
+
+    #[test]
     fn deep_unknown_fields_are_skipped_without_recursion() {
         let mut bytes = vec![0x81, 0xa1, b'z'];
         bytes.extend(std::iter::repeat_n(0x91, 100_000));
         bytes.push(0xc0);
-        assert!(decode(&bytes).unwrap_err().message.contains("snapshot: missing field `schema_version`"));
+        assert!(decode(&bytes)
+            .unwrap_err()
+            .message
+            .contains("snapshot: missing field `schema_version`"));
     }
 
     #[test]
@@ -898,7 +1188,10 @@ mod tests {
         snap.domains.truncate(1);
         snap.domains[0].name = "ab".into();
         let bytes = ours(&snap);
-        let name_at = bytes.windows(3).position(|w| w == [0xa2, b'a', b'b']).unwrap();
+        let name_at = bytes
+            .windows(3)
+            .position(|w| w == [0xa2, b'a', b'b'])
+            .unwrap();
         let mut bad = bytes.clone();
         bad[name_at + 1] = 0xff;
         let err = decode(&bad).unwrap_err();
@@ -906,12 +1199,21 @@ mod tests {
         assert!(err.message.contains("name: string is not UTF-8"), "{err}");
         let mut bad = bytes.clone();
         bad[name_at] = 0xc1;
-        assert!(decode(&bad).unwrap_err().message.contains("name: expected a string, found marker 0xc1"));
+        assert!(decode(&bad)
+            .unwrap_err()
+            .message
+            .contains("name: expected a string, found marker 0xc1"));
         let mut bad = bytes;
         bad[name_at] = 0x05;
         bad.remove(name_at + 1);
         bad.remove(name_at + 1);
-        assert!(decode(&bad).unwrap_err().message.contains("name: expected a string"));
-        assert!(decode(&[0xc1]).unwrap_err().message.contains("snapshot: expected a map"));
+        assert!(decode(&bad)
+            .unwrap_err()
+            .message
+            .contains("name: expected a string"));
+        assert!(decode(&[0xc1])
+            .unwrap_err()
+            .message
+            .contains("snapshot: expected a map"));
     }
 }
