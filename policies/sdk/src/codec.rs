@@ -257,6 +257,7 @@ fn decode(bytes: &[u8]) -> Result<Snapshot> {
     decode_into(bytes, &mut s, Reads::ALL).map(|()| s)
 }
 
+#[inline(always)]
 fn host(r: &mut Reader<'_>, h: &mut Host) -> Result<()> {
     let mut seen = Seen::default();
     for _ in 0..r.map_len("host")? {
@@ -277,6 +278,7 @@ fn host(r: &mut Reader<'_>, h: &mut Host) -> Result<()> {
     r.require(seen, &["cpus", "memory"], "host")
 }
 
+#[inline(always)]
 fn host_cpu(r: &mut Reader<'_>) -> Result<HostCpu> {
     let mut c = HostCpu::default();
     let mut seen = Seen::default();
@@ -294,6 +296,7 @@ fn host_cpu(r: &mut Reader<'_>) -> Result<HostCpu> {
     Ok(c)
 }
 
+#[inline(always)]
 fn host_memory(r: &mut Reader<'_>) -> Result<HostMemory> {
     let mut m = HostMemory::default();
     let mut seen = Seen::default();
@@ -314,6 +317,7 @@ fn host_memory(r: &mut Reader<'_>) -> Result<HostMemory> {
 }
 
 /// Refills `d` in place, keeping its strings' and lists' capacity.
+#[inline(always)]
 fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
     d.name.clear();
     d.uuid.clear();
@@ -368,6 +372,7 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
     r.require(seen, &["name", "uuid", "vcpus", "memory"], "domain")
 }
 
+#[inline(always)]
 fn vcpu(r: &mut Reader<'_>) -> Result<Vcpu> {
     let mut v = Vcpu::default();
     let mut seen = Seen::default();
@@ -391,6 +396,7 @@ fn vcpu(r: &mut Reader<'_>) -> Result<Vcpu> {
     Ok(v)
 }
 
+#[inline(always)]
 fn domain_memory(r: &mut Reader<'_>, m: &mut DomainMemory) -> Result<()> {
     let mut seen = Seen::default();
     for _ in 0..r.map_len("domain memory")? {
@@ -423,20 +429,34 @@ impl Seen {
     }
 }
 
+/// The decoder's cursor. Hot reads are inlined; every out-of-line step runs
+/// on a copy (see [`Reader::out_of_line`]), so the cursor's address never
+/// escapes and its position stays in a register (a local, in wasm) instead
+/// of being stored and reloaded around every write into the snapshot.
+#[derive(Clone, Copy)]
 struct Reader<'de> {
     input: &'de [u8],
     pos: usize,
 }
 
 impl<'de> Reader<'de> {
-    fn error(&self, message: impl Into<String>) -> DecodeError {
+    /// Runs a rarely taken step on a copy of the cursor, out of line, and
+    /// takes back its position.
+    #[inline(always)]
+    fn out_of_line<T>(&mut self, step: impl FnOnce(&mut Reader<'de>) -> Result<T>) -> Result<T> {
+        let (value, pos) = run_out_of_line(*self, step)?;
+        self.pos = pos;
+        Ok(value)
+    }
+
+    fn error(self, message: impl Into<String>) -> DecodeError {
         DecodeError {
             offset: self.pos,
             message: message.into(),
         }
     }
 
-    fn require(&self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
+    fn require(self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
         match required
             .iter()
             .enumerate()
@@ -448,7 +468,7 @@ impl<'de> Reader<'de> {
     }
 
     #[inline]
-    fn peek(&self) -> Result<u8> {
+    fn peek(self) -> Result<u8> {
         self.input
             .get(self.pos)
             .copied()
@@ -482,7 +502,7 @@ impl<'de> Reader<'de> {
     }
 
     /// The value at `pos` is not what `field` needs (`pos` is in bounds: peeked).
-    fn unexpected(&self, field: &str, expected: &str) -> DecodeError {
+    fn unexpected(self, field: &str, expected: &str) -> DecodeError {
         self.error(format!(
             "{field}: expected {expected}, found marker 0x{:02x}",
             self.input[self.pos]
@@ -491,7 +511,7 @@ impl<'de> Reader<'de> {
 
     /// Every element takes at least one byte: a count larger than what is
     /// left is corrupt, and refusing it bounds what `reserve` asks for.
-    fn count(&self, count: usize, per_item: usize, what: &str) -> Result<usize> {
+    fn count(self, count: usize, per_item: usize, what: &str) -> Result<usize> {
         if count.saturating_mul(per_item) > self.input.len() - self.pos {
             return Err(self.error(format!(
                 "{what}: count {count} is larger than the {} bytes left",
@@ -511,7 +531,7 @@ impl<'de> Reader<'de> {
                 return Ok(n);
             }
         }
-        self.container_len(what, [0x80, 0xde, 0xdf], 2, "a map")
+        self.out_of_line(|r| r.container_len(what, [0x80, 0xde, 0xdf], 2, "a map"))
     }
 
     #[inline(always)]
@@ -524,7 +544,7 @@ impl<'de> Reader<'de> {
                 return Ok(n);
             }
         }
-        self.container_len(what, [0x90, 0xdc, 0xdd], 1, "an array")
+        self.out_of_line(|r| r.container_len(what, [0x90, 0xdc, 0xdd], 1, "an array"))
     }
 
     /// Any length encoding of a map or array (`markers`: fix base, 16-bit, 32-bit).
@@ -551,7 +571,7 @@ impl<'de> Reader<'de> {
     }
 
     /// `N` bytes starting `skip` bytes ahead, without consuming.
-    fn at<const N: usize>(&self, skip: usize) -> Result<[u8; N]> {
+    fn at<const N: usize>(self, skip: usize) -> Result<[u8; N]> {
         let start = self.pos + skip;
         let bytes = self
             .input
@@ -574,7 +594,7 @@ impl<'de> Reader<'de> {
                 return Ok(&self.input[start..end]);
             }
         }
-        self.long_str_bytes(what)
+        self.out_of_line(|r| r.long_str_bytes(what))
     }
 
     #[inline(never)]
@@ -643,7 +663,7 @@ impl<'de> Reader<'de> {
                 ])),
                 4,
             ),
-            _ => return self.other_u64(field),
+            _ => return self.out_of_line(|r| r.other_u64(field)),
         };
         self.pos = at + 1 + width;
         Ok(value)
@@ -734,11 +754,13 @@ impl<'de> Reader<'de> {
     /// One value of any shape, decoded by rmp_serde (for the small,
     /// richly-typed parts: verdicts and params).
     fn serde<T: serde::de::DeserializeOwned>(&mut self, field: &str) -> Result<T> {
-        let start = self.pos;
-        self.skip()?;
-        rmp_serde::from_slice(&self.input[start..self.pos]).map_err(|e| DecodeError {
-            offset: start,
-            message: format!("{field}: {e}"),
+        self.out_of_line(|r| {
+            let start = r.pos;
+            r.skip_here()?;
+            rmp_serde::from_slice(&r.input[start..r.pos]).map_err(|e| DecodeError {
+                offset: start,
+                message: format!("{field}: {e}"),
+            })
         })
     }
 
@@ -746,6 +768,11 @@ impl<'de> Reader<'de> {
     /// marker byte its payload and child count, so skipping the parts a
     /// policy does not read is a short loop per token.
     fn skip(&mut self) -> Result<()> {
+        self.out_of_line(Reader::skip_here)
+    }
+
+    #[inline(never)]
+    fn skip_here(&mut self) -> Result<()> {
         let mut pending: usize = 1;
         while pending > 0 {
             pending -= 1;
@@ -792,6 +819,12 @@ impl<'de> Reader<'de> {
         }
         Ok(())
     }
+}
+
+#[inline(never)]
+fn run_out_of_line<'de, T>(mut reader: Reader<'de>, step: impl FnOnce(&mut Reader<'de>) -> Result<T>) -> Result<(T, usize)> {
+    let value = step(&mut reader)?;
+    Ok((value, reader.pos))
 }
 
 /// How to skip a value, by marker byte: `(kind, size)`.
