@@ -456,7 +456,18 @@ impl<'de> Reader<'de> {
         }
     }
 
+    /// All `required` fields (by bit, in order) were seen.
+    #[inline(always)]
     fn require(self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
+        let all = (1u32 << required.len()) - 1;
+        if seen.0 & all == all {
+            return Ok(());
+        }
+        self.missing(seen, required, what)
+    }
+
+    #[inline(never)]
+    fn missing(self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
         match required
             .iter()
             .enumerate()
@@ -626,7 +637,7 @@ impl<'de> Reader<'de> {
         self.str_bytes("map key")
     }
 
-    #[inline]
+    #[inline(always)]
     fn str(&mut self, field: &str) -> Result<&'de str> {
         let start = self.pos;
         let bytes = self.str_bytes(field)?;
@@ -741,7 +752,7 @@ impl<'de> Reader<'de> {
     }
 
     /// `nil` is `None`.
-    #[inline]
+    #[inline(always)]
     fn option<T>(&mut self, read: impl FnOnce(&mut Self) -> Result<T>) -> Result<Option<T>> {
         if self.peek()? == 0xc0 {
             self.pos += 1;
@@ -822,7 +833,10 @@ impl<'de> Reader<'de> {
 }
 
 #[inline(never)]
-fn run_out_of_line<'de, T>(mut reader: Reader<'de>, step: impl FnOnce(&mut Reader<'de>) -> Result<T>) -> Result<(T, usize)> {
+fn run_out_of_line<'de, T>(
+    mut reader: Reader<'de>,
+    step: impl FnOnce(&mut Reader<'de>) -> Result<T>,
+) -> Result<(T, usize)> {
     let value = step(&mut reader)?;
     Ok((value, reader.pos))
 }
