@@ -252,6 +252,16 @@ fn plan_moves(
         return moved;
     }
     let mean = load.iter().sum::<f32>() / ncpu as f32;
+    // The loop below stops at once when even the busiest CPU is within
+    // `min_gain` of the mean (a balanced host): say so before building anything.
+    if load
+        .iter()
+        .copied()
+        .max_by(f32::total_cmp)
+        .is_some_and(|busiest| busiest <= mean + min_gain)
+    {
+        return moved;
+    }
     on_cpu.iter_mut().for_each(Vec::clear);
     on_cpu.resize_with(ncpu, Vec::new);
     for (i, it) in items.iter().enumerate().filter(|(_, it)| it.movable) {
