@@ -88,6 +88,11 @@ fn codec(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("wasm-decode-only", n), &snap, |b, snap| {
             b.iter(|| counter.decide(&encode_snapshot(snap)).unwrap().len())
         });
+        // The sandbox's share: encode, copy in, call a policy that reads nothing.
+        let mut garbage = PolicySet::new(&limits).load_spec(vm_balancer::components::FIXTURE_GARBAGE).unwrap();
+        group.bench_with_input(BenchmarkId::new("wasm-call-only", n), &snap, |b, snap| {
+            b.iter(|| garbage.decide(&encode_snapshot(snap)).is_err())
+        });
     }
     group.finish();
 }
