@@ -20,54 +20,28 @@ fn simulate_prints_a_report_and_json() {
     let args = ["--config", s(&config), "simulate", s(&scenario)];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 0, "{}", run.context(&args));
-    assert!(
-        run.stdout.contains("busiest pCPU / lower bound"),
-        "{}",
-        run.context(&args)
-    );
-    let args = [
-        "--config",
-        s(&config),
-        "simulate",
-        s(&scenario),
-        "--json",
-        "--quanta",
-        "5",
-        "--policy",
-        "builtin:classic",
-    ];
+    assert!(run.stdout.contains("busiest pCPU / lower bound"), "{}", run.context(&args));
+    let args = ["--config", s(&config), "simulate", s(&scenario), "--json", "--quanta", "5", "--policy", "builtin:classic"];
     let run = vm_balancer(&args);
-    let report: serde_json::Value =
-        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.context(&args)));
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.context(&args)));
     assert_eq!(report["quanta"], 5);
     assert_eq!(report["policies"][0], "classic");
 }
 
 #[test]
 fn simulate_bad_inputs_name_the_problem() {
-    let (_d, bad) = temp_file(
-        "bad.toml",
-        b"name = \"x\"\nquanta = 3\n[host]\ncpus = 2\nmemory_mib = 1\nbogus = 1\n",
-    );
+    let (_d, bad) = temp_file("bad.toml", b"name = \"x\"\nquanta = 3\n[host]\ncpus = 2\nmemory_mib = 1\nbogus = 1\n");
     let args = ["simulate", s(&bad)];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 2, "{}", run.context(&args));
     assert!(run.stderr.contains("bogus"), "{}", run.context(&args));
     let args = ["simulate", "/nonexistent.toml"];
     let run = vm_balancer(&args);
-    assert!(
-        run.stderr.contains("/nonexistent.toml"),
-        "{}",
-        run.context(&args)
-    );
+    assert!(run.stderr.contains("/nonexistent.toml"), "{}", run.context(&args));
     let scenario = root().join("examples/scenarios/all-on-one.toml");
     let args = ["simulate", s(&scenario), "--policy", "builtin:nope"];
     let run = vm_balancer(&args);
-    assert!(
-        run.stderr.contains("builtin:nope"),
-        "{}",
-        run.context(&args)
-    );
+    assert!(run.stderr.contains("builtin:nope"), "{}", run.context(&args));
 }
 
 #[test]
@@ -77,16 +51,8 @@ fn policy_check_accepts_the_defaults() {
         let args = ["--config", s(&config), "policy", "check", spec];
         let run = vm_balancer(&args);
         assert_eq!(run.code, 0, "{}", run.context(&args));
-        assert!(
-            run.stdout.contains("imports  log") || run.stdout.contains("imports  (none)"),
-            "{}",
-            run.context(&args)
-        );
-        assert!(
-            run.stdout.contains("exports  describe, decide"),
-            "{}",
-            run.context(&args)
-        );
+        assert!(run.stdout.contains("imports  log") || run.stdout.contains("imports  (none)"), "{}", run.context(&args));
+        assert!(run.stdout.contains("exports  describe, decide"), "{}", run.context(&args));
     }
 }
 
@@ -98,15 +64,9 @@ fn policy_check_refuses_bad_files_clearly() {
     let cases = [
         (s(&text).to_string(), "not a WebAssembly file"),
         (s(&cut).to_string(), "invalid or truncated"),
-        (
-            c::FIXTURE_WRONGWORLD.to_string(),
-            "is not a vm-balancer:policy",
-        ),
+        (c::FIXTURE_WRONGWORLD.to_string(), "is not a vm-balancer:policy"),
         (c::FIXTURE_FORBIDDEN.to_string(), "imports `exec`"),
-        (
-            "/no/such/policy.wasm".to_string(),
-            "cannot read policy file",
-        ),
+        ("/no/such/policy.wasm".to_string(), "cannot read policy file"),
     ];
     for (file, words) in cases {
         let args = ["policy", "check", &file];
@@ -117,11 +77,6 @@ fn policy_check_refuses_bad_files_clearly() {
     let (_d3, config) = relaxed_config_file();
     let args = ["--config", s(&config), "policy", "check", c::FIXTURE_TRAP];
     let run = vm_balancer(&args);
-    assert_eq!(
-        run.code,
-        1,
-        "a policy that fails on the samples: {}",
-        run.context(&args)
-    );
+    assert_eq!(run.code, 1, "a policy that fails on the samples: {}", run.context(&args));
     assert!(run.stdout.contains("FAILED"), "{}", run.context(&args));
 }

@@ -35,36 +35,17 @@ impl Harness {
         Harness::start_with(files, cache, relaxed_config())
     }
 
-    fn start_with(
-        files: &[(&str, &[u8])],
-        cache: Option<Arc<CompileCache>>,
-        config: Config,
-    ) -> Harness {
+    fn start_with(files: &[(&str, &[u8])], cache: Option<Arc<CompileCache>>, config: Config) -> Harness {
         let quiet = quiet_cpu();
         let dir = tempfile::tempdir().unwrap();
         for (name, bytes) in files {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         let mut set = PolicySet::new(&config.limits);
-        let reloader = Reloader::spawn(
-            dir.path(),
-            &config.limits,
-            cache,
-            set.last_snapshot(),
-            DEBOUNCE,
-        );
-        assert!(
-            reloader.wait_and_apply(&mut set, Duration::from_secs(60)),
-            "initial plan"
-        );
+        let reloader = Reloader::spawn(dir.path(), &config.limits, cache, set.last_snapshot(), DEBOUNCE);
+        assert!(reloader.wait_and_apply(&mut set, Duration::from_secs(60)), "initial plan");
         let pipeline = Pipeline::new(SimBackend::new(scenario("churn")), set, config, false);
-        Harness {
-            _quiet: quiet,
-            lenient: false,
-            dir,
-            pipeline,
-            reloader,
-        }
+        Harness { _quiet: quiet, lenient: false, dir, pipeline, reloader }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -76,12 +57,7 @@ impl Harness {
     fn step(&mut self) {
         self.reloader.poll(&mut self.pipeline.policies);
         let outcome = self.pipeline.step().expect("no quantum is lost");
-        assert!(
-            self.lenient || outcome.fallback_slots.is_empty(),
-            "quantum {} fell back: {:?}",
-            outcome.quantum,
-            outcome.fallback_slots
-        );
+        assert!(self.lenient || outcome.fallback_slots.is_empty(), "quantum {} fell back: {:?}", outcome.quantum, outcome.fallback_slots);
         std::thread::sleep(QUANTUM);
     }
 
@@ -91,12 +67,7 @@ impl Harness {
             .policies
             .slots()
             .iter()
-            .map(|s| {
-                (
-                    s.name().to_string(),
-                    s.policy().map_or("-".into(), |p| p.info().name.clone()),
-                )
-            })
+            .map(|s| (s.name().to_string(), s.policy().map_or("-".into(), |p| p.info().name.clone())))
             .collect()
     }
 
@@ -105,12 +76,7 @@ impl Harness {
         let start = self.pipeline.quantum();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !want(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; slots {:?}; {:?}",
-                self.slots(),
-                self.reloader.stats()
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; slots {:?}; {:?}", self.slots(), self.reloader.stats());
             self.step();
         }
         self.pipeline.quantum() - start
@@ -136,19 +102,13 @@ fn replacing_a_policy_takes_effect_without_missing_a_quantum() {
     }
     let before = h.pipeline.quantum();
     rename_into(h.dir.path(), "10-cpu.wasm", Builtin::Classic.wasm());
-    let took = h.step_until("classic to take over", |h| {
-        h.slots() == one("10-cpu.wasm", "classic")
-    });
+    let took = h.step_until("classic to take over", |h| h.slots() == one("10-cpu.wasm", "classic"));
     assert!(took < 40, "swap took {took} quanta");
     h.step();
     let slot = &h.pipeline.policies.slots()[0];
     // The swap happened at the boundary of the quantum that `step_until`
     // ran last, so the new policy decided that one and the next.
-    assert_eq!(
-        slot.stats().decided,
-        2,
-        "the new policy decided every quantum since the swap"
-    );
+    assert_eq!(slot.stats().decided, 2, "the new policy decided every quantum since the swap");
     assert_eq!(h.pipeline.quantum(), before + took + 1, "every quantum ran");
 }
 
@@ -167,21 +127,12 @@ fn a_slowly_written_file_swaps_only_when_complete() {
             h.step();
             let slots = h.slots();
             assert_eq!(slots.len(), 1, "{slots:?}");
-            assert!(
-                slots[0].1 == "cpu-default" || slots[0].1 == "classic",
-                "never a broken policy: {slots:?}"
-            );
+            assert!(slots[0].1 == "cpu-default" || slots[0].1 == "classic", "never a broken policy: {slots:?}");
         }
     }
     drop(file);
-    h.step_until("the completed file to load", |h| {
-        h.slots() == one("10-p.wasm", "classic")
-    });
-    assert!(
-        h.reloader.stats().refused >= 1,
-        "partial files were refused: {:?}",
-        h.reloader.stats()
-    );
+    h.step_until("the completed file to load", |h| h.slots() == one("10-p.wasm", "classic"));
+    assert!(h.reloader.stats().refused >= 1, "partial files were refused: {:?}", h.reloader.stats());
 }
 
 #[test]
@@ -189,31 +140,19 @@ fn a_bad_file_changes_nothing_and_deleting_brings_the_defaults_back() {
     let mut h = Harness::start(&[("10-cpu.wasm", Builtin::Cpu.wasm())], None);
     std::fs::write(h.path("20-bad.wasm"), b"definitely not wasm").unwrap();
     std::fs::copy(c::FIXTURE_WRONGWORLD, h.path("30-other.wasm")).unwrap();
-    h.step_until("the bad files to be refused", |h| {
-        h.reloader.stats().refused >= 2
-    });
+    h.step_until("the bad files to be refused", |h| h.reloader.stats().refused >= 2);
     assert_eq!(h.slots(), one("10-cpu.wasm", "cpu-default"));
     rename_into(h.dir.path(), "10-cpu.wasm", b"\0asm garbage");
-    h.step_until("the broken replacement to be refused", |h| {
-        h.reloader.stats().refused >= 3
-    });
+    h.step_until("the broken replacement to be refused", |h| h.reloader.stats().refused >= 3);
     for _ in 0..5 {
         h.step();
     }
-    assert_eq!(
-        h.slots(),
-        one("10-cpu.wasm", "cpu-default"),
-        "the old policy stayed"
-    );
+    assert_eq!(h.slots(), one("10-cpu.wasm", "cpu-default"), "the old policy stayed");
     for name in ["10-cpu.wasm", "20-bad.wasm", "30-other.wasm"] {
         std::fs::remove_file(h.path(name)).unwrap();
     }
     h.step_until("the defaults", |h| {
-        h.slots()
-            == vec![
-                ("cpu".to_string(), "cpu-default".to_string()),
-                ("mem".to_string(), "mem-default".to_string()),
-            ]
+        h.slots() == vec![("cpu".to_string(), "cpu-default".to_string()), ("mem".to_string(), "mem-default".to_string())]
     });
 }
 
@@ -221,38 +160,22 @@ fn a_bad_file_changes_nothing_and_deleting_brings_the_defaults_back() {
 fn a_burst_of_50_replacements_ends_with_the_last_and_settles() {
     let mut h = Harness::start(&[("10-p.wasm", Builtin::Cpu.wasm())], None);
     for i in 0..50 {
-        let bytes = if i % 2 == 0 {
-            Builtin::Cpu.wasm()
-        } else {
-            Builtin::Classic.wasm()
-        };
+        let bytes = if i % 2 == 0 { Builtin::Cpu.wasm() } else { Builtin::Classic.wasm() };
         rename_into(h.dir.path(), "10-p.wasm", bytes);
     }
-    h.step_until("the last version (classic)", |h| {
-        h.slots() == one("10-p.wasm", "classic")
-    });
+    h.step_until("the last version (classic)", |h| h.slots() == one("10-p.wasm", "classic"));
     let settled = h.reloader.stats();
-    assert!(
-        settled.scans <= 6,
-        "debounced, not one reload per event: {settled:?}"
-    );
+    assert!(settled.scans <= 6, "debounced, not one reload per event: {settled:?}");
     for _ in 0..20 {
         h.step();
     }
-    assert_eq!(
-        h.reloader.stats().scans,
-        settled.scans,
-        "no reload loop from the daemon's own reads"
-    );
+    assert_eq!(h.reloader.stats().scans, settled.scans, "no reload loop from the daemon's own reads");
 }
 
 #[test]
 fn a_warm_cache_does_not_recompile_on_restart() {
     let state = tempfile::tempdir().unwrap();
-    let files: [(&str, &[u8]); 2] = [
-        ("10-cpu.wasm", Builtin::Cpu.wasm()),
-        ("20-classic.wasm", Builtin::Classic.wasm()),
-    ];
+    let files: [(&str, &[u8]); 2] = [("10-cpu.wasm", Builtin::Cpu.wasm()), ("20-classic.wasm", Builtin::Classic.wasm())];
     let cold = Arc::new(CompileCache::new(state.path(), 64 << 20).unwrap());
     let h = Harness::start(&files, Some(cold.clone()));
     assert_eq!(cold.stats().misses.load(Ordering::Relaxed), 2);
@@ -260,11 +183,7 @@ fn a_warm_cache_does_not_recompile_on_restart() {
     drop(h);
     let warm = Arc::new(CompileCache::new(state.path(), 64 << 20).unwrap());
     let h = Harness::start(&files, Some(warm.clone()));
-    assert_eq!(
-        warm.stats().misses.load(Ordering::Relaxed),
-        0,
-        "restart compiled nothing"
-    );
+    assert_eq!(warm.stats().misses.load(Ordering::Relaxed), 0, "restart compiled nothing");
     assert_eq!(warm.stats().hits.load(Ordering::Relaxed), 2);
     assert_eq!(h.slots().len(), 2);
 }
@@ -292,63 +211,29 @@ fn a_failing_policy_is_disabled_until_its_file_changes() {
     // after 40: it must be disabled after 3 failures (the default decides
     // meanwhile) and come back only when its file changes.
     let mut config = relaxed_config();
-    config.params.insert(
-        "counter".into(),
-        toml::Value::Table(
-            [("trap_after_quantum".to_string(), toml::Value::Integer(40))]
-                .into_iter()
-                .collect(),
-        ),
-    );
+    config.params.insert("counter".into(), toml::Value::Table([("trap_after_quantum".to_string(), toml::Value::Integer(40))].into_iter().collect()));
     let mut h = Harness::start_with(&[("10-p.wasm", Builtin::Cpu.wasm())], None, config);
     h.lenient = true;
     // A file that fails its trial is refused outright.
-    rename_into(
-        h.dir.path(),
-        "10-p.wasm",
-        &std::fs::read(c::FIXTURE_TRAP).unwrap(),
-    );
-    h.step_until("the trapping file to be refused", |h| {
-        h.reloader.stats().refused >= 1
-    });
+    rename_into(h.dir.path(), "10-p.wasm", &std::fs::read(c::FIXTURE_TRAP).unwrap());
+    h.step_until("the trapping file to be refused", |h| h.reloader.stats().refused >= 1);
     assert_eq!(h.slots(), one("10-p.wasm", "cpu-default"));
-    rename_into(
-        h.dir.path(),
-        "10-p.wasm",
-        &std::fs::read(c::FIXTURE_COUNTER).unwrap(),
-    );
-    h.step_until("the counter to load", |h| {
-        h.slots() == one("10-p.wasm", "counter")
-    });
-    h.step_until("the counter to be disabled", |h| {
-        h.pipeline.policies.slots()[0].stats().disabled >= 1
-    });
+    rename_into(h.dir.path(), "10-p.wasm", &std::fs::read(c::FIXTURE_COUNTER).unwrap());
+    h.step_until("the counter to load", |h| h.slots() == one("10-p.wasm", "counter"));
+    h.step_until("the counter to be disabled", |h| h.pipeline.policies.slots()[0].stats().disabled >= 1);
     let q = h.pipeline.quantum();
-    assert!(
-        h.pipeline.policies.slots()[0].is_disabled(q),
-        "disabled, not retried every quantum"
-    );
+    assert!(h.pipeline.policies.slots()[0].is_disabled(q), "disabled, not retried every quantum");
     let stats = h.pipeline.policies.slots()[0].stats().clone();
     assert_eq!(stats.failures.get("trap"), Some(&3), "{stats:?}");
     for _ in 0..3 {
         h.step();
     }
-    assert_eq!(
-        h.pipeline.policies.slots()[0].stats().failures.get("trap"),
-        Some(&3),
-        "no retry during the backoff"
-    );
+    assert_eq!(h.pipeline.policies.slots()[0].stats().failures.get("trap"), Some(&3), "no retry during the backoff");
     // Changing the file brings a fresh slot.
     rename_into(h.dir.path(), "10-p.wasm", Builtin::Cpu.wasm());
-    h.step_until("the fixed file", |h| {
-        h.slots() == one("10-p.wasm", "cpu-default")
-    });
+    h.step_until("the fixed file", |h| h.slots() == one("10-p.wasm", "cpu-default"));
     h.step();
-    assert_eq!(
-        h.pipeline.policies.slots()[0].stats().decided,
-        2,
-        "fresh slot, deciding since the swap"
-    );
+    assert_eq!(h.pipeline.policies.slots()[0].stats().decided, 2, "fresh slot, deciding since the swap");
     assert!(h.pipeline.policies.slots()[0].stats().failures.is_empty());
 }
 
@@ -357,20 +242,13 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let err = vm_balancer::policy::dir::scan(dir.path())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains(&dir.path().display().to_string()) && err.contains("0777"),
-        "{err}"
-    );
+    let err = vm_balancer::policy::dir::scan(dir.path()).unwrap_err().to_string();
+    assert!(err.contains(&dir.path().display().to_string()) && err.contains("0777"), "{err}");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = dir.path().join("10-x.wasm");
     std::fs::write(&file, Builtin::Cpu.wasm()).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let err = vm_balancer::policy::dir::scan(dir.path())
-        .unwrap_err()
-        .to_string();
+    let err = vm_balancer::policy::dir::scan(dir.path()).unwrap_err().to_string();
     assert!(err.contains("10-x.wasm") && err.contains("0666"), "{err}");
     let missing = vm_balancer::policy::dir::scan(&dir.path().join("nope")).unwrap();
     assert!(missing.is_empty(), "a missing directory means the defaults");
@@ -387,14 +265,7 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let config = state.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n[limits]\ndecide_timeout_ms = 5000\n",
-            state.path()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = 5000\n", state.path())).unwrap();
     let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");
     let args = |extra: &[&str]| {
         let mut a = vec![
@@ -427,30 +298,15 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(
-        log.contains("policy loaded and validated") && log.contains("50-classic.wasm"),
-        "{log}"
-    );
+    assert!(log.contains("policy loaded and validated") && log.contains("50-classic.wasm"), "{log}");
     assert!(log.contains("policy slots swapped"), "{log}");
     assert!(log.contains("SIGHUP: re-reading policies"), "{log}");
     assert!(!log.contains("policy failed"), "{log}");
-    assert!(
-        std::fs::read_dir(state.path().join("compile-cache"))
-            .unwrap()
-            .count()
-            >= 1,
-        "the compile cache was used"
-    );
+    assert!(std::fs::read_dir(state.path().join("compile-cache")).unwrap().count() >= 1, "the compile cache was used");
 
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
-        .args(args(&["--quanta", "1"]))
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&["--quanta", "1"])).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("0777") && err.contains(&dir.path().display().to_string()),
-        "{err}"
-    );
+    assert!(err.contains("0777") && err.contains(&dir.path().display().to_string()), "{err}");
 }

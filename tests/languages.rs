@@ -16,9 +16,7 @@ use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::builder::{DomainBuilder, SnapshotBuilder};
 use vm_balancer::sdk::encode_snapshot;
 
-use crate::util::{
-    relaxed_config, relaxed_config_file, root, s, scenario, sim_pipeline, vm_balancer,
-};
+use crate::util::{relaxed_config, relaxed_config_file, root, s, scenario, sim_pipeline, vm_balancer};
 
 /// Builds `examples/policies/LANG` once per test run; returns the component.
 fn built(lang: &'static str) -> PathBuf {
@@ -32,11 +30,7 @@ fn built(lang: &'static str) -> PathBuf {
     let out = root().join("target/examples").join(format!("{lang}.wasm"));
     let script = root().join("examples/policies").join(lang).join("build.sh");
     let started = Instant::now();
-    let run = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .output()
-        .expect("bash runs");
+    let run = Command::new("bash").arg(&script).arg(&out).output().expect("bash runs");
     assert!(
         run.status.success(),
         "{} failed ({}):\nstdout:\n{}\nstderr:\n{}",
@@ -45,19 +39,8 @@ fn built(lang: &'static str) -> PathBuf {
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr)
     );
-    let size = std::fs::metadata(&out)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{} did not produce {}: {e}",
-                script.display(),
-                out.display()
-            )
-        })
-        .len();
-    eprintln!(
-        "[languages] {lang}: built in {:.1?}, {size} bytes",
-        started.elapsed()
-    );
+    let size = std::fs::metadata(&out).unwrap_or_else(|e| panic!("{} did not produce {}: {e}", script.display(), out.display())).len();
+    eprintln!("[languages] {lang}: built in {:.1?}, {size} bytes", started.elapsed());
     cache.insert(lang, out.clone());
     out
 }
@@ -66,10 +49,7 @@ fn built(lang: &'static str) -> PathBuf {
 /// `log` (zero WASI imports).
 fn check(lang: &'static str, name: &str, manages: &str) {
     let run = check_run(lang, name, manages);
-    assert!(
-        run.contains("imports  log\n"),
-        "zero WASI imports expected:\n{run}"
-    );
+    assert!(run.contains("imports  log\n"), "zero WASI imports expected:\n{run}");
 }
 
 /// `policy check` passes and names the policy; returns the output.
@@ -79,21 +59,10 @@ fn check_run(lang: &'static str, name: &str, manages: &str) -> String {
     let args = ["--config", s(&config), "policy", "check", s(&wasm)];
     let started = Instant::now();
     let run = vm_balancer(&args);
-    eprintln!(
-        "[languages] {lang}: policy check (compile + 3 samples) in {:.1?}",
-        started.elapsed()
-    );
+    eprintln!("[languages] {lang}: policy check (compile + 3 samples) in {:.1?}", started.elapsed());
     assert_eq!(run.code, 0, "{}", run.context(&args));
-    for line in [
-        format!("name     {name}"),
-        format!("manages  {manages}"),
-        "\nok".to_string(),
-    ] {
-        assert!(
-            run.stdout.contains(&line),
-            "missing {line:?}:\n{}",
-            run.context(&args)
-        );
+    for line in [format!("name     {name}"), format!("manages  {manages}"), "\nok".to_string()] {
+        assert!(run.stdout.contains(&line), "missing {line:?}:\n{}", run.context(&args));
     }
     run.context(&args)
 }
@@ -119,11 +88,7 @@ fn python_keepfree_keeps_the_target_free_and_honours_overrides() {
     for _ in 0..30 {
         p.step().unwrap();
     }
-    assert_eq!(
-        p.policies.slots()[0].stats().fallbacks,
-        0,
-        "the Python policy decided every quantum itself"
-    );
+    assert_eq!(p.policies.slots()[0].stats().fallbacks, 0, "the Python policy decided every quantum itself");
     // Every guest of keep-free.toml uses a constant 1000 MiB.
     let used = 1000.0 * 1024.0;
     let free_pct = |vm: &str| {
@@ -133,22 +98,13 @@ fn python_keepfree_keeps_the_target_free_and_honours_overrides() {
     for vm in ["web-0", "web-1", "web-2", "tight"] {
         let f = free_pct(vm);
         // At least the target; at most target + slack (10 points): reclaimed.
-        assert!(
-            (24.9..=35.0).contains(&f),
-            "{vm}: {f:.1} % free, wanted 25 %"
-        );
+        assert!((24.9..=35.0).contains(&f), "{vm}: {f:.1} % free, wanted 25 %");
     }
     let db = free_pct("db-0");
-    assert!(
-        (39.9..=50.0).contains(&db),
-        "db-0 (override 40 %): {db:.1} % free"
-    );
+    assert!((39.9..=50.0).contains(&db), "db-0 (override 40 %): {db:.1} % free");
     let m = p.backend.metrics();
     assert_eq!(m.pressure_events, 0);
-    assert!(
-        m.reclaimed_kib > 8000 * 1024 && m.given_kib > 200 * 1024,
-        "{m:?}"
-    );
+    assert!(m.reclaimed_kib > 8000 * 1024 && m.given_kib > 200 * 1024, "{m:?}");
 }
 
 #[test]
@@ -170,30 +126,15 @@ fn javascript_latency_vms_end_up_alone_on_their_pcpus() {
     let latency = |d: &str| d == "rt" || d == "trading";
     let mut dedicated = BTreeSet::new();
     for (d, v, cpus) in placements.iter().filter(|(d, _, _)| latency(d)) {
-        assert_eq!(
-            cpus.len(),
-            1,
-            "{d} vCPU {v} pinned to one pCPU: {placements:?}"
-        );
-        assert!(
-            dedicated.insert(cpus[0]),
-            "{d} vCPU {v} shares pCPU {}: {placements:?}",
-            cpus[0]
-        );
+        assert_eq!(cpus.len(), 1, "{d} vCPU {v} pinned to one pCPU: {placements:?}");
+        assert!(dedicated.insert(cpus[0]), "{d} vCPU {v} shares pCPU {}: {placements:?}", cpus[0]);
     }
     assert_eq!(dedicated.len(), 3, "rt's 2 vCPUs + trading's 1");
     for (d, v, cpus) in placements.iter().filter(|(d, _, _)| !latency(d)) {
-        assert!(
-            !cpus.is_empty() && cpus.iter().all(|c| !dedicated.contains(c)),
-            "{d} vCPU {v} on {cpus:?}, dedicated {dedicated:?}"
-        );
+        assert!(!cpus.is_empty() && cpus.iter().all(|c| !dedicated.contains(c)), "{d} vCPU {v} on {cpus:?}, dedicated {dedicated:?}");
     }
     // The rest is spread over the 5 shared pCPUs, not piled up where it started.
-    let used: BTreeSet<u32> = placements
-        .iter()
-        .filter(|(d, _, _)| !latency(d))
-        .flat_map(|(_, _, c)| c.clone())
-        .collect();
+    let used: BTreeSet<u32> = placements.iter().filter(|(d, _, _)| !latency(d)).flat_map(|(_, _, c)| c.clone()).collect();
     assert_eq!(used.len(), 5, "{placements:?}");
 }
 
@@ -213,10 +154,7 @@ fn c_hottest_improves_the_load_ratio() {
         assert_eq!(p.policies.slots()[0].stats().fallbacks, 0);
         let ratio = &p.backend.metrics().load_ratio;
         let (first, last) = (ratio[0], *ratio.last().unwrap());
-        assert!(
-            last < first - 0.01,
-            "{name}: load ratio {first:.2} -> {last:.2}: {ratio:?}"
-        );
+        assert!(last < first - 0.01, "{name}: load ratio {first:.2} -> {last:.2}: {ratio:?}");
         if name == "all-on-one" {
             assert!(last < 1.01, "all-on-one ends balanced: {ratio:?}");
         }
@@ -227,16 +165,8 @@ fn c_hottest_improves_the_load_ratio() {
 fn rust_template_checks_and_balances() {
     let out = check_run("rust", "spread", "cpu");
     // wasm32-wasip2's std imports wasi:cli and wasi:io, both allowed; nothing else.
-    let imports = out
-        .lines()
-        .find(|l| l.starts_with("imports  "))
-        .unwrap_or_default();
-    assert!(
-        imports
-            .split(", ")
-            .all(|i| i.contains("wasi:cli/") || i.contains("wasi:io/") || i.ends_with("log")),
-        "{out}"
-    );
+    let imports = out.lines().find(|l| l.starts_with("imports  ")).unwrap_or_default();
+    assert!(imports.split(", ").all(|i| i.contains("wasi:cli/") || i.contains("wasi:io/") || i.ends_with("log")), "{out}");
     let wasm = built("rust");
     let mut p = sim_pipeline(&scenario("all-on-one"), &[s(&wasm)], relaxed_config());
     for _ in 0..10 {
@@ -251,45 +181,21 @@ fn rust_template_checks_and_balances() {
 fn the_guide_shows_the_rust_template_as_it_is() {
     let guide = std::fs::read_to_string(root().join("policies/README.md")).unwrap();
     let src = std::fs::read_to_string(root().join("examples/policies/rust/src/lib.rs")).unwrap();
-    let body: String = src
-        .lines()
-        .filter(|l| !l.starts_with("//!"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(
-        guide.contains(&format!("```rust\n{body}```")),
-        "policies/README.md's Rust block differs from examples/policies/rust/src/lib.rs"
-    );
+    let body: String = src.lines().filter(|l| !l.starts_with("//!")).map(|l| format!("{l}\n")).collect();
+    assert!(guide.contains(&format!("```rust\n{body}```")), "policies/README.md's Rust block differs from examples/policies/rust/src/lib.rs");
 }
 
 /// The CLI runs each example end to end (`simulate --policy FILE --json`).
 #[test]
 fn every_example_runs_in_simulate() {
-    for (lang, scenario) in [
-        ("c", "all-on-one"),
-        ("javascript", "latency"),
-        ("python", "keep-free"),
-    ] {
+    for (lang, scenario) in [("c", "all-on-one"), ("javascript", "latency"), ("python", "keep-free")] {
         let wasm = built(lang);
         let (_d, config) = relaxed_config_file();
-        let sc = root()
-            .join("examples/scenarios")
-            .join(format!("{scenario}.toml"));
-        let args = [
-            "--config",
-            s(&config),
-            "simulate",
-            s(&sc),
-            "--policy",
-            s(&wasm),
-            "--json",
-            "--quanta",
-            "5",
-        ];
+        let sc = root().join("examples/scenarios").join(format!("{scenario}.toml"));
+        let args = ["--config", s(&config), "simulate", s(&sc), "--policy", s(&wasm), "--json", "--quanta", "5"];
         let run = vm_balancer(&args);
         assert_eq!(run.code, 0, "{}", run.context(&args));
-        let report: serde_json::Value = serde_json::from_str(&run.stdout)
-            .unwrap_or_else(|e| panic!("{e}\n{}", run.context(&args)));
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.context(&args)));
         let slot = &report["slots"][format!("{lang}.wasm")];
         assert_eq!(slot["decided"], 5, "{}", run.context(&args));
         assert_eq!(slot["fallbacks"], 0, "{}", run.context(&args));
@@ -321,15 +227,9 @@ fn decide_cost_on_100_domains() {
         let started = Instant::now();
         let component = cache.component(s(&wasm), &bytes_wasm).expect("cached");
         let cached = started.elapsed();
-        let limits = Limits {
-            decide_timeout_ms: 5_000,
-            ..Limits::default()
-        };
+        let limits = Limits { decide_timeout_ms: 5_000, ..Limits::default() };
         let set = PolicySet::new(&limits);
-        let mut policy = set
-            .sandbox()
-            .load_compiled("bench", s(&wasm), component)
-            .expect("loads");
+        let mut policy = set.sandbox().load_compiled("bench", s(&wasm), component).expect("loads");
         let mut times: Vec<Duration> = (0..21)
             .map(|_| {
                 let t = Instant::now();
@@ -340,9 +240,6 @@ fn decide_cost_on_100_domains() {
         times.sort();
         let median = times[times.len() / 2];
         eprintln!("[languages] {lang}: compile cold {cold:.1?}, from the compile cache {cached:.1?}, median decide on 100 domains {median:.2?}");
-        assert!(
-            median < Duration::from_millis(100),
-            "{lang}: median decide {median:?} exceeds the default deadline"
-        );
+        assert!(median < Duration::from_millis(100), "{lang}: median decide {median:?} exceeds the default deadline");
     }
 }

@@ -32,18 +32,11 @@ fn virsh(args: &[&str]) -> Result<String, String> {
         .arg(URI)
         .args(args)
         .output()
-        .map_err(|e| {
-            format!(
-                "cannot run virsh (install libvirt-clients; run `bash .ci/setup-libvirt.sh`): {e}"
-            )
-        })?;
+        .map_err(|e| format!("cannot run virsh (install libvirt-clients; run `bash .ci/setup-libvirt.sh`): {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "virsh {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("virsh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -57,22 +50,14 @@ fn preflight() {
     }
     for file in ["vmlinuz", "initramfs.cpio.gz"] {
         let path = PathBuf::from(GUEST_DIR).join(file);
-        assert!(
-            path.exists(),
-            "missing guest image {}: run `bash tests/guest/build.sh` first",
-            path.display()
-        );
+        assert!(path.exists(), "missing guest image {}: run `bash tests/guest/build.sh` first", path.display());
     }
     destroy_matching("vmbtest-");
 }
 
 fn destroy_matching(prefix: &str) {
     if let Ok(list) = virsh(&["list", "--name"]) {
-        for name in list
-            .lines()
-            .map(str::trim)
-            .filter(|n| n.starts_with(prefix))
-        {
+        for name in list.lines().map(str::trim).filter(|n| n.starts_with(prefix)) {
             let _ = virsh(&["destroy", name]);
         }
     }
@@ -85,9 +70,7 @@ struct Guests {
 
 impl Guests {
     fn new() -> Self {
-        Guests {
-            prefix: format!("vmbtest-{}-", std::process::id()),
-        }
+        Guests { prefix: format!("vmbtest-{}-", std::process::id()) }
     }
 
     fn name(&self, what: &str) -> String {
@@ -95,10 +78,7 @@ impl Guests {
     }
 
     fn console(&self, what: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "/var/log/libvirt/qemu/{}-console.log",
-            self.name(what)
-        ))
+        PathBuf::from(format!("/var/log/libvirt/qemu/{}-console.log", self.name(what)))
     }
 
     /// Creates a transient 256/384 MiB guest running `workload` (vmb.* args).
@@ -134,11 +114,7 @@ impl Guests {
             if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(marker)) {
                 return;
             }
-            assert!(
-                start.elapsed() < timeout,
-                "guest {what} did not print {marker:?} within {timeout:?} (console {})",
-                path.display()
-            );
+            assert!(start.elapsed() < timeout, "guest {what} did not print {marker:?} within {timeout:?} (console {})", path.display());
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -175,12 +151,7 @@ fn pins(name: &str) -> Vec<String> {
 fn balloon(name: &str) -> BTreeMap<String, u64> {
     virsh_ok(&["domstats", "--balloon", name])
         .lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("balloon.")?
-                .split_once('=')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        })
+        .filter_map(|l| l.trim().strip_prefix("balloon.")?.split_once('=').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
         .collect()
 }
 
@@ -192,10 +163,7 @@ fn current_kib(name: &str) -> u64 {
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -211,9 +179,7 @@ impl Daemon {
         let dir = std::env::temp_dir();
         let log = dir.join(format!("vmbtest-{}-{tag}.log", std::process::id()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
-        cmd.env("NO_COLOR", "1")
-            .arg("--log")
-            .arg("info,vm_balancer::apply=debug");
+        cmd.env("NO_COLOR", "1").arg("--log").arg("info,vm_balancer::apply=debug");
         if let Some(text) = config {
             let path = dir.join(format!("vmbtest-{}-{tag}.toml", std::process::id()));
             std::fs::write(&path, text).unwrap();
@@ -221,12 +187,7 @@ impl Daemon {
         }
         cmd.arg("run").arg("--connect").arg(URI).args(args);
         let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("cannot start vm-balancer");
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("cannot start vm-balancer");
         Daemon { child, log }
     }
 
@@ -236,11 +197,7 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                start.elapsed() < timeout,
-                "vm-balancer did not exit within {timeout:?}; log:\n{}",
-                self.log()
-            );
+            assert!(start.elapsed() < timeout, "vm-balancer did not exit within {timeout:?}; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -257,24 +214,14 @@ impl Daemon {
     }
 
     fn summaries(&self) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("quantum summary"))
-            .map(String::from)
-            .collect()
+        self.log().lines().filter(|l| l.contains("quantum summary")).map(String::from).collect()
     }
 
     fn assert_clean_exit(&mut self, timeout: Duration) {
         let status = self.wait(timeout);
         let log = self.log();
-        assert!(
-            status.success(),
-            "vm-balancer exited with {status}; log:\n{log}"
-        );
-        assert!(
-            !log.contains("panicked"),
-            "vm-balancer panicked; log:\n{log}"
-        );
+        assert!(status.success(), "vm-balancer exited with {status}; log:\n{log}");
+        assert!(!log.contains("panicked"), "vm-balancer panicked; log:\n{log}");
     }
 }
 
@@ -325,54 +272,37 @@ fn real_guests_end_to_end() {
     scenario_churn_and_fault(&guests);
     eprintln!("e2e: churn/fault done at {:.0?}", started.elapsed());
     scenario_admin_pin_and_libvirtd_restart(&guests);
-    eprintln!(
-        "e2e: admin pin/libvirtd restart done at {:.0?}",
-        started.elapsed()
-    );
+    eprintln!("e2e: admin pin/libvirtd restart done at {:.0?}", started.elapsed());
 }
 
 /// An administrator's `virsh vcpupin` is left alone (not fought), and the
 /// daemon survives libvirtd being killed and restarted: it logs the outage
 /// once, reconnects, and manages the guests again.
 fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
-    let names: Vec<String> = (0..2)
-        .map(|i| guests.create(&format!("adm{i}"), 1, "", true))
-        .collect();
+    let names: Vec<String> = (0..2).map(|i| guests.create(&format!("adm{i}"), 1, "", true)).collect();
     for i in 0..2 {
         guests.wait_console(&format!("adm{i}"), "vmb: ready", Duration::from_secs(60));
     }
     let config = "[guard]\nexternal_pin_hold_s = 600\n";
     let mut daemon = Daemon::start("admin", &["--quantum", "1s"], Some(config));
-    wait_until(
-        "the daemon to pin the new guests",
-        Duration::from_secs(30),
-        || daemon.summaries().len() >= 2 && names.iter().all(|n| pins(n).len() == 1),
-    );
+    wait_until("the daemon to pin the new guests", Duration::from_secs(30), || {
+        daemon.summaries().len() >= 2 && names.iter().all(|n| pins(n).len() == 1)
+    });
     // The administrator moves adm0's vCPU to the other pCPU by hand.
     let theirs = if pins(&names[0]) == ["0"] { "1" } else { "0" };
     virsh_ok(&["vcpupin", &names[0], "0", theirs, "--live"]);
-    wait_until(
-        "the daemon to notice the hand-made pin",
-        Duration::from_secs(20),
-        || daemon.log().contains("re-pinned by someone else"),
-    );
+    wait_until("the daemon to notice the hand-made pin", Duration::from_secs(20), || {
+        daemon.log().contains("re-pinned by someone else")
+    });
     std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(
-        pins(&names[0]),
-        [theirs],
-        "the daemon fought the administrator's pin; log:\n{}",
-        daemon.log()
-    );
+    assert_eq!(pins(&names[0]), [theirs], "the daemon fought the administrator's pin; log:\n{}", daemon.log());
 
     // libvirtd goes away and comes back.
     let libvirtd = || -> Vec<i32> {
         std::fs::read_dir("/proc")
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "libvirtd")
-            })
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "libvirtd"))
             .collect()
     };
     let pids = libvirtd();
@@ -381,55 +311,24 @@ fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
         // SAFETY: kill(2) with a pid read from /proc; no memory is involved.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    wait_until(
-        "the daemon to notice the outage",
-        Duration::from_secs(30),
-        || {
-            daemon.log().contains("lost the libvirt connection")
-                || daemon.log().contains("cannot connect to libvirt")
-        },
-    );
-    wait_until("libvirtd to exit", Duration::from_secs(30), || {
-        libvirtd().is_empty()
+    wait_until("the daemon to notice the outage", Duration::from_secs(30), || {
+        daemon.log().contains("lost the libvirt connection") || daemon.log().contains("cannot connect to libvirt")
     });
+    wait_until("libvirtd to exit", Duration::from_secs(30), || libvirtd().is_empty());
     let setup = crate::util::root().join(".ci/setup-libvirt.sh");
-    let restarted = Command::new("bash")
-        .arg(&setup)
-        .stdout(Stdio::null())
-        .status()
-        .expect("setup-libvirt runs");
+    let restarted = Command::new("bash").arg(&setup).stdout(Stdio::null()).status().expect("setup-libvirt runs");
     assert!(restarted.success(), "libvirtd did not come back");
-    wait_until(
-        "the daemon to reconnect and see the guests again",
-        Duration::from_secs(60),
-        || {
-            let log = daemon.log();
-            log.contains("reconnected to libvirt")
-                && log
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("quantum summary"))
-                    .and_then(|l| field(l, "domains"))
-                    .is_some_and(|d| d.parse::<usize>().is_ok_and(|d| d >= 2))
-        },
-    );
-    assert!(
-        daemon.child.try_wait().unwrap().is_none(),
-        "the daemon died with libvirtd; log:\n{}",
-        daemon.log()
-    );
+    wait_until("the daemon to reconnect and see the guests again", Duration::from_secs(60), || {
+        let log = daemon.log();
+        log.contains("reconnected to libvirt")
+            && log.lines().rev().find(|l| l.contains("quantum summary")).and_then(|l| field(l, "domains")).is_some_and(|d| d.parse::<usize>().is_ok_and(|d| d >= 2))
+    });
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon died with libvirtd; log:\n{}", daemon.log());
     let log = daemon.log();
-    assert!(
-        log.matches("lost the libvirt connection").count() <= 1,
-        "outage logged more than once:\n{log}"
-    );
+    assert!(log.matches("lost the libvirt connection").count() <= 1, "outage logged more than once:\n{log}");
     daemon.signal(libc::SIGTERM);
     daemon.assert_clean_exit(Duration::from_secs(20));
-    assert_eq!(
-        pins(&names[0]),
-        [theirs],
-        "restore undid the administrator's pin"
-    );
+    assert_eq!(pins(&names[0]), [theirs], "restore undid the administrator's pin");
     for i in 0..2 {
         guests.destroy(&format!("adm{i}"));
     }
@@ -437,52 +336,28 @@ fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
 
 /// Scenarios 4 (dry run), 1 (CPU) and 5 (restore) on four burning guests.
 fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
-    let names: Vec<String> = (0..4)
-        .map(|i| guests.create(&format!("cpu{i}"), 1, "vmb.burn=1", true))
-        .collect();
+    let names: Vec<String> = (0..4).map(|i| guests.create(&format!("cpu{i}"), 1, "vmb.burn=1", true)).collect();
     for name in &names {
         virsh_ok(&["vcpupin", name, "0", "0", "--live"]);
     }
     for i in 0..4 {
-        guests.wait_console(
-            &format!("cpu{i}"),
-            "vmb: burn started",
-            Duration::from_secs(60),
-        );
+        guests.wait_console(&format!("cpu{i}"), "vmb: burn started", Duration::from_secs(60));
     }
     // Guests boot at their max memory; wait until the balloon reached 256 MiB.
-    wait_until(
-        "balloons inflated to 256 MiB after boot",
-        Duration::from_secs(60),
-        || names.iter().all(|n| current_kib(n) == 256 * MIB),
-    );
+    wait_until("balloons inflated to 256 MiB after boot", Duration::from_secs(60), || {
+        names.iter().all(|n| current_kib(n) == 256 * MIB)
+    });
     let all_on_zero = || names.iter().all(|n| pins(n) == ["0"]);
     assert!(all_on_zero(), "setup: every vCPU pinned to pCPU 0");
     let targets: Vec<u64> = names.iter().map(|n| current_kib(n)).collect();
 
     // 4. Dry run: decides and logs, changes nothing.
-    let mut dry = Daemon::start(
-        "dry",
-        &["--dry-run", "--quanta", "4", "--quantum", "1s"],
-        None,
-    );
+    let mut dry = Daemon::start("dry", &["--dry-run", "--quanta", "4", "--quantum", "1s"], None);
     dry.assert_clean_exit(Duration::from_secs(60));
-    assert!(
-        all_on_zero(),
-        "dry run changed a pin: {:?}",
-        names.iter().map(|n| pins(n)).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        names.iter().map(|n| current_kib(n)).collect::<Vec<_>>(),
-        targets,
-        "dry run changed a balloon"
-    );
+    assert!(all_on_zero(), "dry run changed a pin: {:?}", names.iter().map(|n| pins(n)).collect::<Vec<_>>());
+    assert_eq!(names.iter().map(|n| current_kib(n)).collect::<Vec<_>>(), targets, "dry run changed a balloon");
     assert_eq!(dry.summaries().len(), 4, "{}", dry.log());
-    assert!(
-        dry.log().contains("dry run: would apply"),
-        "dry run proposed nothing:\n{}",
-        dry.log()
-    );
+    assert!(dry.log().contains("dry run: would apply"), "dry run proposed nothing:\n{}", dry.log());
 
     // 1. CPU: 4 on pCPU 0 become 2/2 within a few quanta and stay.
     let daemon = Daemon::start("cpu", &["--quantum", "1s"], None);
@@ -492,14 +367,10 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
         (on("0"), on("1"), p)
     };
     let t0 = Instant::now();
-    wait_until(
-        "4 burning vCPUs split 2/2 over pCPUs 0 and 1",
-        Duration::from_secs(20),
-        || {
-            let (a, b, _) = split();
-            a == 2 && b == 2
-        },
-    );
+    wait_until("4 burning vCPUs split 2/2 over pCPUs 0 and 1", Duration::from_secs(20), || {
+        let (a, b, _) = split();
+        a == 2 && b == 2
+    });
     let balanced_after = t0.elapsed();
     // Stays 2/2 (no flapping back to 3/1 or 4/0). A swap of two vCPUs keeps
     // the split; it is counted and reported, not failed: the default policy
@@ -512,42 +383,22 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
         std::thread::sleep(Duration::from_millis(500));
         let (a, b, now) = split();
         off = if a == 2 && b == 2 { 0 } else { off + 1 };
-        assert!(
-            off < 2,
-            "split left 2/2 after balancing ({balanced_after:?}): {now:?}; log:\n{}",
-            daemon.log()
-        );
+        assert!(off < 2, "split left 2/2 after balancing ({balanced_after:?}): {now:?}; log:\n{}", daemon.log());
         swaps += now.iter().zip(&layout).filter(|(x, y)| x != y).count();
         layout = now;
     }
-    assert!(
-        swaps <= 8,
-        "vCPUs kept moving after balancing ({swaps} moves in 8 s); log:\n{}",
-        daemon.log()
-    );
-    eprintln!(
-        "e2e: cpu balanced 2/2 after {balanced_after:.1?}, stayed 2/2 for 8 s ({swaps} vCPU moves)"
-    );
+    assert!(swaps <= 8, "vCPUs kept moving after balancing ({swaps} moves in 8 s); log:\n{}", daemon.log());
+    eprintln!("e2e: cpu balanced 2/2 after {balanced_after:.1?}, stayed 2/2 for 8 s ({swaps} vCPU moves)");
 
     // 5. Restore on SIGTERM: original pins (all on 0) and balloon targets.
     let mut daemon = daemon;
     daemon.signal(libc::SIGTERM);
     daemon.assert_clean_exit(Duration::from_secs(20));
     let log = daemon.log();
-    assert!(
-        log.contains("restored the original pins and balloon targets"),
-        "{log}"
-    );
-    assert!(
-        all_on_zero(),
-        "pins not restored: {:?}",
-        names.iter().map(|n| pins(n)).collect::<Vec<_>>()
-    );
+    assert!(log.contains("restored the original pins and balloon targets"), "{log}");
+    assert!(all_on_zero(), "pins not restored: {:?}", names.iter().map(|n| pins(n)).collect::<Vec<_>>());
     wait_until("balloon targets restored", Duration::from_secs(20), || {
-        names
-            .iter()
-            .zip(&targets)
-            .all(|(n, t)| current_kib(n).abs_diff(*t) <= MIB)
+        names.iter().zip(&targets).all(|(n, t)| current_kib(n).abs_diff(*t) <= MIB)
     });
     for i in 0..4 {
         guests.destroy(&format!("cpu{i}"));
@@ -558,17 +409,10 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
 /// given memory, and with the reserve above host available nothing is given.
 fn scenario_memory(guests: &Guests) {
     let idle = guests.create("idle", 1, "", false);
-    let fill = guests.create(
-        "fill",
-        1,
-        "vmb.delay_s=8 vmb.fill_mib=200 vmb.fill_step_mib=20 vmb.fill_step_s=1",
-        false,
-    );
+    let fill = guests.create("fill", 1, "vmb.delay_s=8 vmb.fill_mib=200 vmb.fill_step_mib=20 vmb.fill_step_s=1", false);
     guests.wait_console("idle", "vmb: ready", Duration::from_secs(60));
     guests.wait_console("fill", "vmb: ready", Duration::from_secs(60));
-    wait_until("balloons at 256 MiB", Duration::from_secs(60), || {
-        current_kib(&idle) == 256 * MIB && current_kib(&fill) == 256 * MIB
-    });
+    wait_until("balloons at 256 MiB", Duration::from_secs(60), || current_kib(&idle) == 256 * MIB && current_kib(&fill) == 256 * MIB);
     let mut daemon = Daemon::start("mem", &["--quantum", "1s", "--quanta", "24"], None);
     let margin_kib = 32 * MIB; // GuardConfig::default().guest_margin_mib
     let floor_kib = 128 * MIB; // GuardConfig::default().guest_floor_mib
@@ -580,20 +424,10 @@ fn scenario_memory(guests: &Guests) {
             let current = b.get("current").copied().unwrap_or(0);
             if is_idle {
                 idle_min = idle_min.min(current);
-                let free = b
-                    .get("usable")
-                    .or(b.get("unused"))
-                    .copied()
-                    .unwrap_or(u64::MAX);
+                let free = b.get("usable").or(b.get("unused")).copied().unwrap_or(u64::MAX);
                 // used + margin <= target  <=>  free >= margin (slack: stats lag the balloon by up to 1 s).
-                assert!(
-                    free + 8 * MIB >= margin_kib,
-                    "idle guest squeezed below used + margin: {b:?}"
-                );
-                assert!(
-                    current + MIB >= floor_kib,
-                    "idle guest below the floor: {b:?}"
-                );
+                assert!(free + 8 * MIB >= margin_kib, "idle guest squeezed below used + margin: {b:?}");
+                assert!(current + MIB >= floor_kib, "idle guest below the floor: {b:?}");
             } else {
                 fill_max = fill_max.max(current);
             }
@@ -602,57 +436,26 @@ fn scenario_memory(guests: &Guests) {
     }
     daemon.assert_clean_exit(Duration::from_secs(30));
     let log = daemon.log();
-    assert!(
-        idle_min < 256 * MIB - 16 * MIB,
-        "idle guest's balloon was not lowered (min {idle_min} KiB); log:\n{log}"
-    );
-    assert!(
-        fill_max > 256 * MIB + 16 * MIB,
-        "filling guest was never given memory (max {fill_max} KiB); log:\n{log}"
-    );
+    assert!(idle_min < 256 * MIB - 16 * MIB, "idle guest's balloon was not lowered (min {idle_min} KiB); log:\n{log}");
+    assert!(fill_max > 256 * MIB + 16 * MIB, "filling guest was never given memory (max {fill_max} KiB); log:\n{log}");
     let console = guests.console_text("fill");
-    assert!(
-        console.contains("vmb: fill done 200 MiB"),
-        "the filling guest ran out of memory:\n{console}"
-    );
-    eprintln!(
-        "e2e: memory: idle lowered to {} MiB, filling guest grown to {} MiB",
-        idle_min / MIB,
-        fill_max / MIB
-    );
+    assert!(console.contains("vmb: fill done 200 MiB"), "the filling guest ran out of memory:\n{console}");
+    eprintln!("e2e: memory: idle lowered to {} MiB, filling guest grown to {} MiB", idle_min / MIB, fill_max / MIB);
     guests.destroy("fill");
 
     // Host reserve above host available: a policy asking for everything
     // (the hostile fixture) is refused by the guard; nothing is given.
     let greedy = guests.create("greedy", 1, "", false);
     guests.wait_console("greedy", "vmb: ready", Duration::from_secs(60));
-    wait_until(
-        "greedy's balloon at 256 MiB",
-        Duration::from_secs(60),
-        || current_kib(&greedy) == 256 * MIB,
-    );
+    wait_until("greedy's balloon at 256 MiB", Duration::from_secs(60), || current_kib(&greedy) == 256 * MIB);
     let before = current_kib(&greedy);
     let config = "[guard]\nhost_reserve_mib = 100000000\n";
-    let mut daemon = Daemon::start(
-        "reserve",
-        &[
-            "--quantum",
-            "1s",
-            "--quanta",
-            "6",
-            "--policy",
-            vm_balancer::components::FIXTURE_HOSTILE,
-        ],
-        Some(config),
-    );
+    let mut daemon = Daemon::start("reserve", &["--quantum", "1s", "--quanta", "6", "--policy", vm_balancer::components::FIXTURE_HOSTILE], Some(config));
     let start = Instant::now();
     while daemon.child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(40) {
         for name in [&greedy, &idle] {
             let b = balloon(name);
-            assert!(
-                b.get("current").copied().unwrap_or(0) <= before.max(256 * MIB) + MIB,
-                "memory was given despite the reserve: {name} {b:?}"
-            );
+            assert!(b.get("current").copied().unwrap_or(0) <= before.max(256 * MIB) + MIB, "memory was given despite the reserve: {name} {b:?}");
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -660,26 +463,11 @@ fn scenario_memory(guests: &Guests) {
     let log = daemon.log();
     let rejected_growth = log
         .lines()
-        .filter(|l| {
-            l.contains("rejected by the guard")
-                && l.contains(&format!("set-memory {greedy} -> {}", u64::MAX))
-                || l.contains("rejected by the guard") && l.contains("reserve")
-        })
+        .filter(|l| l.contains("rejected by the guard") && l.contains(&format!("set-memory {greedy} -> {}", u64::MAX)) || l.contains("rejected by the guard") && l.contains("reserve"))
         .count();
-    assert!(
-        rejected_growth > 0,
-        "no growth rejection in the log:\n{log}"
-    );
-    let fed_back = daemon
-        .summaries()
-        .iter()
-        .filter_map(|l| field(l, "verdicts_in_snapshot")?.parse::<usize>().ok())
-        .max()
-        .unwrap_or(0);
-    assert!(
-        fed_back > 0,
-        "rejections were not fed back to the next snapshot:\n{log}"
-    );
+    assert!(rejected_growth > 0, "no growth rejection in the log:\n{log}");
+    let fed_back = daemon.summaries().iter().filter_map(|l| field(l, "verdicts_in_snapshot")?.parse::<usize>().ok()).max().unwrap_or(0);
+    assert!(fed_back > 0, "rejections were not fed back to the next snapshot:\n{log}");
     guests.destroy("greedy");
     guests.destroy("idle");
 }
@@ -689,63 +477,29 @@ fn scenario_churn_and_fault(guests: &Guests) {
     let mut daemon = Daemon::start("churn", &["--quantum", "1s", "--quanta", "14"], None);
     std::thread::sleep(Duration::from_secs(2));
     let a = guests.create("churn-a", 1, "", true);
-    let single = |name: &str| {
-        pins(name)
-            .iter()
-            .all(|p| !p.contains('-') && !p.contains(','))
-    };
-    wait_until(
-        "new guest churn-a pinned within the next quanta",
-        Duration::from_secs(4),
-        || single(&a),
-    );
+    let single = |name: &str| pins(name).iter().all(|p| !p.contains('-') && !p.contains(','));
+    wait_until("new guest churn-a pinned within the next quanta", Duration::from_secs(4), || single(&a));
     let b = guests.create("churn-b", 2, "vmb.burn=1", true);
-    wait_until(
-        "new guest churn-b pinned within the next quanta",
-        Duration::from_secs(4),
-        || single(&b),
-    );
+    wait_until("new guest churn-b pinned within the next quanta", Duration::from_secs(4), || single(&b));
     guests.destroy("churn-a");
     std::thread::sleep(Duration::from_secs(1));
     let c = guests.create("churn-c", 1, "", true);
     guests.destroy("churn-c");
     let d = guests.create("churn-d", 1, "", true);
-    wait_until(
-        "new guest churn-d pinned within the next quanta",
-        Duration::from_secs(4),
-        || single(&d),
-    );
+    wait_until("new guest churn-d pinned within the next quanta", Duration::from_secs(4), || single(&d));
     daemon.assert_clean_exit(Duration::from_secs(40));
     let log = daemon.log();
     assert_eq!(daemon.summaries().len(), 14, "{log}");
-    assert!(
-        log.contains(&format!("domain gone domain={a}")),
-        "churn-a not seen gone:\n{log}"
-    );
-    let noisy = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .count();
-    assert!(
-        noisy <= 3,
-        "error storm during churn ({noisy} warnings):\n{log}"
-    );
+    assert!(log.contains(&format!("domain gone domain={a}")), "churn-a not seen gone:\n{log}");
+    let noisy = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).count();
+    assert!(noisy <= 3, "error storm during churn ({noisy} warnings):\n{log}");
     let _ = c;
 
     // 6. A hostile policy (infinite loop) and a missing file: the loop runs
     // on the fallback.
     let mut daemon = Daemon::start(
         "fault",
-        &[
-            "--quantum",
-            "1s",
-            "--quanta",
-            "5",
-            "--policy",
-            vm_balancer::components::FIXTURE_SPIN,
-            "--policy",
-            "/nonexistent/policy.wasm",
-        ],
+        &["--quantum", "1s", "--quanta", "5", "--policy", vm_balancer::components::FIXTURE_SPIN, "--policy", "/nonexistent/policy.wasm"],
         None,
     );
     daemon.assert_clean_exit(Duration::from_secs(60));
@@ -754,23 +508,12 @@ fn scenario_churn_and_fault(guests: &Guests) {
     assert_eq!(summaries.len(), 5, "{log}");
     // `fallback_slots` lists the slots the fallback decided that quantum.
     assert!(
-        summaries
-            .iter()
-            .any(|l| field(l, "fallback_slots").is_some_and(|s| s.contains("spin.wasm"))),
+        summaries.iter().any(|l| field(l, "fallback_slots").is_some_and(|s| s.contains("spin.wasm"))),
         "no quantum decided by the fallback:\n{log}"
     );
-    let spin_failures = log
-        .lines()
-        .filter(|l| l.contains("policy failed") && l.contains("spin.wasm"))
-        .count();
-    assert!(
-        spin_failures >= 1,
-        "the spinning policy never timed out:\n{log}"
-    );
-    assert!(
-        log.contains("policy cannot be loaded") && log.contains("policy.wasm"),
-        "{log}"
-    );
+    let spin_failures = log.lines().filter(|l| l.contains("policy failed") && l.contains("spin.wasm")).count();
+    assert!(spin_failures >= 1, "the spinning policy never timed out:\n{log}");
+    assert!(log.contains("policy cannot be loaded") && log.contains("policy.wasm"), "{log}");
     guests.destroy("churn-b");
     guests.destroy("churn-d");
 }

@@ -19,24 +19,15 @@ fn load_err(limits: &Limits, path: &str) -> PolicyError {
 }
 
 fn decide_err(limits: &Limits, path: &str) -> PolicyError {
-    let mut policy = PolicySet::new(limits)
-        .load_spec(path)
-        .expect("fixture loads");
-    let snap = SnapshotBuilder::new(2, 1 << 20)
-        .domain(DomainBuilder::new("a").vcpu(0, 0.5))
-        .build();
-    policy
-        .decide(&encode_snapshot(&snap))
-        .expect_err("fixture must fail")
+    let mut policy = PolicySet::new(limits).load_spec(path).expect("fixture loads");
+    let snap = SnapshotBuilder::new(2, 1 << 20).domain(DomainBuilder::new("a").vcpu(0, 0.5)).build();
+    policy.decide(&encode_snapshot(&snap)).expect_err("fixture must fail")
 }
 
 #[test]
 fn infinite_loop_times_out() {
     let e = decide_err(&tight_limits(), c::FIXTURE_SPIN);
-    assert!(
-        matches!(e, PolicyError::Timeout { timeout_ms: 50, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, PolicyError::Timeout { timeout_ms: 50, .. }), "{e}");
 }
 
 #[test]
@@ -47,19 +38,9 @@ fn panic_is_a_trap() {
 
 #[test]
 fn memory_bomb_hits_the_memory_limit() {
-    let e = decide_err(
-        &Limits {
-            decide_timeout_ms: 5_000,
-            ..tight_limits()
-        },
-        c::FIXTURE_BOMB,
-    );
+    let e = decide_err(&Limits { decide_timeout_ms: 5_000, ..tight_limits() }, c::FIXTURE_BOMB);
     match e {
-        PolicyError::MemoryLimit {
-            requested_bytes,
-            limit_bytes,
-            ..
-        } => {
+        PolicyError::MemoryLimit { requested_bytes, limit_bytes, .. } => {
             assert_eq!(limit_bytes, 32 << 20);
             assert!(requested_bytes > limit_bytes);
         }
@@ -76,28 +57,19 @@ fn garbage_output_is_undecodable() {
 #[test]
 fn huge_output_is_refused() {
     let e = decide_err(&Limits::default(), c::FIXTURE_HUGE);
-    assert!(
-        matches!(e, PolicyError::OutputTooLarge { size_bytes, limit_bytes, .. } if size_bytes == 24 << 20 && limit_bytes == 4 << 20),
-        "{e}"
-    );
+    assert!(matches!(e, PolicyError::OutputTooLarge { size_bytes, limit_bytes, .. } if size_bytes == 24 << 20 && limit_bytes == 4 << 20), "{e}");
 }
 
 #[test]
 fn err_answer_is_refused() {
     let e = decide_err(&Limits::default(), c::FIXTURE_ERR);
-    assert!(
-        matches!(&e, PolicyError::Refused { message, .. } if message.contains("fixture refuses")),
-        "{e}"
-    );
+    assert!(matches!(&e, PolicyError::Refused { message, .. } if message.contains("fixture refuses")), "{e}");
 }
 
 #[test]
 fn forbidden_import_is_refused_at_load_naming_it() {
     let e = load_err(&Limits::default(), c::FIXTURE_FORBIDDEN);
-    assert!(
-        matches!(&e, PolicyError::ForbiddenImport { import, .. } if import == "exec"),
-        "{e}"
-    );
+    assert!(matches!(&e, PolicyError::ForbiddenImport { import, .. } if import == "exec"), "{e}");
 }
 
 #[test]
@@ -109,39 +81,20 @@ fn wrong_world_is_refused_at_load() {
 #[test]
 fn non_wasm_truncated_and_core_module_files_are_refused() {
     let (_d, text) = temp_file("notes.wasm", b"hello, I am not wasm");
-    assert!(matches!(
-        load_err(&Limits::default(), text.to_str().unwrap()),
-        PolicyError::NotWasm { .. }
-    ));
+    assert!(matches!(load_err(&Limits::default(), text.to_str().unwrap()), PolicyError::NotWasm { .. }));
     let full = std::fs::read(c::CPU).unwrap();
     let (_d2, cut) = temp_file("cut.wasm", &full[..full.len() / 2]);
-    assert!(matches!(
-        load_err(&Limits::default(), cut.to_str().unwrap()),
-        PolicyError::Invalid { .. }
-    ));
+    assert!(matches!(load_err(&Limits::default(), cut.to_str().unwrap()), PolicyError::Invalid { .. }));
     let (_d3, core) = temp_file("core.wasm", b"\0asm\x01\0\0\0");
-    assert!(matches!(
-        load_err(&Limits::default(), core.to_str().unwrap()),
-        PolicyError::CoreModule { .. }
-    ));
+    assert!(matches!(load_err(&Limits::default(), core.to_str().unwrap()), PolicyError::CoreModule { .. }));
     let (_d4, empty) = temp_file("empty.wasm", b"");
-    assert!(matches!(
-        load_err(&Limits::default(), empty.to_str().unwrap()),
-        PolicyError::NotWasm { .. }
-    ));
+    assert!(matches!(load_err(&Limits::default(), empty.to_str().unwrap()), PolicyError::NotWasm { .. }));
 }
 
 #[test]
 fn state_persists_across_calls_and_resets_after_a_trap() {
-    let mut policy = PolicySet::new(&Limits::default())
-        .load_spec(c::FIXTURE_COUNTER)
-        .unwrap();
-    let mut snap = SnapshotBuilder::new(2, 1 << 20)
-        .param(
-            "counter",
-            Param::Map([("trap_at".to_string(), Param::Int(3))].into()),
-        )
-        .build();
+    let mut policy = PolicySet::new(&Limits::default()).load_spec(c::FIXTURE_COUNTER).unwrap();
+    let mut snap = SnapshotBuilder::new(2, 1 << 20).param("counter", Param::Map([("trap_at".to_string(), Param::Int(3))].into())).build();
     let count = |actions: Vec<Action>| match &actions[0] {
         Action::SetMemory { target_kib, .. } => *target_kib,
         other => panic!("{other}"),
@@ -149,16 +102,9 @@ fn state_persists_across_calls_and_resets_after_a_trap() {
     let bytes = encode_snapshot(&snap);
     assert_eq!(count(policy.decide(&bytes).unwrap()), 1);
     assert_eq!(count(policy.decide(&bytes).unwrap()), 2);
-    assert!(matches!(
-        policy.decide(&bytes),
-        Err(PolicyError::Trap { .. })
-    ));
+    assert!(matches!(policy.decide(&bytes), Err(PolicyError::Trap { .. })));
     snap.params.clear();
-    assert_eq!(
-        count(policy.decide(&encode_snapshot(&snap)).unwrap()),
-        1,
-        "a fresh instance after the trap"
-    );
+    assert_eq!(count(policy.decide(&encode_snapshot(&snap)).unwrap()), 1, "a fresh instance after the trap");
     assert_eq!(policy.instantiations(), 2);
 }
 
@@ -169,78 +115,43 @@ fn state_persists_across_calls_and_resets_after_a_trap() {
 fn every_failure_falls_back_and_the_loop_keeps_running() {
     // Generous deadlines except for the spinner: CI machines are loaded
     // (guests burn CPU next door), and only the spinner should time out.
-    let relaxed = Limits {
-        decide_timeout_ms: 5_000,
-        ..Limits::default()
-    };
+    let relaxed = Limits { decide_timeout_ms: 5_000, ..Limits::default() };
     let cases = [
         (c::FIXTURE_SPIN, "timeout", tight_limits()),
         (c::FIXTURE_TRAP, "trap", relaxed.clone()),
-        (
-            c::FIXTURE_BOMB,
-            "memory-limit",
-            Limits {
-                max_memory_mib: 32,
-                ..relaxed.clone()
-            },
-        ),
+        (c::FIXTURE_BOMB, "memory-limit", Limits { max_memory_mib: 32, ..relaxed.clone() }),
         (c::FIXTURE_GARBAGE, "undecodable", relaxed.clone()),
         (c::FIXTURE_HUGE, "output-too-large", relaxed.clone()),
         (c::FIXTURE_ERR, "refused", relaxed.clone()),
     ];
     let sc = scenario("all-on-one");
     for (fixture, kind, limits) in cases {
-        let config = Config {
-            limits: Limits {
-                retry_backoff_quanta: 4,
-                ..limits
-            },
-            ..Config::default()
-        };
+        let config = Config { limits: Limits { retry_backoff_quanta: 4, ..limits }, ..Config::default() };
         let mut p = sim_pipeline(&sc, &[fixture], config);
         for _ in 0..10 {
             p.step().expect("the loop survives every policy failure");
         }
         let stats = p.policies.slots()[0].stats().clone();
-        assert_eq!(
-            stats.fallbacks, 10,
-            "{kind}: every quantum decided by the fallback: {stats:?}"
-        );
+        assert_eq!(stats.fallbacks, 10, "{kind}: every quantum decided by the fallback: {stats:?}");
         // 3 failures, disabled for 4 quanta, 1 retry failure, disabled for 8.
         assert_eq!(stats.failures.get(kind), Some(&4), "{kind}: {stats:?}");
         assert_eq!(stats.disabled, 2, "{kind}: {stats:?}");
         // The fallback balanced the CPUs anyway: 2 and 2.
-        let on_cpu0 = p
-            .backend
-            .placements()
-            .iter()
-            .filter(|(_, _, cpus)| cpus == &vec![0])
-            .count();
-        assert_eq!(
-            on_cpu0, 2,
-            "{kind}: fallback default cpu policy balanced the host"
-        );
+        let on_cpu0 = p.backend.placements().iter().filter(|(_, _, cpus)| cpus == &vec![0]).count();
+        assert_eq!(on_cpu0, 2, "{kind}: fallback default cpu policy balanced the host");
     }
 }
 
 #[test]
 fn soak_10000_calls_hit_no_limit_by_accident() {
-    let mut policy = PolicySet::new(&Limits::default())
-        .load_spec("builtin:cpu")
-        .unwrap();
+    let mut policy = PolicySet::new(&Limits::default()).load_spec("builtin:cpu").unwrap();
     let mut b = SnapshotBuilder::new(8, 1 << 22);
     for i in 0..20 {
-        b = b.domain(
-            DomainBuilder::new(&format!("vm{i}"))
-                .vcpu(i % 8, 0.3)
-                .vcpu((i + 1) % 8, 0.2),
-        );
+        b = b.domain(DomainBuilder::new(&format!("vm{i}")).vcpu(i % 8, 0.3).vcpu((i + 1) % 8, 0.2));
     }
     let bytes = encode_snapshot(&b.build());
     for i in 0..10_000 {
-        policy
-            .decide(&bytes)
-            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        policy.decide(&bytes).unwrap_or_else(|e| panic!("call {i}: {e}"));
     }
     assert_eq!(policy.instantiations(), 1);
 }

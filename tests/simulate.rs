@@ -8,16 +8,7 @@ use vm_balancer::sim::{simulate, Report};
 
 use crate::util::{relaxed_config, scenario, sim_pipeline};
 
-const SCENARIOS: [&str; 8] = [
-    "all-on-one",
-    "uneven",
-    "phases",
-    "idle-reclaim",
-    "filling",
-    "host-short",
-    "churn",
-    "large",
-];
+const SCENARIOS: [&str; 8] = ["all-on-one", "uneven", "phases", "idle-reclaim", "filling", "host-short", "churn", "large"];
 
 fn run(name: &str, specs: &[&str]) -> Report {
     let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
@@ -48,18 +39,9 @@ fn defaults_beat_or_match_classic_on_every_scenario() {
             let failures: u64 = r.slots.values().flat_map(|s| s.failures.values()).sum();
             assert_eq!(failures, 0, "{name}: no policy failures expected\n{r}");
         }
-        assert!(
-            ours.cpu.mean_load_ratio <= classic.cpu.mean_load_ratio + 0.005,
-            "{name}: cpu balance\n{ours}\n{classic}"
-        );
-        assert!(
-            ours.cpu.unserved_cpu_s <= classic.cpu.unserved_cpu_s * 1.2 + 1.0,
-            "{name}: unserved\n{ours}\n{classic}"
-        );
-        assert!(
-            ours.memory.oom_events <= classic.memory.oom_events,
-            "{name}: guest OOMs\n{ours}\n{classic}"
-        );
+        assert!(ours.cpu.mean_load_ratio <= classic.cpu.mean_load_ratio + 0.005, "{name}: cpu balance\n{ours}\n{classic}");
+        assert!(ours.cpu.unserved_cpu_s <= classic.cpu.unserved_cpu_s * 1.2 + 1.0, "{name}: unserved\n{ours}\n{classic}");
+        assert!(ours.memory.oom_events <= classic.memory.oom_events, "{name}: guest OOMs\n{ours}\n{classic}");
         assert_eq!(ours.memory.host_oom_events, 0, "{name}: host OOM\n{ours}");
     }
 }
@@ -67,10 +49,7 @@ fn defaults_beat_or_match_classic_on_every_scenario() {
 #[test]
 fn host_reserve_holds_when_guests_want_more_than_the_host_has() {
     let r = run("host-short", &[]);
-    assert!(
-        r.memory.lowest_host_available_mib >= 512,
-        "reserve is 512 MiB\n{r}"
-    );
+    assert!(r.memory.lowest_host_available_mib >= 512, "reserve is 512 MiB\n{r}");
     assert_eq!(r.memory.host_oom_events, 0, "{r}");
 }
 
@@ -98,54 +77,25 @@ fn same_scenario_same_report() {
 #[test]
 fn guard_holds_against_a_hostile_policy() {
     let sc = scenario("idle-reclaim");
-    let config = Config {
-        guard: GuardConfig {
-            reserved_cpus: vec![0],
-            host_reserve_mib: 4096,
-            ..GuardConfig::default()
-        },
-        ..relaxed_config()
-    };
+    let config = Config { guard: GuardConfig { reserved_cpus: vec![0], host_reserve_mib: 4096, ..GuardConfig::default() }, ..relaxed_config() };
     let mut p = sim_pipeline(&sc, &[c::FIXTURE_HOSTILE], config);
     for _ in 0..40 {
         p.step().unwrap();
     }
     let m = p.backend.metrics();
-    assert_eq!(
-        m.pressure_events, 0,
-        "the guest floor held against 'shrink to 0'"
-    );
-    assert!(
-        m.lowest_host_available_kib >= 4096 * 1024,
-        "the host reserve held: {} KiB",
-        m.lowest_host_available_kib
-    );
+    assert_eq!(m.pressure_events, 0, "the guest floor held against 'shrink to 0'");
+    assert!(m.lowest_host_available_kib >= 4096 * 1024, "the host reserve held: {} KiB", m.lowest_host_available_kib);
     assert_eq!(p.applier.stats().pins, 0, "every hostile pin was refused");
     let g = p.guard.stats();
     assert!(g.rejected > 100 && g.clamped > 0, "{g:?}");
-    assert_eq!(
-        p.policies.slots()[0].stats().fallbacks,
-        0,
-        "a hostile but well-formed policy is not a failure"
-    );
+    assert_eq!(p.policies.slots()[0].stats().fallbacks, 0, "a hostile but well-formed policy is not a failure");
 }
 
 #[test]
 fn verdicts_reach_the_next_snapshot() {
     // The counter fixture proposes set-memory on a domain that does not exist;
     // its rejection must be in the verdicts of the next quantum's outcome.
-    let mut p = sim_pipeline(
-        &scenario("all-on-one"),
-        &[c::FIXTURE_COUNTER],
-        relaxed_config(),
-    );
+    let mut p = sim_pipeline(&scenario("all-on-one"), &[c::FIXTURE_COUNTER], relaxed_config());
     let first = p.step().unwrap();
-    assert!(
-        first
-            .verdicts
-            .iter()
-            .any(|v| v.reason.contains("not managed")),
-        "{:?}",
-        first.verdicts
-    );
+    assert!(first.verdicts.iter().any(|v| v.reason.contains("not managed")), "{:?}", first.verdicts);
 }

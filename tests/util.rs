@@ -16,34 +16,19 @@ pub fn root() -> PathBuf {
 
 /// A shipped scenario by name.
 pub fn scenario(name: &str) -> Scenario {
-    Scenario::load(
-        &root()
-            .join("examples/scenarios")
-            .join(format!("{name}.toml")),
-    )
-    .expect("shipped scenario loads")
+    Scenario::load(&root().join("examples/scenarios").join(format!("{name}.toml"))).expect("shipped scenario loads")
 }
 
 /// Limits that make hostile fixtures fail fast.
 pub fn tight_limits() -> Limits {
-    Limits {
-        decide_timeout_ms: 50,
-        max_memory_mib: 32,
-        ..Limits::default()
-    }
+    Limits { decide_timeout_ms: 50, max_memory_mib: 32, ..Limits::default() }
 }
 
 /// Defaults, but with a deadline that a loaded CI machine (guests burning
 /// CPU next door) cannot hit by accident: only the spinner fixture should
 /// ever time out in the tests.
 pub fn relaxed_config() -> Config {
-    Config {
-        limits: Limits {
-            decide_timeout_ms: 5_000,
-            ..Limits::default()
-        },
-        ..Config::default()
-    }
+    Config { limits: Limits { decide_timeout_ms: 5_000, ..Limits::default() }, ..Config::default() }
 }
 
 /// The same as a config file, for the binary.
@@ -73,10 +58,7 @@ pub struct Run {
 /// Runs the built binary; on any later assertion failure, the message
 /// carries the command and both streams (see [`Run::context`]).
 pub fn vm_balancer(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
-        .args(args)
-        .output()
-        .expect("binary runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).output().expect("binary runs");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -87,13 +69,7 @@ pub fn vm_balancer(args: &[&str]) -> Run {
 impl Run {
     /// Everything needed to understand a failure.
     pub fn context(&self, args: &[&str]) -> String {
-        format!(
-            "command: vm-balancer {}\nexit: {}\nstdout:\n{}\nstderr:\n{}",
-            args.join(" "),
-            self.code,
-            self.stdout,
-            self.stderr
-        )
+        format!("command: vm-balancer {}\nexit: {}\nstdout:\n{}\nstderr:\n{}", args.join(" "), self.code, self.stdout, self.stderr)
     }
 }
 

@@ -24,11 +24,7 @@ fn snapshot(domains: u32) -> Snapshot {
         let mut d = DomainBuilder::new(&format!("vm-{i}"));
         for v in 0..4 {
             let cpu = (i * 7 + v * 13) % 256;
-            d = d.vcpu_with_steal(
-                cpu,
-                ((i * 31 + v * 17) % 100) as f32 / 200.0,
-                ((i + v) % 10) as f32 / 100.0,
-            );
+            d = d.vcpu_with_steal(cpu, ((i * 31 + v * 17) % 100) as f32 / 200.0, ((i + v) % 10) as f32 / 100.0);
         }
         b = b.domain(d.memory_mib(4096, 2048, Some(((i * 37) % 1800) as u64)));
     }
@@ -51,23 +47,13 @@ fn snapshot(domains: u32) -> Snapshot {
 /// Where the time goes: the host's encode and a native decode of the snapshot.
 fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("codec");
-    group
-        .sample_size(20)
-        .warm_up_time(std::time::Duration::from_secs(1))
-        .measurement_time(std::time::Duration::from_secs(2));
+    group.sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(2));
     for n in [100u32, 1000] {
         let snap = snapshot(n);
         let bytes = encode_snapshot(&snap);
-        group.bench_with_input(BenchmarkId::new("encode", n), &snap, |b, snap| {
-            b.iter(|| encode_snapshot(snap).len())
-        });
+        group.bench_with_input(BenchmarkId::new("encode", n), &snap, |b, snap| b.iter(|| encode_snapshot(snap).len()));
         group.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
-            b.iter(|| {
-                vm_balancer::sdk::decode_snapshot(bytes)
-                    .unwrap()
-                    .domains
-                    .len()
-            })
+            b.iter(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap().domains.len())
         });
         let mut reused = Snapshot::default();
         group.bench_with_input(BenchmarkId::new("decode-into", n), &bytes, |b, bytes| {
@@ -76,15 +62,8 @@ fn codec(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("decode-nodrop", n), &bytes, |b, bytes| {
             b.iter_with_large_drop(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap())
         });
-        let limits = Limits {
-            decide_timeout_ms: 10_000,
-            max_memory_mib: 2048,
-            max_output_kib: 65536,
-            ..Limits::default()
-        };
-        let mut counter = PolicySet::new(&limits)
-            .load_spec(vm_balancer::components::FIXTURE_COUNTER)
-            .unwrap();
+        let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
+        let mut counter = PolicySet::new(&limits).load_spec(vm_balancer::components::FIXTURE_COUNTER).unwrap();
         group.bench_with_input(BenchmarkId::new("wasm-decode-only", n), &snap, |b, snap| {
             b.iter(|| counter.decide(&encode_snapshot(snap)).unwrap().len())
         });
@@ -106,23 +85,13 @@ fn bench(c: &mut Criterion) {
 /// `Runner`: the very code the wasm export runs (decode only what the policy
 /// reads, into last call's snapshot; decide; encode), compiled natively.
 fn decide<P: Policy>(c: &mut Criterion, builtin: Builtin) {
-    let limits = Limits {
-        decide_timeout_ms: 10_000,
-        max_memory_mib: 2048,
-        max_output_kib: 65536,
-        ..Limits::default()
-    };
+    let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
     let set = PolicySet::new(&limits);
     let mut group = c.benchmark_group(format!("decide-{}", builtin.name()));
-    group
-        .sample_size(20)
-        .warm_up_time(std::time::Duration::from_secs(1))
-        .measurement_time(std::time::Duration::from_secs(3));
+    group.sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
     for n in [10u32, 100, 1000, 10_000] {
         let mut snap = snapshot(n);
-        let mut wasm = set
-            .load_spec(&format!("builtin:{}", builtin.name()))
-            .unwrap();
+        let mut wasm = set.load_spec(&format!("builtin:{}", builtin.name())).unwrap();
         group.bench_function(BenchmarkId::new("wasm", n), |b| {
             b.iter(|| {
                 snap.quantum += 1;
@@ -136,19 +105,12 @@ fn decide<P: Policy>(c: &mut Criterion, builtin: Builtin) {
                 let out = native.decide(&encode_snapshot(&snap)).unwrap();
                 let actions = rmp_serde::from_slice::<Decision>(&out).unwrap().actions;
                 if std::env::var_os("VMB_BENCH_COUNT").is_some() && snap.quantum % 1000 == 0 {
-                    eprintln!(
-                        "{n} domains, quantum {}: {} actions",
-                        snap.quantum,
-                        actions.len()
-                    );
+                    eprintln!("{n} domains, quantum {}: {} actions", snap.quantum, actions.len());
                 }
                 actions.len()
             })
         });
-        eprintln!(
-            "snapshot bytes at {n} domains: {}",
-            encode_snapshot(&snap).len()
-        );
+        eprintln!("snapshot bytes at {n} domains: {}", encode_snapshot(&snap).len());
     }
     group.finish();
 }

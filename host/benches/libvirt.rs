@@ -17,20 +17,12 @@ const GUESTS: usize = 20;
 const GUEST_DIR: &str = "/var/lib/vm-balancer/guest";
 
 fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .arg("-c")
-        .arg("qemu:///system")
-        .args(args)
-        .output()
-        .expect("virsh runs")
+    Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().expect("virsh runs")
 }
 
 fn cleanup() {
     let list = virsh(&["list", "--name"]);
-    for name in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|n| n.starts_with("vmbbench-"))
-    {
+    for name in String::from_utf8_lossy(&list.stdout).lines().filter(|n| n.starts_with("vmbbench-")) {
         let _ = virsh(&["destroy", name]);
     }
 }
@@ -44,10 +36,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    assert!(
-        std::path::Path::new(GUEST_DIR).join("vmlinuz").exists(),
-        "run `bash .ci/setup.sh --libvirt` first"
-    );
+    assert!(std::path::Path::new(GUEST_DIR).join("vmlinuz").exists(), "run `bash .ci/setup.sh --libvirt` first");
     cleanup();
     for i in 0..GUESTS {
         let xml = format!(
@@ -62,16 +51,11 @@ fn main() {
         let file = std::env::temp_dir().join(format!("vmbbench-{i}.xml"));
         std::fs::write(&file, xml).unwrap();
         let out = virsh(&["create", file.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     std::thread::sleep(Duration::from_secs(20)); // boots, then idle
 
-    let mut backend =
-        LibvirtBackend::connect(LibvirtOptions::new("qemu:///system")).expect("libvirt reachable");
+    let mut backend = LibvirtBackend::connect(LibvirtOptions::new("qemu:///system")).expect("libvirt reachable");
     backend.collect().unwrap(); // first sight: pins, stats periods
     std::thread::sleep(Duration::from_secs(1));
     backend.collect().unwrap();
@@ -96,26 +80,12 @@ fn main() {
     );
     println!("collect  {GUESTS} idle guests: median {:.1} ms, {} libvirt calls per quantum (virsh domstats of all: {:.1} ms)", median(times), median(calls), virsh_ms);
 
-    let run_s: u64 = std::env::var("VMB_BENCH_RUN_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
     // Reaped by wait4 below, which also returns its resource usage.
     #[allow(clippy::zombie_processes)]
     let child = Command::new(exe)
-        .args([
-            "run",
-            "--dry-run",
-            "--quantum",
-            "1s",
-            "--quanta",
-            &run_s.to_string(),
-            "--policy",
-            "builtin:cpu",
-            "--policy",
-            "builtin:mem",
-        ])
+        .args(["run", "--dry-run", "--quantum", "1s", "--quanta", &run_s.to_string(), "--policy", "builtin:cpu", "--policy", "builtin:mem"])
         .spawn()
         .expect("daemon starts");
     let (mut status, mut usage) = (0i32, std::mem::MaybeUninit::<libc::rusage>::zeroed());
@@ -125,10 +95,7 @@ fn main() {
     assert_eq!(pid, child.id() as i32, "wait4 failed");
     // SAFETY: wait4 succeeded, so it wrote the rusage.
     let usage = unsafe { usage.assume_init() };
-    let cpu_s = usage.ru_utime.tv_sec as f64
-        + usage.ru_utime.tv_usec as f64 / 1e6
-        + usage.ru_stime.tv_sec as f64
-        + usage.ru_stime.tv_usec as f64 / 1e6;
+    let cpu_s = usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6 + usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6;
     println!(
         "daemon   {run_s} s at 1 s quantum, {GUESTS} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
         100.0 * cpu_s / run_s as f64,

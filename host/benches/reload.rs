@@ -38,52 +38,28 @@ fn compile_figures(name: &str, bytes: &[u8]) {
             })
             .collect(),
     );
-    println!(
-        "compile  {name:<28} {:>8} KiB   cold {:>9.1} ms   cached {:>7.3} ms",
-        bytes.len() / 1024,
-        cold.as_secs_f64() * 1e3,
-        warm
-    );
+    println!("compile  {name:<28} {:>8} KiB   cold {:>9.1} ms   cached {:>7.3} ms", bytes.len() / 1024, cold.as_secs_f64() * 1e3, warm);
 }
 
 fn swap_latency() {
     let limits = Limits::default();
     let mut samples = Vec::new();
-    let snapshot = SnapshotBuilder::new(4, 8 << 20)
-        .domain(DomainBuilder::new("a").vcpu(0, 0.5))
-        .build();
+    let snapshot = SnapshotBuilder::new(4, 8 << 20).domain(DomainBuilder::new("a").vcpu(0, 0.5)).build();
     for round in 0..5 {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("10-p.wasm"), Builtin::Cpu.wasm()).unwrap();
         let mut set = PolicySet::new(&limits);
-        let reloader = Reloader::spawn(
-            dir.path(),
-            &limits,
-            None,
-            set.last_snapshot(),
-            Duration::from_millis(200),
-        );
+        let reloader = Reloader::spawn(dir.path(), &limits, None, set.last_snapshot(), Duration::from_millis(200));
         assert!(reloader.wait_and_apply(&mut set, Duration::from_secs(30)));
         set.decide(&snapshot);
         let (tmp, target) = (dir.path().join(".tmp"), dir.path().join("10-p.wasm"));
-        std::fs::write(
-            &tmp,
-            if round % 2 == 0 {
-                Builtin::Classic.wasm()
-            } else {
-                Builtin::Mem.wasm()
-            },
-        )
-        .unwrap();
+        std::fs::write(&tmp, if round % 2 == 0 { Builtin::Classic.wasm() } else { Builtin::Mem.wasm() }).unwrap();
         let started = Instant::now();
         std::fs::rename(&tmp, &target).unwrap();
         loop {
             reloader.poll(&mut set);
             set.decide(&snapshot);
-            let name = set.slots()[0]
-                .policy()
-                .map(|p| p.info().name.clone())
-                .unwrap_or_default();
+            let name = set.slots()[0].policy().map(|p| p.info().name.clone()).unwrap_or_default();
             if name != "cpu-default" {
                 break;
             }
@@ -101,11 +77,7 @@ fn main() {
     for b in Builtin::ALL {
         compile_figures(&format!("builtin:{}", b.name()), b.wasm());
     }
-    for path in std::env::var("VMB_BENCH_COMPONENTS")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|p| !p.is_empty())
-    {
+    for path in std::env::var("VMB_BENCH_COMPONENTS").unwrap_or_default().split(':').filter(|p| !p.is_empty()) {
         match std::fs::read(PathBuf::from(path)) {
             Ok(bytes) => compile_figures(path, &bytes),
             Err(e) => println!("compile  {path}: cannot read ({e})"),

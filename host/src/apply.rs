@@ -41,16 +41,10 @@ impl Applier {
                 continue;
             }
             let result = match action {
-                Action::Pin {
-                    domain, vcpu, cpus, ..
-                } => backend
-                    .pin_vcpu(domain, *vcpu, cpus)
-                    .map(|()| self.stats.pins += 1),
-                Action::SetMemory {
-                    domain, target_kib, ..
-                } => backend
-                    .set_memory(domain, *target_kib)
-                    .map(|()| self.stats.memory += 1),
+                Action::Pin { domain, vcpu, cpus, .. } => backend.pin_vcpu(domain, *vcpu, cpus).map(|()| self.stats.pins += 1),
+                Action::SetMemory { domain, target_kib, .. } => {
+                    backend.set_memory(domain, *target_kib).map(|()| self.stats.memory += 1)
+                }
             };
             match result {
                 Ok(()) => {
@@ -62,10 +56,7 @@ impl Applier {
                         self.reported_gone.clear();
                     }
                     if self.reported_gone.insert(domain.clone()) {
-                        tracing::info!(
-                            domain,
-                            "domain disappeared before its action was applied; skipped"
-                        );
+                        tracing::info!(domain, "domain disappeared before its action was applied; skipped");
                     }
                 }
                 Err(error) => {

@@ -193,14 +193,8 @@ fn glob(pattern: &str, text: &str) -> bool {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         config.validate()?;
         Ok(config)
     }
@@ -209,37 +203,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
         if !(10..=3_600_000).contains(&self.quantum_ms) {
-            return bad(
-                "quantum_ms",
-                self.quantum_ms.to_string(),
-                "must be between 10 and 3600000",
-            );
+            return bad("quantum_ms", self.quantum_ms.to_string(), "must be between 10 and 3600000");
         }
         if self.limits.decide_timeout_ms == 0 || self.limits.decide_timeout_ms > 60_000 {
-            return bad(
-                "limits.decide_timeout_ms",
-                self.limits.decide_timeout_ms.to_string(),
-                "must be 1..=60000",
-            );
+            return bad("limits.decide_timeout_ms", self.limits.decide_timeout_ms.to_string(), "must be 1..=60000");
         }
         if self.limits.max_memory_mib < 1 || self.limits.max_memory_mib > 4096 {
-            return bad(
-                "limits.max_memory_mib",
-                self.limits.max_memory_mib.to_string(),
-                "must be 1..=4096",
-            );
+            return bad("limits.max_memory_mib", self.limits.max_memory_mib.to_string(), "must be 1..=4096");
         }
         if self.limits.max_consecutive_failures == 0 {
-            return bad(
-                "limits.max_consecutive_failures",
-                "0".into(),
-                "must be at least 1",
-            );
+            return bad("limits.max_consecutive_failures", "0".into(), "must be at least 1");
         }
-        for (key, pct) in [
-            ("guard.max_shrink_pct", self.guard.max_shrink_pct),
-            ("guard.max_grow_pct", self.guard.max_grow_pct),
-        ] {
+        for (key, pct) in [("guard.max_shrink_pct", self.guard.max_shrink_pct), ("guard.max_grow_pct", self.guard.max_grow_pct)] {
             if !(0.0..=100.0).contains(&pct) {
                 return bad(key, pct.to_string(), "must be a percentage, 0..=100");
             }
@@ -249,10 +224,7 @@ impl Config {
 
     /// The `[params]` table as policy parameters.
     pub fn policy_params(&self) -> BTreeMap<String, Param> {
-        self.params
-            .iter()
-            .map(|(k, v)| (k.clone(), to_param(v)))
-            .collect()
+        self.params.iter().map(|(k, v)| (k.clone(), to_param(v))).collect()
     }
 }
 
@@ -264,9 +236,7 @@ fn to_param(value: &toml::Value) -> Param {
         toml::Value::Boolean(b) => Param::Bool(*b),
         toml::Value::Datetime(d) => Param::Str(d.to_string()),
         toml::Value::Array(items) => Param::List(items.iter().map(to_param).collect()),
-        toml::Value::Table(t) => {
-            Param::Map(t.iter().map(|(k, v)| (k.clone(), to_param(v))).collect())
-        }
+        toml::Value::Table(t) => Param::Map(t.iter().map(|(k, v)| (k.clone(), to_param(v))).collect()),
     }
 }
 
@@ -285,21 +255,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let err = toml::from_str::<Config>("quantum_ms = 100\n[guard]\nhost_reserv_mib = 5\n")
-            .unwrap_err();
+        let err = toml::from_str::<Config>("quantum_ms = 100\n[guard]\nhost_reserv_mib = 5\n").unwrap_err();
         assert!(err.to_string().contains("host_reserv_mib"), "{err}");
     }
 
     #[test]
     fn out_of_range_values_are_named() {
-        let c = Config {
-            quantum_ms: 1,
-            ..Config::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("quantum_ms = 1"));
+        let c = Config { quantum_ms: 1, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("quantum_ms = 1"));
     }
 }

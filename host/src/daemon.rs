@@ -83,13 +83,8 @@ pub enum DaemonError {
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (number, unit) = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map_or((t, "s"), |i| (&t[..i], &t[i..]));
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 1s)"))?;
+    let (number, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map_or((t, "s"), |i| (&t[..i], &t[i..]));
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 1s)"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
@@ -172,15 +167,9 @@ fn install_signals() -> Result<Signals, DaemonError> {
     let stop = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .map_err(|source| DaemonError::Signal { signal, source })?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|source| DaemonError::Signal { signal, source })?;
     }
-    signal_hook::flag::register(SIGHUP, Arc::clone(&hup)).map_err(|source| {
-        DaemonError::Signal {
-            signal: SIGHUP,
-            source,
-        }
-    })?;
+    signal_hook::flag::register(SIGHUP, Arc::clone(&hup)).map_err(|source| DaemonError::Signal { signal: SIGHUP, source })?;
     Ok(Signals { stop, hup })
 }
 
@@ -194,9 +183,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     backend_options.read_only = options.dry_run;
     let backend: Box<dyn Backend> = match options.connect.strip_prefix("sim:") {
         // The simulator in real time: the daemon loop without a hypervisor.
-        Some(path) => Box::new(crate::sim::SimBackend::new(crate::sim::Scenario::load(
-            std::path::Path::new(path),
-        )?)),
+        Some(path) => Box::new(crate::sim::SimBackend::new(crate::sim::Scenario::load(std::path::Path::new(path))?)),
         None => Box::new(LibvirtBackend::new(backend_options)),
     };
     let policies = build_policies(&config, &options.policies)?;
@@ -206,10 +193,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     let reloader = if options.policies.is_empty() {
         crate::policy::dir::scan(&options.policy_dir)?;
         let cache_dir = config.state_dir.join("compile-cache");
-        let cache = match crate::policy::cache::CompileCache::new(
-            &cache_dir,
-            config.compile_cache_max_mib * 1024 * 1024,
-        ) {
+        let cache = match crate::policy::cache::CompileCache::new(&cache_dir, config.compile_cache_max_mib * 1024 * 1024) {
             Ok(cache) => Some(Arc::new(cache)),
             Err(error) => {
                 tracing::warn!(dir = %cache_dir.display(), %error, "no compile cache: policies are compiled at every load");
@@ -258,11 +242,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             Ok(outcome) => {
                 failing = false;
                 let count = |o: Outcome| outcome.verdicts.iter().filter(|v| v.outcome == o).count();
-                let (accepted, clamped, rejected) = (
-                    count(Outcome::Accepted),
-                    count(Outcome::Clamped),
-                    count(Outcome::Rejected),
-                );
+                let (accepted, clamped, rejected) = (count(Outcome::Accepted), count(Outcome::Clamped), count(Outcome::Rejected));
                 tracing::info!(
                     quantum = outcome.quantum,
                     domains = outcome.domains,
@@ -304,30 +284,15 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             std::thread::sleep((next_tick - now).min(Duration::from_millis(50)));
         }
     }
-    let why = if signals.stop.load(Ordering::SeqCst) {
-        "signal"
-    } else {
-        "quanta reached"
-    };
+    let why = if signals.stop.load(Ordering::SeqCst) { "signal" } else { "quanta reached" };
     if options.restore && !options.dry_run {
         match pipeline.backend.restore() {
-            Ok(n) => tracing::info!(
-                restored = n,
-                "restored the original pins and balloon targets"
-            ),
+            Ok(n) => tracing::info!(restored = n, "restored the original pins and balloon targets"),
             Err(error) => tracing::error!(%error, "restore failed"),
         }
     }
     let stats = pipeline.applier.stats();
-    tracing::info!(
-        why,
-        quanta = done,
-        pins = stats.pins,
-        memory = stats.memory,
-        gone = stats.gone,
-        failed = stats.failed,
-        "vm-balancer stopped"
-    );
+    tracing::info!(why, quanta = done, pins = stats.pins, memory = stats.memory, gone = stats.gone, failed = stats.failed, "vm-balancer stopped");
     Ok(())
 }
 
@@ -341,13 +306,7 @@ pub fn snapshot(config: &Config, uri: &str) -> Result<Snapshot, DaemonError> {
     backend.collect()?;
     std::thread::sleep(Duration::from_millis(u64::from(config.quantum_ms)));
     let observation = backend.collect()?;
-    Ok(snapshot::assemble(
-        observation,
-        0,
-        config,
-        &config.policy_params(),
-        Vec::new(),
-    ))
+    Ok(snapshot::assemble(observation, 0, config, &config.policy_params(), Vec::new()))
 }
 
 #[cfg(test)]
@@ -367,11 +326,7 @@ mod tests {
 
     #[test]
     fn a_bad_policy_file_becomes_a_fallback_slot() {
-        let set = build_policies(
-            &Config::default(),
-            &["/nonexistent/policy.wasm".into(), "builtin:mem".into()],
-        )
-        .unwrap();
+        let set = build_policies(&Config::default(), &["/nonexistent/policy.wasm".into(), "builtin:mem".into()]).unwrap();
         assert_eq!(set.slots().len(), 2);
         assert!(set.slots()[0].policy().is_none());
         assert!(set.slots()[1].policy().is_some());

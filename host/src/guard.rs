@@ -53,11 +53,7 @@ pub struct Checked {
 impl Checked {
     /// The verdicts a policy should hear about: rejected and clamped.
     pub fn feedback(&self) -> Vec<Verdict> {
-        self.verdicts
-            .iter()
-            .filter(|v| v.outcome != Outcome::Accepted)
-            .cloned()
-            .collect()
+        self.verdicts.iter().filter(|v| v.outcome != Outcome::Accepted).cloned().collect()
     }
 }
 
@@ -80,11 +76,7 @@ enum Check {
 impl Guard {
     /// A guard with these settings.
     pub fn new(config: GuardConfig) -> Self {
-        Guard {
-            config,
-            last_pinned: HashMap::new(),
-            stats: GuardStats::default(),
-        }
+        Guard { config, last_pinned: HashMap::new(), stats: GuardStats::default() }
     }
 
     /// Counters so far.
@@ -94,17 +86,11 @@ impl Guard {
 
     /// Checks a quantum's proposals against the snapshot they were made on.
     pub fn check(&mut self, snapshot: &Snapshot, proposals: Vec<Proposal>) -> Checked {
-        let domains: HashMap<&str, &Domain> = snapshot
-            .domains
-            .iter()
-            .map(|d| (d.name.as_str(), d))
-            .collect();
+        let domains: HashMap<&str, &Domain> = snapshot.domains.iter().map(|d| (d.name.as_str(), d)).collect();
         let usable: HashSet<u32> = snapshot.usable_cpus().map(|c| c.id).collect();
         let cooldown = self.config.pin_cooldown_quanta;
         let quantum = snapshot.quantum;
-        self.last_pinned.retain(|(d, _), q| {
-            domains.contains_key(d.as_str()) && quantum.saturating_sub(*q) < cooldown
-        });
+        self.last_pinned.retain(|(d, _), q| domains.contains_key(d.as_str()) && quantum.saturating_sub(*q) < cooldown);
 
         let host = &snapshot.host.memory;
         let host_short = host.available_kib < host.reserve_kib;
@@ -116,23 +102,11 @@ impl Guard {
 
         for Proposal { slot, action, .. } in proposals {
             let result = match &action {
-                Action::Pin {
-                    domain, vcpu, cpus, ..
-                } => match domains.get(domain.as_str()) {
-                    None => Check::Reject(format!(
-                        "domain {domain:?} is not managed or no longer exists"
-                    )),
+                Action::Pin { domain, vcpu, cpus, .. } => match domains.get(domain.as_str()) {
+                    None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
                         let key = (d.name.as_str(), *vcpu);
-                        let check = self.check_pin(
-                            d,
-                            *vcpu,
-                            cpus,
-                            &usable,
-                            pinned_by.get(&key),
-                            pins,
-                            quantum,
-                        );
+                        let check = self.check_pin(d, *vcpu, cpus, &usable, pinned_by.get(&key), pins, quantum);
                         if matches!(check, Check::Accept(_)) {
                             pinned_by.insert(key, slot.clone());
                             pins += 1;
@@ -140,21 +114,10 @@ impl Guard {
                         check
                     }
                 },
-                Action::SetMemory {
-                    domain, target_kib, ..
-                } => match domains.get(domain.as_str()) {
-                    None => Check::Reject(format!(
-                        "domain {domain:?} is not managed or no longer exists"
-                    )),
+                Action::SetMemory { domain, target_kib, .. } => match domains.get(domain.as_str()) {
+                    None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
-                        let check = self.check_memory(
-                            d,
-                            *target_kib,
-                            memory_by.get(d.name.as_str()),
-                            host_short,
-                            host,
-                            &mut grow_budget_kib,
-                        );
+                        let check = self.check_memory(d, *target_kib, memory_by.get(d.name.as_str()), host_short, host, &mut grow_budget_kib);
                         if matches!(check, Check::Accept(_) | Check::Clamp(..)) {
                             memory_by.insert(d.name.as_str(), slot.clone());
                         }
@@ -191,12 +154,7 @@ impl Guard {
                     (Outcome::Rejected, action, why)
                 }
             };
-            checked.verdicts.push(Verdict {
-                slot,
-                action: applied,
-                outcome,
-                reason,
-            });
+            checked.verdicts.push(Verdict { slot, action: applied, outcome, reason });
         }
         checked
     }
@@ -213,25 +171,16 @@ impl Guard {
         quantum: u64,
     ) -> Check {
         let Some(v) = d.vcpus.iter().find(|v| v.id == vcpu) else {
-            return Check::Reject(format!(
-                "domain {:?} has no vCPU {vcpu} (it has {})",
-                d.name,
-                d.vcpus.len()
-            ));
+            return Check::Reject(format!("domain {:?} has no vCPU {vcpu} (it has {})", d.name, d.vcpus.len()));
         };
         if cpus.is_empty() {
             return Check::Reject(format!("empty CPU set for domain {:?} vCPU {vcpu}", d.name));
         }
         if let Some(bad) = cpus.iter().find(|c| !usable.contains(c)) {
-            return Check::Reject(format!(
-                "CPU {bad} is offline, reserved for the host, or does not exist"
-            ));
+            return Check::Reject(format!("CPU {bad} is offline, reserved for the host, or does not exist"));
         }
         if let Some(slot) = earlier {
-            return Check::Reject(format!(
-                "conflict: slot {slot} already pinned domain {:?} vCPU {vcpu} this quantum",
-                d.name
-            ));
+            return Check::Reject(format!("conflict: slot {slot} already pinned domain {:?} vCPU {vcpu} this quantum", d.name));
         }
         let mut wanted = cpus.to_vec();
         wanted.sort_unstable();
@@ -253,17 +202,9 @@ impl Guard {
             }
         }
         if self.config.max_pins_per_quantum > 0 && pins >= self.config.max_pins_per_quantum {
-            return Check::Reject(format!(
-                "rate limit: at most {} pins per quantum",
-                self.config.max_pins_per_quantum
-            ));
+            return Check::Reject(format!("rate limit: at most {} pins per quantum", self.config.max_pins_per_quantum));
         }
-        Check::Accept(Action::Pin {
-            domain: d.name.clone(),
-            vcpu,
-            cpus: wanted,
-            reason: String::new(),
-        })
+        Check::Accept(Action::Pin { domain: d.name.clone(), vcpu, cpus: wanted, reason: String::new() })
     }
 
     fn check_memory(
@@ -276,10 +217,7 @@ impl Guard {
         grow_budget_kib: &mut u64,
     ) -> Check {
         if let Some(slot) = earlier {
-            return Check::Reject(format!(
-                "conflict: slot {slot} already set domain {:?} memory this quantum",
-                d.name
-            ));
+            return Check::Reject(format!("conflict: slot {slot} already set domain {:?} memory this quantum", d.name));
         }
         let m = &d.memory;
         let current = m.target_kib;
@@ -291,23 +229,16 @@ impl Guard {
         }
         if target < current {
             let Some(used) = m.used_kib() else {
-                return Check::Reject(format!(
-                    "domain {:?} reports no balloon stats: cannot shrink it safely",
-                    d.name
-                ));
+                return Check::Reject(format!("domain {:?} reports no balloon stats: cannot shrink it safely", d.name));
             };
-            let floor = (self.config.guest_floor_mib * MIB)
-                .max(used + self.config.guest_margin_mib * MIB)
-                .min(m.max_kib);
+            let floor = (self.config.guest_floor_mib * MIB).max(used + self.config.guest_margin_mib * MIB).min(m.max_kib);
             if target < floor {
                 if floor >= current {
                     return Check::Reject(format!(
                         "target {asked_kib} KiB is below the guest floor {floor} KiB (used {used} KiB + margin) and the guest is already at or below it"
                     ));
                 }
-                why.push(format!(
-                    "below guest floor {floor} KiB (used {used} KiB + margin)"
-                ));
+                why.push(format!("below guest floor {floor} KiB (used {used} KiB + margin)"));
                 target = floor;
             }
             let max_step = (m.max_kib as f64 * self.config.max_shrink_pct / 100.0) as u64;
@@ -335,26 +266,15 @@ impl Guard {
                         host.reserve_kib
                     ));
                 }
-                why.push(format!(
-                    "host OOM guard: only {} KiB left above the reserve",
-                    *grow_budget_kib
-                ));
+                why.push(format!("host OOM guard: only {} KiB left above the reserve", *grow_budget_kib));
                 target = current + *grow_budget_kib;
             }
             *grow_budget_kib -= target - current;
         }
         if target == current {
-            return if why.is_empty() {
-                Check::Drop
-            } else {
-                Check::Reject(why.join("; "))
-            };
+            return if why.is_empty() { Check::Drop } else { Check::Reject(why.join("; ")) };
         }
-        let action = Action::SetMemory {
-            domain: d.name.clone(),
-            target_kib: target,
-            reason: String::new(),
-        };
+        let action = Action::SetMemory { domain: d.name.clone(), target_kib: target, reason: String::new() };
         if why.is_empty() {
             Check::Accept(action)
         } else {

@@ -136,10 +136,7 @@ fn init_logging(filter: Option<&str>) {
         .map(tracing_subscriber::EnvFilter::new)
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     vm_balancer::sdk::set_native_log_hook(|level, message| {
         use vm_balancer::sdk::Level;
         match level {
@@ -162,12 +159,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
-        Command::Simulate {
-            scenario,
-            policies,
-            quanta,
-            json,
-        } => {
+        Command::Simulate { scenario, policies, quanta, json } => {
             let scenario = Scenario::load(&scenario)?;
             let report = simulate(&scenario, &policies, &config, quanta)?;
             if json {
@@ -177,31 +169,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy {
-            command: PolicyCommand::Check { file },
-        } => policy_check(&config, &file),
-        Command::Run {
-            connect,
-            quantum,
-            dry_run,
-            quanta,
-            policies,
-            no_restore,
-            policy_dir,
-        } => {
-            let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(
-                config.quantum_ms,
-            )));
+        Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&config, &file),
+        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir } => {
+            let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
             let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
-            let options = vm_balancer::daemon::RunOptions {
-                connect,
-                quantum,
-                dry_run,
-                quanta,
-                policies,
-                restore: !no_restore,
-                policy_dir,
-            };
+            let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -219,29 +191,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
     let set = PolicySet::new(&config.limits);
-    let mut policy = set
-        .load_spec(file)
-        .with_context(|| format!("{file} is not a usable vm-balancer policy"))?;
+    let mut policy = set.load_spec(file).with_context(|| format!("{file} is not a usable vm-balancer policy"))?;
     let info = policy.info().clone();
     println!("policy   {file}");
     println!("name     {} {}", info.name, info.version);
-    println!(
-        "manages  {}",
-        match (info.cpu, info.memory) {
-            (true, true) => "cpu, memory",
-            (true, false) => "cpu",
-            (false, true) => "memory",
-            (false, false) => "nothing (declares neither cpu nor memory)",
-        }
-    );
-    println!(
-        "imports  {}",
-        if policy.imports().is_empty() {
-            "(none)".to_string()
-        } else {
-            policy.imports().join(", ")
-        }
-    );
+    println!("manages  {}", match (info.cpu, info.memory) {
+        (true, true) => "cpu, memory",
+        (true, false) => "cpu",
+        (false, true) => "memory",
+        (false, false) => "nothing (declares neither cpu nor memory)",
+    });
+    println!("imports  {}", if policy.imports().is_empty() { "(none)".to_string() } else { policy.imports().join(", ") });
     println!("exports  {}", policy.exports().join(", "));
     let mut failed = 0;
     for (label, snapshot) in vm_balancer::policy::samples::samples() {
@@ -249,11 +209,7 @@ fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
         let started = std::time::Instant::now();
         match policy.decide(&bytes) {
             Ok(actions) => {
-                println!(
-                    "sample   {label}: {} action(s) in {:.2?}",
-                    actions.len(),
-                    started.elapsed()
-                );
+                println!("sample   {label}: {} action(s) in {:.2?}", actions.len(), started.elapsed());
                 for action in &actions {
                     println!("           {action}  ({})", action.reason());
                 }
@@ -293,34 +249,19 @@ fn print_snapshot(s: &Snapshot) {
     }
     for d in &s.domains {
         let mem = &d.memory;
-        let used = mem
-            .used_kib()
-            .map_or("?".to_string(), |u| (u / 1024).to_string());
+        let used = mem.used_kib().map_or("?".to_string(), |u| (u / 1024).to_string());
         println!(
             "domain {} ({}){}: balloon {} / max {} MiB, used {} MiB",
             d.name,
             d.uuid,
-            if d.tags.is_empty() {
-                String::new()
-            } else {
-                format!(" tags {:?}", d.tags)
-            },
+            if d.tags.is_empty() { String::new() } else { format!(" tags {:?}", d.tags) },
             mem.target_kib / 1024,
             mem.max_kib / 1024,
             used
         );
         for v in &d.vcpus {
-            let steal = v
-                .steal
-                .map_or("?".to_string(), |x| format!("{:.1}%", x * 100.0));
-            println!(
-                "  vcpu {}: on cpu {}, affinity {:?}, usage {:.1}%, steal {}",
-                v.id,
-                v.cpu,
-                v.affinity,
-                v.usage * 100.0,
-                steal
-            );
+            let steal = v.steal.map_or("?".to_string(), |x| format!("{:.1}%", x * 100.0));
+            println!("  vcpu {}: on cpu {}, affinity {:?}, usage {:.1}%, steal {}", v.id, v.cpu, v.affinity, v.usage * 100.0, steal);
         }
     }
 }

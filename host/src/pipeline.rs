@@ -73,19 +73,12 @@ impl<B: Backend> Pipeline<B> {
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
         let observation = self.backend.collect()?;
-        let snapshot = snapshot::assemble(
-            observation,
-            self.quantum,
-            &self.config,
-            &self.params,
-            std::mem::take(&mut self.feedback),
-        );
+        let snapshot = snapshot::assemble(observation, self.quantum, &self.config, &self.params, std::mem::take(&mut self.feedback));
         let proposals = self.policies.decide(&snapshot);
         let proposed = proposals.len();
         let fallback_slots = self.policies.fell_back().to_vec();
         let checked: Checked = self.guard.check(&snapshot, proposals);
-        self.applier
-            .apply(&mut self.backend, &checked.accepted, self.dry_run);
+        self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();
         let outcome = QuantumOutcome {
             quantum: self.quantum,

@@ -227,11 +227,7 @@ unsafe fn parse_record(record: sys::virDomainStatsRecordPtr) -> (VirDomain, DomS
     let (dom, params, nparams) = unsafe {
         let r = &*record;
         sys::virDomainRef(r.dom);
-        (
-            VirDomain::from_ptr(r.dom),
-            r.params,
-            r.nparams.max(0) as usize,
-        )
+        (VirDomain::from_ptr(r.dom), r.params, r.nparams.max(0) as usize)
     };
     let mut stats = DomStats::default();
     for i in 0..nparams {
@@ -240,9 +236,7 @@ unsafe fn parse_record(record: sys::virDomainStatsRecordPtr) -> (VirDomain, DomS
         // union member read is the one `type_` names.
         let (field, value) = unsafe {
             let p = &*params.add(i);
-            let field = CStr::from_ptr(p.field.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            let field = CStr::from_ptr(p.field.as_ptr()).to_string_lossy().into_owned();
             let value: Option<i128> = match p.type_ as u32 {
                 sys::VIR_TYPED_PARAM_INT => Some(p.value.i as i128),
                 sys::VIR_TYPED_PARAM_UINT => Some(p.value.ui as i128),
@@ -304,11 +298,7 @@ pub struct LibvirtBackend {
 }
 
 fn hypervisor(uri: &str, operation: &'static str, error: &VirError) -> BackendError {
-    BackendError::Hypervisor {
-        uri: uri.to_string(),
-        operation,
-        message: error.message().to_string(),
-    }
+    BackendError::Hypervisor { uri: uri.to_string(), operation, message: error.message().to_string() }
 }
 
 fn unsupported_flags(error: &VirError) -> bool {
@@ -316,10 +306,7 @@ fn unsupported_flags(error: &VirError) -> bool {
 }
 
 fn is_gone(error: &VirError) -> bool {
-    matches!(
-        error.code(),
-        ErrorNumber::NoDomain | ErrorNumber::OperationInvalid
-    )
+    matches!(error.code(), ErrorNumber::NoDomain | ErrorNumber::OperationInvalid)
 }
 
 impl LibvirtBackend {
@@ -373,10 +360,7 @@ impl LibvirtBackend {
                 return Err(BackendError::Hypervisor {
                     uri: self.options.uri.clone(),
                     operation: "reconnect",
-                    message: format!(
-                        "not connected; next attempt in {:.1?}",
-                        self.next_connect - now
-                    ),
+                    message: format!("not connected; next attempt in {:.1?}", self.next_connect - now),
                 });
             }
             self.calls += 1;
@@ -416,10 +400,7 @@ impl LibvirtBackend {
 
     /// Drops a connection that failed, if it is dead.
     fn check_alive(&mut self) {
-        let alive = self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.is_alive().unwrap_or(false));
+        let alive = self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
         if !alive {
             if let Some(mut conn) = self.conn.take() {
                 let _ = conn.close();
@@ -445,9 +426,7 @@ impl LibvirtBackend {
             let bytes = unsafe { std::slice::from_raw_parts(map, n.div_ceil(8)) }.to_vec();
             // SAFETY: `map` was allocated by libvirt with malloc; freed once.
             unsafe { libc::free(map.cast()) };
-            let mut cpus: Vec<(u32, bool)> = (0..n)
-                .map(|i| (i as u32, bytes[i / 8] & (1 << (i % 8)) != 0))
-                .collect();
+            let mut cpus: Vec<(u32, bool)> = (0..n).map(|i| (i as u32, bytes[i / 8] & (1 << (i % 8)) != 0)).collect();
             // Some drivers count more CPUs in node info than in the map.
             *calls += 1;
             let info = conn.get_node_info().map(|i| i.cpus as usize).unwrap_or(0);
@@ -491,11 +470,7 @@ impl LibvirtBackend {
     }
 
     fn cpumap(&self, cpus: &[u32]) -> Vec<u8> {
-        let mut map = vec![
-            0u8;
-            self.maplen()
-                .max(cpus.iter().map(|c| *c as usize / 8 + 1).max().unwrap_or(1))
-        ];
+        let mut map = vec![0u8; self.maplen().max(cpus.iter().map(|c| *c as usize / 8 + 1).max().unwrap_or(1))];
         for cpu in cpus {
             map[*cpu as usize / 8] |= 1 << (cpu % 8);
         }
@@ -503,34 +478,16 @@ impl LibvirtBackend {
     }
 
     /// Live (pCPU, affinity) of each vCPU: one virDomainGetVcpus call.
-    fn read_vcpus(
-        &mut self,
-        dom: &VirDomain,
-        nvcpus: u32,
-    ) -> Result<BTreeMap<u32, (u32, Vec<u32>)>, VirError> {
+    fn read_vcpus(&mut self, dom: &VirDomain, nvcpus: u32) -> Result<BTreeMap<u32, (u32, Vec<u32>)>, VirError> {
         let n = nvcpus.max(1) as usize;
         let maplen = self.maplen();
-        let mut info = vec![
-            sys::virVcpuInfo {
-                number: 0,
-                state: 0,
-                cpuTime: 0,
-                cpu: -1
-            };
-            n
-        ];
+        let mut info = vec![sys::virVcpuInfo { number: 0, state: 0, cpuTime: 0, cpu: -1 }; n];
         let mut maps = vec![0u8; n * maplen];
         self.calls += 1;
         // SAFETY: `info` has room for `n` entries and `maps` for `n` maps of
         // `maplen` bytes, as the call is told; `dom` is a valid handle.
         let got = unsafe {
-            sys::virDomainGetVcpus(
-                dom.as_ptr(),
-                info.as_mut_ptr(),
-                n as libc::c_int,
-                maps.as_mut_ptr(),
-                maplen as libc::c_int,
-            )
+            sys::virDomainGetVcpus(dom.as_ptr(), info.as_mut_ptr(), n as libc::c_int, maps.as_mut_ptr(), maplen as libc::c_int)
         };
         if got < 0 {
             return Err(VirError::last_error());
@@ -538,15 +495,9 @@ impl LibvirtBackend {
         let mut out = BTreeMap::new();
         for (i, v) in info.iter().take(got as usize).enumerate() {
             let map = &maps[i * maplen..(i + 1) * maplen];
-            let affinity: Vec<u32> = (0..maplen * 8)
-                .filter(|c| map[c / 8] & (1 << (c % 8)) != 0)
-                .map(|c| c as u32)
-                .collect();
-            let cpu = if v.cpu >= 0 {
-                v.cpu as u32
-            } else {
-                affinity.first().copied().unwrap_or(0)
-            };
+            let affinity: Vec<u32> =
+                (0..maplen * 8).filter(|c| map[c / 8] & (1 << (c % 8)) != 0).map(|c| c as u32).collect();
+            let cpu = if v.cpu >= 0 { v.cpu as u32 } else { affinity.first().copied().unwrap_or(0) };
             out.insert(v.number, (cpu, affinity));
         }
         Ok(out)
@@ -555,9 +506,7 @@ impl LibvirtBackend {
     /// Reads the opt-out element, tags and autodeflate from the live XML.
     fn read_xml(&mut self, dom: &VirDomain) -> (bool, Vec<String>, bool) {
         self.calls += 1;
-        let Ok(xml) = dom.get_xml_desc(0) else {
-            return (false, Vec::new(), false);
-        };
+        let Ok(xml) = dom.get_xml_desc(0) else { return (false, Vec::new(), false) };
         parse_domain_xml(&xml)
     }
 
@@ -569,24 +518,15 @@ impl LibvirtBackend {
             Some(n) => n,
             None => {
                 self.calls += 1;
-                dom.get_info()
-                    .map(|i| i.nr_virt_cpu)
-                    .unwrap_or(stats.vcpus.len() as u32)
+                dom.get_info().map(|i| i.nr_virt_cpu).unwrap_or(stats.vcpus.len() as u32)
             }
         };
-        let known = self
-            .domains
-            .get(uuid)
-            .map(|d| (d.id == id, d.excluded, d.tags.clone(), d.autodeflate));
+        let known = self.domains.get(uuid).map(|d| (d.id == id, d.excluded, d.tags.clone(), d.autodeflate));
         let (excluded, tags, autodeflate) = match known {
             Some((true, excluded, tags, autodeflate)) => (excluded, tags, autodeflate),
             _ => {
                 let (meta_excluded, tags, autodeflate) = self.read_xml(dom);
-                (
-                    meta_excluded || self.options.exclude.matches(name, uuid),
-                    tags,
-                    autodeflate,
-                )
+                (meta_excluded || self.options.exclude.matches(name, uuid), tags, autodeflate)
             }
         };
         let previous = self.domains.remove(uuid).filter(|d| d.id == id);
@@ -610,11 +550,7 @@ impl LibvirtBackend {
         state.prev = None;
         if first_sight {
             if excluded {
-                tracing::info!(
-                    domain = name,
-                    uuid,
-                    "domain excluded (config or metadata); never touched"
-                );
+                tracing::info!(domain = name, uuid, "domain excluded (config or metadata); never touched");
             } else {
                 tracing::info!(domain = name, uuid, vcpus = nvcpus, "new domain");
             }
@@ -622,10 +558,7 @@ impl LibvirtBackend {
         if !excluded {
             if first_sight && !self.options.read_only && self.options.stats_period_s > 0 {
                 self.calls += 1;
-                if let Err(error) = dom.set_memory_stats_period(
-                    self.options.stats_period_s,
-                    sys::VIR_DOMAIN_AFFECT_LIVE,
-                ) {
+                if let Err(error) = dom.set_memory_stats_period(self.options.stats_period_s, sys::VIR_DOMAIN_AFFECT_LIVE) {
                     tracing::debug!(domain = name, %error, "cannot set the balloon stats period");
                 }
             }
@@ -648,9 +581,7 @@ impl LibvirtBackend {
                                 v.affinity = vec![cpu];
                                 v.last_set = Some(vec![cpu]);
                             }
-                            Err(error) => {
-                                tracing::warn!(domain = name, vcpu = n, cpu, %error, "initial pin failed")
-                            }
+                            Err(error) => tracing::warn!(domain = name, vcpu = n, cpu, %error, "initial pin failed"),
                         }
                     }
                 }
@@ -665,9 +596,7 @@ impl LibvirtBackend {
     /// Re-reads live affinity; a vCPU whose affinity differs from the
     /// daemon's last pin is held.
     fn audit(&mut self, uuid: &str, dom: &VirDomain) {
-        let Some(nvcpus) = self.domains.get(uuid).map(|d| d.nvcpus) else {
-            return;
-        };
+        let Some(nvcpus) = self.domains.get(uuid).map(|d| d.nvcpus) else { return };
         let live = match self.read_vcpus(dom, nvcpus) {
             Ok(live) => live,
             Err(error) => {
@@ -680,9 +609,7 @@ impl LibvirtBackend {
         let state = self.domains.get_mut(uuid).expect("checked above");
         state.audited = self.quantum;
         for (n, (cpu, affinity)) in live {
-            let Some(v) = state.vcpus.get_mut(&n) else {
-                continue;
-            };
+            let Some(v) = state.vcpus.get_mut(&n) else { continue };
             v.cpu = cpu;
             if v.hold_until.is_some_and(|until| now >= until) {
                 tracing::info!(domain = %state.name, vcpu = n, "external pin hold expired; the daemon manages this vCPU again");
@@ -710,13 +637,9 @@ impl LibvirtBackend {
             let text = std::fs::read_to_string("/proc/stat").ok()?;
             let mut out = vec![CpuTimes::default(); self.host_cpus.len()];
             for line in text.lines() {
-                let Some(rest) = line.strip_prefix("cpu") else {
-                    continue;
-                };
+                let Some(rest) = line.strip_prefix("cpu") else { continue };
                 let mut parts = rest.split_whitespace();
-                let Some(Ok(id)) = parts.next().map(str::parse::<usize>) else {
-                    continue;
-                };
+                let Some(Ok(id)) = parts.next().map(str::parse::<usize>) else { continue };
                 // user nice system idle iowait irq softirq steal (USER_HZ ticks).
                 let v: Vec<u64> = parts.take(8).filter_map(|p| p.parse().ok()).collect();
                 if v.len() < 5 || id >= out.len() {
@@ -724,10 +647,7 @@ impl LibvirtBackend {
                 }
                 let idle = v[3] + v[4];
                 let total: u64 = v.iter().sum();
-                out[id] = CpuTimes {
-                    busy: total - idle,
-                    total,
-                };
+                out[id] = CpuTimes { busy: total - idle, total };
             }
             return Some(out);
         }
@@ -738,17 +658,12 @@ impl LibvirtBackend {
                 out.push(CpuTimes::default());
                 continue;
             }
-            let mut params = [sys::virNodeCPUStats {
-                field: [0; 80],
-                value: 0,
-            }; 8];
+            let mut params = [sys::virNodeCPUStats { field: [0; 80], value: 0 }; 8];
             let mut n: libc::c_int = params.len() as libc::c_int;
             self.calls += 1;
             // SAFETY: `conn` is the open connection's pointer (self.conn is
             // not dropped meanwhile); `params` has room for `n` entries.
-            let rc = unsafe {
-                sys::virNodeGetCPUStats(conn, id as libc::c_int, params.as_mut_ptr(), &mut n, 0)
-            };
+            let rc = unsafe { sys::virNodeGetCPUStats(conn, id as libc::c_int, params.as_mut_ptr(), &mut n, 0) };
             if rc < 0 {
                 return None;
             }
@@ -777,65 +692,35 @@ impl LibvirtBackend {
                         .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 };
                 if let (Some(total), Some(avail)) = (field("MemTotal:"), field("MemAvailable:")) {
-                    return HostMemory {
-                        total_kib: total,
-                        available_kib: avail,
-                        reserve_kib: 0,
-                    };
+                    return HostMemory { total_kib: total, available_kib: avail, reserve_kib: 0 };
                 }
             }
         }
-        let Some(conn) = self.conn.as_ref().map(Connect::as_ptr) else {
-            return HostMemory::default();
-        };
-        let mut params = [sys::virNodeMemoryStats {
-            field: [0; 80],
-            value: 0,
-        }; 8];
+        let Some(conn) = self.conn.as_ref().map(Connect::as_ptr) else { return HostMemory::default() };
+        let mut params = [sys::virNodeMemoryStats { field: [0; 80], value: 0 }; 8];
         let mut n: libc::c_int = params.len() as libc::c_int;
         self.calls += 1;
         // SAFETY: `params` has room for `n` entries, as the call is told.
         let rc = unsafe {
-            sys::virNodeGetMemoryStats(
-                conn,
-                sys::VIR_NODE_MEMORY_STATS_ALL_CELLS,
-                params.as_mut_ptr(),
-                &mut n,
-                0,
-            )
+            sys::virNodeGetMemoryStats(conn, sys::VIR_NODE_MEMORY_STATS_ALL_CELLS, params.as_mut_ptr(), &mut n, 0)
         };
         if rc == 0 {
             let mut m: HashMap<String, u64> = HashMap::new();
             for p in params.iter().take(n.max(0) as usize) {
                 // SAFETY: libvirt NUL-terminates `field`.
-                let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned();
+                let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }.to_string_lossy().into_owned();
                 m.insert(field, p.value);
             }
             let total = m.get("total").copied().unwrap_or(0);
-            let avail = ["free", "buffers", "cached"]
-                .iter()
-                .filter_map(|k| m.get(*k))
-                .sum();
-            return HostMemory {
-                total_kib: total,
-                available_kib: avail,
-                reserve_kib: 0,
-            };
+            let avail = ["free", "buffers", "cached"].iter().filter_map(|k| m.get(*k)).sum();
+            return HostMemory { total_kib: total, available_kib: avail, reserve_kib: 0 };
         }
         // Drivers without node memory stats (the test driver).
         self.calls += 2;
-        let Some(conn) = self.conn.as_ref() else {
-            return HostMemory::default();
-        };
+        let Some(conn) = self.conn.as_ref() else { return HostMemory::default() };
         let total = conn.get_node_info().map(|i| i.memory).unwrap_or(0);
         let free = conn.get_free_memory().map(|b| b / 1024).unwrap_or(0);
-        HostMemory {
-            total_kib: total,
-            available_kib: free,
-            reserve_kib: 0,
-        }
+        HostMemory { total_kib: total, available_kib: free, reserve_kib: 0 }
     }
 
     fn host(&mut self) -> Host {
@@ -847,11 +732,7 @@ impl LibvirtBackend {
                 .map(|(p, n)| {
                     let total = n.total.saturating_sub(p.total);
                     let busy = n.busy.saturating_sub(p.busy);
-                    if total == 0 {
-                        0.0
-                    } else {
-                        (busy as f64 / total as f64).clamp(0.0, 1.0) as f32
-                    }
+                    if total == 0 { 0.0 } else { (busy as f64 / total as f64).clamp(0.0, 1.0) as f32 }
                 })
                 .collect(),
             _ => vec![0.0; self.host_cpus.len()],
@@ -861,18 +742,9 @@ impl LibvirtBackend {
             .host_cpus
             .iter()
             .enumerate()
-            .map(|(i, (id, online))| HostCpu {
-                id: *id,
-                online: *online,
-                reserved: false,
-                usage: usage.get(i).copied().unwrap_or(0.0),
-                node: 0,
-            })
+            .map(|(i, (id, online))| HostCpu { id: *id, online: *online, reserved: false, usage: usage.get(i).copied().unwrap_or(0.0), node: 0 })
             .collect();
-        Host {
-            cpus,
-            memory: self.host_memory(),
-        }
+        Host { cpus, memory: self.host_memory() }
     }
 
     /// Builds the observed domain and advances its sample.
@@ -890,10 +762,7 @@ impl LibvirtBackend {
         if state.excluded {
             return None;
         }
-        let wall_ns = prev
-            .as_ref()
-            .map(|p| now.duration_since(p.at).as_nanos() as f64)
-            .filter(|w| *w > 0.0);
+        let wall_ns = prev.as_ref().map(|p| now.duration_since(p.at).as_nanos() as f64).filter(|w| *w > 0.0);
         let delta = |new: Option<u64>, old: Option<u64>| match (new, old) {
             (Some(n), Some(o)) => n.checked_sub(o),
             _ => None,
@@ -901,29 +770,17 @@ impl LibvirtBackend {
         let mut vcpus = Vec::new();
         for (n, v) in &state.vcpus {
             let counters = stats.vcpus.get(n).copied().unwrap_or_default();
-            let old = prev
-                .as_ref()
-                .and_then(|p| p.vcpus.get(n))
-                .copied()
-                .unwrap_or_default();
+            let old = prev.as_ref().and_then(|p| p.vcpus.get(n)).copied().unwrap_or_default();
             let (usage, steal) = match wall_ns {
                 Some(wall) => {
-                    let usage = delta(counters.time, old.time)
-                        .map(|d| (d as f64 / wall).clamp(0.0, 1.0) as f32);
-                    let steal = delta(counters.delay, old.delay)
-                        .map(|d| (d as f64 / wall).clamp(0.0, 1.0) as f32);
+                    let usage = delta(counters.time, old.time).map(|d| (d as f64 / wall).clamp(0.0, 1.0) as f32);
+                    let steal = delta(counters.delay, old.delay).map(|d| (d as f64 / wall).clamp(0.0, 1.0) as f32);
                     // A counter that went backwards: no data this quantum.
                     (usage.unwrap_or(0.0), usage.and(steal))
                 }
                 None => (0.0, None),
             };
-            vcpus.push(Vcpu {
-                id: *n,
-                cpu: v.cpu,
-                affinity: v.affinity.as_slice().into(),
-                usage,
-                steal,
-            });
+            vcpus.push(Vcpu { id: *n, cpu: v.cpu, affinity: v.affinity.as_slice().into(), usage, steal });
         }
         let actual = balloon("current").unwrap_or(0);
         // While a balloon moves, report the target it moves to and no guest
@@ -952,32 +809,16 @@ impl LibvirtBackend {
             major_faults: delta(balloon("major_fault"), prev.as_ref().and_then(|p| p.major)),
             autodeflate: state.autodeflate,
         };
-        Some(Domain {
-            name: state.name.clone(),
-            uuid: uuid.to_string(),
-            tags: state.tags.clone(),
-            vcpus,
-            memory,
-        })
+        Some(Domain { name: state.name.clone(), uuid: uuid.to_string(), tags: state.tags.clone(), vcpus, memory })
     }
 
     fn bulk_stats(&mut self) -> Result<StatsList, BackendError> {
         let conn = self.ensure_connected()?;
         let mut ptr: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
-        let groups = sys::VIR_DOMAIN_STATS_STATE
-            | sys::VIR_DOMAIN_STATS_CPU_TOTAL
-            | sys::VIR_DOMAIN_STATS_VCPU
-            | sys::VIR_DOMAIN_STATS_BALLOON;
+        let groups = sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BALLOON;
         // SAFETY: `conn` is open; on success libvirt stores a NULL-terminated
         // array of records in `ptr`, owned by the returned StatsList.
-        let n = unsafe {
-            sys::virConnectGetAllDomainStats(
-                conn.as_ptr(),
-                groups,
-                &mut ptr,
-                sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
-            )
-        };
+        let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), groups, &mut ptr, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE) };
         self.calls += 1;
         if n < 0 {
             let error = VirError::last_error();
@@ -985,10 +826,7 @@ impl LibvirtBackend {
             self.check_alive();
             return Err(hypervisor(&uri, "bulk domain stats", &error));
         }
-        Ok(StatsList {
-            ptr,
-            len: n as usize,
-        })
+        Ok(StatsList { ptr, len: n as usize })
     }
 
     /// Looks a managed domain up by name for an action.
@@ -996,9 +834,7 @@ impl LibvirtBackend {
         let uuid = self.by_name.get(domain).cloned();
         if let Some(state) = uuid.as_ref().and_then(|u| self.domains.get(u)) {
             if state.excluded {
-                return Err(BackendError::Excluded {
-                    domain: domain.to_string(),
-                });
+                return Err(BackendError::Excluded { domain: domain.to_string() });
             }
         }
         let uri = self.options.uri.clone();
@@ -1007,12 +843,8 @@ impl LibvirtBackend {
         self.calls += 1;
         match (found, uuid) {
             (Ok(dom), Some(uuid)) if dom.is_active().unwrap_or(false) => Ok((dom, uuid)),
-            (Ok(_), _) | (Err(_), None) => Err(BackendError::DomainGone {
-                domain: domain.to_string(),
-            }),
-            (Err(error), Some(_)) if is_gone(&error) => Err(BackendError::DomainGone {
-                domain: domain.to_string(),
-            }),
+            (Ok(_), _) | (Err(_), None) => Err(BackendError::DomainGone { domain: domain.to_string() }),
+            (Err(error), Some(_)) if is_gone(&error) => Err(BackendError::DomainGone { domain: domain.to_string() }),
             (Err(error), Some(_)) => {
                 self.check_alive();
                 Err(hypervisor(&uri, "domain lookup", &error))
@@ -1024,28 +856,16 @@ impl LibvirtBackend {
 /// (excluded by metadata, tags, balloon autodeflate) from a domain's XML.
 /// Deliberately a tiny scanner: the element is ours and flat.
 pub fn parse_domain_xml(xml: &str) -> (bool, Vec<String>, bool) {
-    let autodeflate = tag_with(xml, "<memballoon")
-        .is_some_and(|t| attr(t, "autodeflate").as_deref() == Some("on"));
+    let autodeflate = tag_with(xml, "<memballoon").is_some_and(|t| attr(t, "autodeflate").as_deref() == Some("on"));
     let mut excluded = false;
     let mut tags = Vec::new();
-    if let Some(meta) = xml
-        .find(&format!("\"{METADATA_URI}\""))
-        .or_else(|| xml.find(&format!("'{METADATA_URI}'")))
-    {
+    if let Some(meta) = xml.find(&format!("\"{METADATA_URI}\"")).or_else(|| xml.find(&format!("'{METADATA_URI}'"))) {
         let start = xml[..meta].rfind('<').unwrap_or(0);
         let end = xml[meta..].find('>').map_or(xml.len(), |e| meta + e + 1);
         let element = &xml[start..end];
-        excluded = matches!(
-            attr(element, "exclude").as_deref(),
-            Some("yes" | "true" | "1")
-        );
+        excluded = matches!(attr(element, "exclude").as_deref(), Some("yes" | "true" | "1"));
         if let Some(t) = attr(element, "tags") {
-            tags = t
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
+            tags = t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
     }
     (excluded, tags, autodeflate)
@@ -1087,35 +907,22 @@ impl Backend for LibvirtBackend {
             if !matches!(stats.state, Some(1..=3)) {
                 continue;
             }
-            let (Ok(name), Ok(uuid)) = (dom.get_name(), dom.get_uuid_string()) else {
-                continue;
-            };
+            let (Ok(name), Ok(uuid)) = (dom.get_name(), dom.get_uuid_string()) else { continue };
             seen.insert(uuid.clone());
             let needs_discovery = match self.domains.get(&uuid) {
                 None => true,
-                Some(d) => {
-                    d.id != dom.get_id()
-                        || (!d.excluded && stats.vcpu_current.is_some_and(|n| n != d.nvcpus))
-                }
+                Some(d) => d.id != dom.get_id() || (!d.excluded && stats.vcpu_current.is_some_and(|n| n != d.nvcpus)),
             };
             if needs_discovery {
                 self.discover(&uuid, &name, &dom, &stats);
-            } else if self.domains.get(&uuid).is_some_and(|d| {
-                !d.excluded
-                    && self.quantum.saturating_sub(d.audited) >= self.options.audit_every.max(1)
-            }) {
+            } else if self.domains.get(&uuid).is_some_and(|d| !d.excluded && self.quantum.saturating_sub(d.audited) >= self.options.audit_every.max(1)) {
                 self.audit(&uuid, &dom);
             }
             if let Some(d) = self.observe(&uuid, &stats, now) {
                 domains.push(d);
             }
         }
-        let gone: Vec<String> = self
-            .domains
-            .keys()
-            .filter(|u| !seen.contains(*u))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.domains.keys().filter(|u| !seen.contains(*u)).cloned().collect();
         for uuid in gone {
             if let Some(state) = self.domains.remove(&uuid) {
                 tracing::info!(domain = %state.name, "domain gone");
@@ -1137,27 +944,11 @@ impl Backend for LibvirtBackend {
         let (dom, uuid) = self.lookup(domain)?;
         let map = self.cpumap(cpus);
         {
-            let state = self
-                .domains
-                .get_mut(&uuid)
-                .ok_or_else(|| BackendError::DomainGone {
-                    domain: domain.into(),
-                })?;
-            let v = state
-                .vcpus
-                .get_mut(&vcpu)
-                .ok_or_else(|| BackendError::NoSuchVcpu {
-                    domain: domain.into(),
-                    vcpu,
-                })?;
+            let state = self.domains.get_mut(&uuid).ok_or_else(|| BackendError::DomainGone { domain: domain.into() })?;
+            let v = state.vcpus.get_mut(&vcpu).ok_or_else(|| BackendError::NoSuchVcpu { domain: domain.into(), vcpu })?;
             if v.hold_until.is_some_and(|until| Instant::now() < until) {
                 if !v.hold_logged {
-                    tracing::info!(
-                        domain,
-                        vcpu,
-                        ?cpus,
-                        "pin skipped: vCPU was re-pinned by someone else and is on hold"
-                    );
+                    tracing::info!(domain, vcpu, ?cpus, "pin skipped: vCPU was re-pinned by someone else and is on hold");
                     v.hold_logged = true;
                 }
                 return Ok(());
@@ -1165,11 +956,7 @@ impl Backend for LibvirtBackend {
         }
         match self.pin_live(&dom, vcpu, &map) {
             Ok(()) => {
-                let v = self
-                    .domains
-                    .get_mut(&uuid)
-                    .and_then(|s| s.vcpus.get_mut(&vcpu))
-                    .expect("checked above");
+                let v = self.domains.get_mut(&uuid).and_then(|s| s.vcpus.get_mut(&vcpu)).expect("checked above");
                 if v.original.is_none() && v.last_set.is_none() {
                     v.original = Some(v.affinity.clone());
                 }
@@ -1178,15 +965,8 @@ impl Backend for LibvirtBackend {
                 v.cpu = cpus.first().copied().unwrap_or(v.cpu);
                 Ok(())
             }
-            Err(error) if is_gone(&error) => Err(BackendError::DomainGone {
-                domain: domain.into(),
-            }),
-            Err(error) => Err(BackendError::Pin {
-                domain: domain.into(),
-                vcpu,
-                cpus: cpus.to_vec(),
-                message: error.message().to_string(),
-            }),
+            Err(error) if is_gone(&error) => Err(BackendError::DomainGone { domain: domain.into() }),
+            Err(error) => Err(BackendError::Pin { domain: domain.into(), vcpu, cpus: cpus.to_vec(), message: error.message().to_string() }),
         }
     }
 
@@ -1199,22 +979,12 @@ impl Backend for LibvirtBackend {
             Ok(()) => {
                 if let Some(state) = self.domains.get_mut(&uuid) {
                     state.memory_changed = true;
-                    state.settling = Some(Settling {
-                        target_kib,
-                        since: Instant::now(),
-                        arrived: None,
-                    });
+                    state.settling = Some(Settling { target_kib, since: Instant::now(), arrived: None });
                 }
                 Ok(())
             }
-            Err(error) if is_gone(&error) => Err(BackendError::DomainGone {
-                domain: domain.into(),
-            }),
-            Err(error) => Err(BackendError::SetMemory {
-                domain: domain.into(),
-                target_kib,
-                message: error.message().to_string(),
-            }),
+            Err(error) if is_gone(&error) => Err(BackendError::DomainGone { domain: domain.into() }),
+            Err(error) => Err(BackendError::SetMemory { domain: domain.into(), target_kib, message: error.message().to_string() }),
         }
     }
 
@@ -1246,17 +1016,13 @@ impl Backend for LibvirtBackend {
                 let map = self.cpumap(&original);
                 match self.pin_live(&dom, vcpu, &map) {
                     Ok(()) => restored += 1,
-                    Err(error) => {
-                        tracing::warn!(domain = %name, vcpu, cpus = ?original, %error, "cannot restore the original pin")
-                    }
+                    Err(error) => tracing::warn!(domain = %name, vcpu, cpus = ?original, %error, "cannot restore the original pin"),
                 }
             }
             if let Some(target) = memory {
                 match self.set_memory_live(&dom, target) {
                     Ok(()) => restored += 1,
-                    Err(error) => {
-                        tracing::warn!(domain = %name, target_kib = target, %error, "cannot restore the original balloon target")
-                    }
+                    Err(error) => tracing::warn!(domain = %name, target_kib = target, %error, "cannot restore the original balloon target"),
                 }
             }
         }
@@ -1272,19 +1038,12 @@ mod tests {
     fn xml_scan_finds_opt_out_tags_and_autodeflate() {
         let xml = r#"<domain><metadata><vmb:balancer xmlns:vmb="https://vm-balancer.invalid/1" exclude="yes" tags="db, latency"/></metadata>
             <devices><memballoon model='virtio' autodeflate='on'><stats period='1'/></memballoon></devices></domain>"#;
-        assert_eq!(
-            parse_domain_xml(xml),
-            (true, vec!["db".to_string(), "latency".to_string()], true)
-        );
-        assert_eq!(
-            parse_domain_xml("<domain><memballoon model='virtio'/></domain>"),
-            (false, vec![], false)
-        );
+        assert_eq!(parse_domain_xml(xml), (true, vec!["db".to_string(), "latency".to_string()], true));
+        assert_eq!(parse_domain_xml("<domain><memballoon model='virtio'/></domain>"), (false, vec![], false));
     }
 
     fn test_backend() -> LibvirtBackend {
-        LibvirtBackend::connect(LibvirtOptions::new("test:///default"))
-            .expect("libvirt's test driver must be available (libvirt-daemon)")
+        LibvirtBackend::connect(LibvirtOptions::new("test:///default")).expect("libvirt's test driver must be available (libvirt-daemon)")
     }
 
     #[test]
@@ -1299,10 +1058,7 @@ mod tests {
         // Bulk stats + per-CPU host stats (remote path) + host memory
         // fallback (3) at most; no per-domain call.
         let cpus = second.host.cpus.len() as u64;
-        assert!(
-            per_quantum <= 1 + cpus + 3,
-            "{per_quantum} libvirt calls in a steady quantum ({cpus} host CPUs)"
-        );
+        assert!(per_quantum <= 1 + cpus + 3, "{per_quantum} libvirt calls in a steady quantum ({cpus} host CPUs)");
         let d = second.domains.iter().find(|d| d.name == "test").unwrap();
         assert!(!d.vcpus.is_empty());
         // First sight pinned each vCPU to a single CPU.
@@ -1314,18 +1070,9 @@ mod tests {
         let mut b = test_backend();
         b.collect().unwrap();
         b.pin_vcpu("test", 0, &[1]).unwrap();
-        assert!(matches!(
-            b.pin_vcpu("test", 99, &[1]),
-            Err(BackendError::NoSuchVcpu { vcpu: 99, .. })
-        ));
-        assert!(matches!(
-            b.pin_vcpu("no-such-domain", 0, &[1]),
-            Err(BackendError::DomainGone { .. })
-        ));
-        assert!(matches!(
-            b.set_memory("no-such-domain", 1024),
-            Err(BackendError::DomainGone { .. })
-        ));
+        assert!(matches!(b.pin_vcpu("test", 99, &[1]), Err(BackendError::NoSuchVcpu { vcpu: 99, .. })));
+        assert!(matches!(b.pin_vcpu("no-such-domain", 0, &[1]), Err(BackendError::DomainGone { .. })));
+        assert!(matches!(b.set_memory("no-such-domain", 1024), Err(BackendError::DomainGone { .. })));
         let obs = b.collect().unwrap();
         let d = obs.domains.iter().find(|d| d.name == "test").unwrap();
         assert_eq!(d.vcpus[0].affinity[..], [1]);
@@ -1339,10 +1086,7 @@ mod tests {
         let mut b = LibvirtBackend::connect(options).unwrap();
         let obs = b.collect().unwrap();
         assert!(obs.domains.is_empty(), "{obs:?}");
-        assert!(matches!(
-            b.pin_vcpu("test", 0, &[0]),
-            Err(BackendError::Excluded { .. })
-        ));
+        assert!(matches!(b.pin_vcpu("test", 0, &[0]), Err(BackendError::Excluded { .. })));
     }
 
     #[test]
@@ -1364,10 +1108,7 @@ mod tests {
         assert_eq!(s.vcpu_current, Some(1));
         assert_eq!(s.vcpus[&0].time, Some(5));
         assert_eq!(s.balloon["current"], 262144);
-        let mut b = LibvirtBackend::new(LibvirtOptions {
-            read_only: true,
-            ..LibvirtOptions::new("test:///nonexistent")
-        });
+        let mut b = LibvirtBackend::new(LibvirtOptions { read_only: true, ..LibvirtOptions::new("test:///nonexistent") });
         b.domains.insert(
             "u".into(),
             DomState {

@@ -18,10 +18,7 @@ use super::sandbox::{compile, PolicyError};
 
 const CPU_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/components/vmb_policy_cpu.wasm"));
 const MEM_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/components/vmb_policy_mem.wasm"));
-const CLASSIC_WASM: &[u8] = include_bytes!(concat!(
-    env!("OUT_DIR"),
-    "/components/vmb_policy_classic.wasm"
-));
+const CLASSIC_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/components/vmb_policy_classic.wasm"));
 
 /// A policy shipped inside the binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +65,7 @@ impl Builtin {
 
     /// The compiled component, compiled once per process.
     pub fn component(self) -> Result<Component, PolicyError> {
-        static COMPILED: [OnceLock<Component>; 3] =
-            [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static COMPILED: [OnceLock<Component>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
         let cell = &COMPILED[self as usize];
         if let Some(c) = cell.get() {
             return Ok(c.clone());
@@ -137,12 +133,8 @@ impl Fallback {
         for policy in &mut self.policies {
             match catch_unwind(AssertUnwindSafe(|| policy.decide(snapshot))) {
                 Ok(Ok(a)) => actions.extend(a),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "native default policy refused to decide")
-                }
-                Err(_) => tracing::error!(
-                    "native default policy panicked; no actions from it this quantum"
-                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "native default policy refused to decide"),
+                Err(_) => tracing::error!("native default policy panicked; no actions from it this quantum"),
             }
         }
         actions

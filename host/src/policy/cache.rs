@@ -52,12 +52,7 @@ impl CompileCache {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine().precompile_compatibility_hash().hash(&mut hasher);
         let engine_tag = format!("{:016x}", hasher.finish());
-        Ok(CompileCache {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            engine_tag,
-            stats: CacheStats::default(),
-        })
+        Ok(CompileCache { dir: dir.to_path_buf(), max_bytes, engine_tag, stats: CacheStats::default() })
     }
 
     /// Counters.
@@ -72,11 +67,7 @@ impl CompileCache {
     }
 
     fn entry(&self, bytes: &[u8]) -> PathBuf {
-        self.dir.join(format!(
-            "{}-{}.cwasm",
-            Self::content_hash(bytes),
-            self.engine_tag
-        ))
+        self.dir.join(format!("{}-{}.cwasm", Self::content_hash(bytes), self.engine_tag))
     }
 
     /// The compiled component for `bytes`: from the cache, or compiled and stored.
@@ -106,11 +97,7 @@ impl CompileCache {
         let started = std::time::Instant::now();
         let component = compile(source_name, bytes)?;
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            source = source_name,
-            compile_ms = started.elapsed().as_millis() as u64,
-            "compiled policy (cache miss)"
-        );
+        tracing::info!(source = source_name, compile_ms = started.elapsed().as_millis() as u64, "compiled policy (cache miss)");
         if let Err(error) = self.store(&entry, &component) {
             tracing::warn!(entry = %entry.display(), %error, "cannot write compile cache entry");
         }
@@ -118,9 +105,7 @@ impl CompileCache {
     }
 
     fn store(&self, entry: &Path, component: &Component) -> std::io::Result<()> {
-        let bytes = component
-            .serialize()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let bytes = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
         let tmp = entry.with_extension("tmp");
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, entry)?;

@@ -31,10 +31,7 @@ pub enum DirError {
 
 /// True for names the directory treats as policies.
 pub fn is_policy_name(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "wasm")
-        && path
-            .file_name()
-            .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+    path.extension().is_some_and(|e| e == "wasm") && path.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'))
 }
 
 fn check_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), DirError> {
@@ -43,10 +40,7 @@ fn check_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), DirError> {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o022 != 0 {
-            return Err(DirError::Unsafe {
-                path: path.to_path_buf(),
-                mode,
-            });
+            return Err(DirError::Unsafe { path: path.to_path_buf(), mode });
         }
     }
     Ok(())
@@ -58,31 +52,18 @@ pub fn scan(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
     let meta = match std::fs::metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DirError::Read {
-                path: dir.into(),
-                source,
-            })
-        }
+        Err(source) => return Err(DirError::Read { path: dir.into(), source }),
     };
     check_mode(dir, &meta)?;
     let mut files = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|source| DirError::Read {
-        path: dir.into(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| DirError::Read { path: dir.into(), source })?;
     for entry in entries {
-        let entry = entry.map_err(|source| DirError::Read {
-            path: dir.into(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| DirError::Read { path: dir.into(), source })?;
         let path = entry.path();
         if !is_policy_name(&path) {
             continue;
         }
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        }; // vanished meanwhile
+        let Ok(meta) = std::fs::metadata(&path) else { continue }; // vanished meanwhile
         if !meta.is_file() {
             continue;
         }

@@ -106,12 +106,7 @@ impl Reloader {
             .spawn(move || loader.run(triggers, plan_tx, debounce))
             .expect("spawning the policy loader thread");
         let _ = requests.send(Trigger::Request);
-        Reloader {
-            requests,
-            plans,
-            stats,
-            _watcher: watcher,
-        }
+        Reloader { requests, plans, stats, _watcher: watcher }
     }
 
     /// Asks for a rescan (SIGHUP does this).
@@ -237,11 +232,7 @@ impl Loader {
         let mut next_known = HashMap::new();
         let mut changed = files.len() != self.known.len();
         for path in files {
-            let name = path
-                .file_name()
-                .expect("scanned files have names")
-                .to_string_lossy()
-                .into_owned();
+            let name = path.file_name().expect("scanned files have names").to_string_lossy().into_owned();
             let bytes = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 Err(error) => {
@@ -299,20 +290,13 @@ impl Loader {
             None => super::sandbox::compile(&source, bytes),
         }
         .map_err(|e| e.to_string())?;
-        let mut policy = self
-            .sandbox
-            .load_compiled(name, &source, component)
-            .map_err(|e| e.to_string())?;
+        let mut policy = self.sandbox.load_compiled(name, &source, component).map_err(|e| e.to_string())?;
         let snapshot = self.last_snapshot.lock().expect("snapshot lock").clone();
         let trial = match snapshot {
             Some(bytes) => bytes,
-            None => Arc::new(vm_balancer_sdk::encode_snapshot(
-                &super::samples::trial_snapshot(),
-            )),
+            None => Arc::new(vm_balancer_sdk::encode_snapshot(&super::samples::trial_snapshot())),
         };
-        policy
-            .decide(&trial)
-            .map_err(|e| format!("trial decide failed: {e}"))?;
+        policy.decide(&trial).map_err(|e| format!("trial decide failed: {e}"))?;
         Ok(policy)
     }
 }
@@ -322,19 +306,13 @@ impl PolicySet {
     /// failure counters), adds the new ones, drops the rest. An empty plan
     /// means the embedded defaults.
     pub fn apply_plan(&mut self, plan: Plan) {
-        let mut old: HashMap<String, Slot> = self
-            .take_slots()
-            .into_iter()
-            .map(|s| (s.name().to_string(), s))
-            .collect();
+        let mut old: HashMap<String, Slot> = self.take_slots().into_iter().map(|s| (s.name().to_string(), s)).collect();
         let mut slots = Vec::new();
         for planned in plan.slots {
             match planned {
                 Planned::Keep(name) => match old.remove(&name) {
                     Some(slot) => slots.push(slot),
-                    None => {
-                        tracing::warn!(slot = %name, "planned to keep a slot that is not running; skipped")
-                    }
+                    None => tracing::warn!(slot = %name, "planned to keep a slot that is not running; skipped"),
                 },
                 Planned::Load(name, policy) => slots.push(Slot::new(&name, *policy)),
             }

@@ -10,8 +10,7 @@ use vm_balancer_sdk::Snapshot;
 pub fn samples() -> Vec<(&'static str, Snapshot)> {
     let mut imbalance = SnapshotBuilder::new(4, 16 << 20);
     for i in 0..6 {
-        imbalance = imbalance
-            .domain(DomainBuilder::new(&format!("busy-{i}")).vcpu_with_steal(0, 0.16, 0.84));
+        imbalance = imbalance.domain(DomainBuilder::new(&format!("busy-{i}")).vcpu_with_steal(0, 0.16, 0.84));
     }
     vec![
         ("empty host", SnapshotBuilder::new(2, 4 << 20).build()),
@@ -24,21 +23,8 @@ pub fn samples() -> Vec<(&'static str, Snapshot)> {
 pub fn trial_snapshot() -> Snapshot {
     SnapshotBuilder::new(2, 8 << 20)
         .host_memory(4 << 20, 512 << 10)
-        .domain(
-            DomainBuilder::new("idle")
-                .vcpu(0, 0.01)
-                .memory_mib(2048, 2048, Some(1900)),
-        )
-        .domain(
-            DomainBuilder::new("starved")
-                .vcpu(1, 0.3)
-                .memory_mib(2048, 512, Some(8))
-                .pressure(4096, 900),
-        )
-        .domain(
-            DomainBuilder::new("nostats")
-                .vcpu(1, 0.1)
-                .memory_mib(1024, 1024, None),
-        )
+        .domain(DomainBuilder::new("idle").vcpu(0, 0.01).memory_mib(2048, 2048, Some(1900)))
+        .domain(DomainBuilder::new("starved").vcpu(1, 0.3).memory_mib(2048, 512, Some(8)).pressure(4096, 900))
+        .domain(DomainBuilder::new("nostats").vcpu(1, 0.1).memory_mib(1024, 1024, None))
         .build()
 }

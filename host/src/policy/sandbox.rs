@@ -35,13 +35,7 @@ pub use bindings::PolicyInfo;
 /// Epoch ticker period. Deadlines are rounded up to whole ticks.
 pub const TICK_MS: u64 = 5;
 /// WASI interface prefixes a policy may import (all backed by a deny-all context).
-pub const ALLOWED_WASI: &[&str] = &[
-    "wasi:io/",
-    "wasi:clocks/",
-    "wasi:random/",
-    "wasi:cli/",
-    "wasi:filesystem/",
-];
+pub const ALLOWED_WASI: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:cli/", "wasi:filesystem/"];
 /// Log lines a policy may write per call; the rest are dropped and counted.
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
 /// Longest log line kept, bytes.
@@ -52,9 +46,7 @@ const MAX_LOG_LINE_BYTES: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// Not a WebAssembly binary at all.
-    #[error(
-        "{source_name}: not a WebAssembly file (first bytes {magic:02x?}, expected 00 61 73 6d)"
-    )]
+    #[error("{source_name}: not a WebAssembly file (first bytes {magic:02x?}, expected 00 61 73 6d)")]
     NotWasm {
         /// File or builtin name.
         source_name: String,
@@ -128,9 +120,7 @@ pub enum PolicyError {
         message: String,
     },
     /// The answer is larger than allowed.
-    #[error(
-        "policy {slot}: answer of {size_bytes} bytes is over the limit of {limit_bytes} bytes"
-    )]
+    #[error("policy {slot}: answer of {size_bytes} bytes is over the limit of {limit_bytes} bytes")]
     OutputTooLarge {
         /// Slot name.
         slot: String,
@@ -223,12 +213,7 @@ struct MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.refused_bytes = Some(desired);
             wasmtime::bail!("memory limit of {} bytes reached", self.max_bytes);
@@ -236,12 +221,7 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -282,10 +262,7 @@ impl bindings::PolicyImports for HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -301,8 +278,7 @@ impl Sandbox {
         let mut linker = Linker::new(engine());
         bindings::Policy::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .expect("linking `log` into a fresh linker cannot clash");
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .expect("linking WASI into a fresh linker cannot clash");
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("linking WASI into a fresh linker cannot clash");
         Sandbox { linker, limits }
     }
 
@@ -313,46 +289,21 @@ impl Sandbox {
 
     /// Compiles and checks a component: magic, imports, world; then
     /// instantiates it and calls `describe`.
-    pub fn load(
-        &self,
-        slot: &str,
-        source_name: &str,
-        bytes: &[u8],
-    ) -> Result<LoadedPolicy, PolicyError> {
+    pub fn load(&self, slot: &str, source_name: &str, bytes: &[u8]) -> Result<LoadedPolicy, PolicyError> {
         let component = compile(source_name, bytes)?;
         self.load_compiled(slot, source_name, component)
     }
 
     /// Like [`load`](Self::load) for an already compiled component.
-    pub fn load_compiled(
-        &self,
-        slot: &str,
-        source_name: &str,
-        component: Component,
-    ) -> Result<LoadedPolicy, PolicyError> {
+    pub fn load_compiled(&self, slot: &str, source_name: &str, component: Component) -> Result<LoadedPolicy, PolicyError> {
         let ty = component.component_type();
-        let imports: Vec<String> = ty
-            .imports(engine())
-            .map(|(name, _)| name.to_string())
-            .collect();
-        let exports: Vec<String> = ty
-            .exports(engine())
-            .map(|(name, _)| name.to_string())
-            .collect();
+        let imports: Vec<String> = ty.imports(engine()).map(|(name, _)| name.to_string()).collect();
+        let exports: Vec<String> = ty.exports(engine()).map(|(name, _)| name.to_string()).collect();
         if let Some(bad) = imports.iter().find(|name| !import_allowed(name)) {
-            return Err(PolicyError::ForbiddenImport {
-                source_name: source_name.into(),
-                import: bad.clone(),
-            });
+            return Err(PolicyError::ForbiddenImport { source_name: source_name.into(), import: bad.clone() });
         }
-        let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld {
-            source_name: source_name.into(),
-            detail: error_chain(&e),
-        };
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(wrong_world)?;
+        let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld { source_name: source_name.into(), detail: error_chain(&e) };
+        let pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
         let pre = bindings::PolicyPre::new(pre).map_err(wrong_world)?;
         let mut policy = LoadedPolicy {
             slot: Arc::from(slot),
@@ -362,12 +313,7 @@ impl Sandbox {
             live: None,
             imports,
             exports,
-            info: PolicyInfo {
-                name: String::new(),
-                version: String::new(),
-                cpu: false,
-                memory: false,
-            },
+            info: PolicyInfo { name: String::new(), version: String::new(), cpu: false, memory: false },
             instantiations: 0,
         };
         policy.info = policy.with_instance(|store, instance| instance.call_describe(store))?;
@@ -389,15 +335,10 @@ pub fn compile(source_name: &str, bytes: &[u8]) -> Result<Component, PolicyError
 /// Checks the magic number and the layer (component vs core module).
 pub fn check_header(source_name: &str, bytes: &[u8]) -> Result<(), PolicyError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err(PolicyError::NotWasm {
-            source_name: source_name.into(),
-            magic: bytes.iter().take(4).copied().collect(),
-        });
+        return Err(PolicyError::NotWasm { source_name: source_name.into(), magic: bytes.iter().take(4).copied().collect() });
     }
     if bytes[4..8] == [1, 0, 0, 0] {
-        return Err(PolicyError::CoreModule {
-            source_name: source_name.into(),
-        });
+        return Err(PolicyError::CoreModule { source_name: source_name.into() });
     }
     Ok(())
 }
@@ -407,10 +348,7 @@ fn import_allowed(name: &str) -> bool {
 }
 
 fn error_chain(e: &wasmtime::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 /// A loaded policy: compiled, checked, with a live instance whose state
@@ -458,23 +396,15 @@ impl LoadedPolicy {
         let slot = self.slot.to_string();
         let limit = self.limits.max_output_bytes;
         let answer = self.with_instance(|store, instance| instance.call_decide(store, snapshot))?;
-        let bytes = answer.map_err(|message| PolicyError::Refused {
-            slot: slot.clone(),
-            message,
-        })?;
+        let bytes = answer.map_err(|message| PolicyError::Refused { slot: slot.clone(), message })?;
         if bytes.len() > limit {
-            return Err(PolicyError::OutputTooLarge {
-                slot,
-                size_bytes: bytes.len(),
-                limit_bytes: limit,
-            });
+            return Err(PolicyError::OutputTooLarge { slot, size_bytes: bytes.len(), limit_bytes: limit });
         }
-        let decision: Decision =
-            rmp_serde::from_slice(&bytes).map_err(|e| PolicyError::Undecodable {
-                slot,
-                size_bytes: bytes.len(),
-                detail: e.to_string(),
-            })?;
+        let decision: Decision = rmp_serde::from_slice(&bytes).map_err(|e| PolicyError::Undecodable {
+            slot,
+            size_bytes: bytes.len(),
+            detail: e.to_string(),
+        })?;
         Ok(decision.actions)
     }
 
@@ -489,15 +419,8 @@ impl LoadedPolicy {
                 engine(),
                 HostState {
                     slot: self.slot.clone(),
-                    limiter: MemoryLimiter {
-                        max_bytes: self.limits.max_memory_bytes,
-                        refused_bytes: None,
-                    },
-                    wasi: WasiCtxBuilder::new()
-                        .allow_tcp(false)
-                        .allow_udp(false)
-                        .allow_ip_name_lookup(false)
-                        .build(),
+                    limiter: MemoryLimiter { max_bytes: self.limits.max_memory_bytes, refused_bytes: None },
+                    wasi: WasiCtxBuilder::new().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build(),
                     table: ResourceTable::new(),
                     log_lines: 0,
                 },
@@ -516,16 +439,9 @@ impl LoadedPolicy {
         store.set_epoch_deadline(self.limits.deadline_ticks());
         match call(store, instance) {
             Ok(value) => {
-                let dropped = store
-                    .data()
-                    .log_lines
-                    .saturating_sub(MAX_LOG_LINES_PER_CALL);
+                let dropped = store.data().log_lines.saturating_sub(MAX_LOG_LINES_PER_CALL);
                 if dropped > 0 {
-                    tracing::warn!(
-                        slot = &*self.slot,
-                        dropped,
-                        "policy log lines over the per-call limit were dropped"
-                    );
+                    tracing::warn!(slot = &*self.slot, dropped, "policy log lines over the per-call limit were dropped");
                 }
                 Ok(value)
             }
@@ -539,21 +455,11 @@ impl LoadedPolicy {
     fn classify(&self, e: wasmtime::Error, store: &Store<HostState>) -> PolicyError {
         let slot = self.slot.to_string();
         if let Some(requested_bytes) = store.data().limiter.refused_bytes {
-            return PolicyError::MemoryLimit {
-                slot,
-                requested_bytes,
-                limit_bytes: self.limits.max_memory_bytes,
-            };
+            return PolicyError::MemoryLimit { slot, requested_bytes, limit_bytes: self.limits.max_memory_bytes };
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return PolicyError::Timeout {
-                slot,
-                timeout_ms: self.limits.timeout_ms,
-            };
+            return PolicyError::Timeout { slot, timeout_ms: self.limits.timeout_ms };
         }
-        PolicyError::Trap {
-            slot,
-            detail: error_chain(&e),
-        }
+        PolicyError::Trap { slot, detail: error_chain(&e) }
     }
 }

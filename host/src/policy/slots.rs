@@ -103,18 +103,9 @@ impl Slot {
         self.disabled_until.is_some_and(|until| quantum < until)
     }
 
-    fn decide(
-        &mut self,
-        snapshot: &Snapshot,
-        bytes: &[u8],
-        limits: &Limits,
-    ) -> (Vec<Action>, bool) {
+    fn decide(&mut self, snapshot: &Snapshot, bytes: &[u8], limits: &Limits) -> (Vec<Action>, bool) {
         let quantum = snapshot.quantum;
-        let Some(policy) = self
-            .policy
-            .as_mut()
-            .filter(|_| self.disabled_until.is_none_or(|u| quantum >= u))
-        else {
+        let Some(policy) = self.policy.as_mut().filter(|_| self.disabled_until.is_none_or(|u| quantum >= u)) else {
             self.stats.fallbacks += 1;
             return (self.fallback.decide(snapshot), true);
         };
@@ -219,16 +210,10 @@ impl PolicySet {
     pub fn load_spec(&self, spec: &str) -> Result<LoadedPolicy, SlotError> {
         let name = slot_name(spec);
         if spec.starts_with("builtin:") {
-            let builtin = Builtin::parse(spec)
-                .ok_or_else(|| SlotError::UnknownBuiltin { spec: spec.into() })?;
-            return Ok(self
-                .sandbox
-                .load_compiled(&name, spec, builtin.component()?)?);
+            let builtin = Builtin::parse(spec).ok_or_else(|| SlotError::UnknownBuiltin { spec: spec.into() })?;
+            return Ok(self.sandbox.load_compiled(&name, spec, builtin.component()?)?);
         }
-        let bytes = std::fs::read(spec).map_err(|source| SlotError::Read {
-            path: spec.into(),
-            source,
-        })?;
+        let bytes = std::fs::read(spec).map_err(|source| SlotError::Read { path: spec.into(), source })?;
         Ok(self.sandbox.load(&name, spec, &bytes)?)
     }
 
@@ -289,11 +274,7 @@ impl PolicySet {
             if from_fallback {
                 self.fell_back.push(slot.name.clone());
             }
-            proposals.extend(actions.into_iter().map(|action| Proposal {
-                slot: slot.name.clone(),
-                action,
-                from_fallback,
-            }));
+            proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
         }
         proposals
     }
@@ -303,8 +284,6 @@ impl PolicySet {
 pub fn slot_name(spec: &str) -> String {
     match Builtin::parse(spec) {
         Some(b) if spec.starts_with("builtin:") => b.name().to_string(),
-        _ => Path::new(spec)
-            .file_name()
-            .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
+        _ => Path::new(spec).file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
     }
 }

@@ -74,16 +74,8 @@ impl SimBackend {
         let mut vms = Vec::new();
         for (spec_index, spec) in scenario.vms.iter().enumerate() {
             for i in 0..spec.count {
-                let name = if spec.count == 1 {
-                    spec.name.clone()
-                } else {
-                    format!("{}-{i}", spec.name)
-                };
-                let scale = if spec.spread > 0.0 {
-                    1.0 + rng.gen_range(-spec.spread..=spec.spread)
-                } else {
-                    1.0
-                };
+                let name = if spec.count == 1 { spec.name.clone() } else { format!("{}-{i}", spec.name) };
+                let scale = if spec.spread > 0.0 { 1.0 + rng.gen_range(-spec.spread..=spec.spread) } else { 1.0 };
                 let start = spec.start + u64::from(i) * spec.stagger;
                 vms.push(SimVm {
                     uuid: format!("5151{:04x}-0000-4000-8000-{:012x}", spec_index, vms.len()),
@@ -106,10 +98,7 @@ impl SimBackend {
             t: 0,
             vms,
             next_cpu: 0,
-            metrics: Metrics {
-                lowest_host_available_kib: lowest,
-                ..Metrics::default()
-            },
+            metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() },
         }
     }
 
@@ -128,21 +117,13 @@ impl SimBackend {
         self.vms
             .iter()
             .filter(|vm| vm.alive)
-            .flat_map(|vm| {
-                vm.vcpus
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (vm.name.clone(), i as u32, v.affinity.clone()))
-            })
+            .flat_map(|vm| vm.vcpus.iter().enumerate().map(|(i, v)| (vm.name.clone(), i as u32, v.affinity.clone())))
             .collect()
     }
 
     /// Current balloon target of a live VM, KiB.
     pub fn target_kib(&self, domain: &str) -> Option<u64> {
-        self.vms
-            .iter()
-            .find(|vm| vm.alive && vm.name == domain)
-            .map(|vm| vm.target_kib)
+        self.vms.iter().find(|vm| vm.alive && vm.name == domain).map(|vm| vm.target_kib)
     }
 
     fn place(&mut self, placement: Placement) -> (Vec<u32>, u32) {
@@ -173,11 +154,7 @@ impl SimBackend {
                 let mut made = Vec::new();
                 for _ in 0..vcpus {
                     let (affinity, cpu) = self.place(placement);
-                    made.push(SimVcpu {
-                        affinity,
-                        cpu,
-                        demand: 0.0,
-                    });
+                    made.push(SimVcpu { affinity, cpu, demand: 0.0 });
                 }
                 let vm = &mut self.vms[i];
                 vm.vcpus = made;
@@ -198,9 +175,7 @@ impl SimBackend {
         let t = self.t;
         // Split borrows: profiles are read from the scenario in place (no
         // clone per VM per quantum) while VMs and the RNG are updated.
-        let SimBackend {
-            scenario, vms, rng, ..
-        } = self;
+        let SimBackend { scenario, vms, rng, .. } = self;
         for vm in vms.iter_mut().filter(|vm| vm.alive) {
             let spec = &scenario.vms[vm.spec];
             let (age, scale) = (t - vm.start, vm.scale);
@@ -210,8 +185,7 @@ impl SimBackend {
                 vcpu.demand = (raw * scale).clamp(0.0, 1.0);
             }
             let noise = noise(rng, &spec.mem_mib);
-            vm.used_mib = (spec.mem_mib.at(age, vm.used_mib / scale, noise) * scale)
-                .clamp(0.0, spec.max_mib as f64);
+            vm.used_mib = (spec.mem_mib.at(age, vm.used_mib / scale, noise) * scale).clamp(0.0, spec.max_mib as f64);
         }
     }
 
@@ -219,9 +193,7 @@ impl SimBackend {
         self.vms
             .iter_mut()
             .find(|vm| vm.alive && vm.name == domain)
-            .ok_or_else(|| BackendError::DomainGone {
-                domain: domain.to_string(),
-            })
+            .ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
     }
 }
 
@@ -254,9 +226,7 @@ impl Backend for SimBackend {
         self.advance_workloads();
         let ncpu = self.scenario.host.cpus as usize;
         let quantum_s = f64::from(self.scenario.quantum_ms) / 1000.0;
-        let background: Vec<f64> = (0..ncpu)
-            .map(|c| f64::from(self.scenario.host.background.get(c).copied().unwrap_or(0.0)))
-            .collect();
+        let background: Vec<f64> = (0..ncpu).map(|c| f64::from(self.scenario.host.background.get(c).copied().unwrap_or(0.0))).collect();
 
         // Who runs where, and what each pCPU can serve.
         let mut on_cpu: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ncpu];
@@ -277,10 +247,7 @@ impl Backend for SimBackend {
         let mut cpu_demand = vec![0.0; ncpu];
         let (mut total_demand, mut max_vcpu_demand, mut unserved) = (0.0, 0.0f64, 0.0);
         for c in 0..ncpu {
-            let demands: Vec<f64> = on_cpu[c]
-                .iter()
-                .map(|&(i, j)| self.vms[i].vcpus[j].demand)
-                .collect();
+            let demands: Vec<f64> = on_cpu[c].iter().map(|&(i, j)| self.vms[i].vcpus[j].demand).collect();
             let shares = water_fill(&demands, 1.0 - background[c]);
             for (k, &(i, j)) in on_cpu[c].iter().enumerate() {
                 served[i][j] = shares[k];
@@ -294,30 +261,20 @@ impl Backend for SimBackend {
         }
         let lower_bound = (total_demand / ncpu as f64).max(max_vcpu_demand);
         let busiest = cpu_demand.iter().copied().fold(0.0, f64::max);
-        self.metrics.load_ratio.push(if lower_bound > 1e-9 {
-            busiest / lower_bound
-        } else {
-            1.0
-        });
+        self.metrics.load_ratio.push(if lower_bound > 1e-9 { busiest / lower_bound } else { 1.0 });
         self.metrics.unserved_cpu_s.push(unserved * quantum_s);
         self.metrics.demand_cpu_s.push(total_demand * quantum_s);
         self.metrics.pin_changes.push(0);
 
         // Memory: guests hold their balloon target on the host.
         let host = &self.scenario.host;
-        let held_kib: u64 = self
-            .vms
-            .iter()
-            .filter(|vm| vm.alive)
-            .map(|vm| vm.target_kib)
-            .sum();
+        let held_kib: u64 = self.vms.iter().filter(|vm| vm.alive).map(|vm| vm.target_kib).sum();
         let capacity_kib = (host.memory_mib.saturating_sub(host.base_used_mib)) * MIB;
         if held_kib > capacity_kib {
             self.metrics.host_oom_events += 1;
         }
         let available_kib = capacity_kib.saturating_sub(held_kib);
-        self.metrics.lowest_host_available_kib =
-            self.metrics.lowest_host_available_kib.min(available_kib);
+        self.metrics.lowest_host_available_kib = self.metrics.lowest_host_available_kib.min(available_kib);
 
         let mut domains = Vec::new();
         for (i, vm) in self.vms.iter().enumerate().filter(|(_, vm)| vm.alive) {
@@ -365,19 +322,9 @@ impl Backend for SimBackend {
         let observation = Observation {
             host: Host {
                 cpus: (0..ncpu)
-                    .map(|c| HostCpu {
-                        id: c as u32,
-                        online: true,
-                        reserved: false,
-                        usage: cpu_usage[c] as f32,
-                        node: 0,
-                    })
+                    .map(|c| HostCpu { id: c as u32, online: true, reserved: false, usage: cpu_usage[c] as f32, node: 0 })
                     .collect(),
-                memory: HostMemory {
-                    total_kib: host.memory_mib * MIB,
-                    available_kib,
-                    reserve_kib: 0,
-                },
+                memory: HostMemory { total_kib: host.memory_mib * MIB, available_kib, reserve_kib: 0 },
             },
             domains,
         };
@@ -399,10 +346,7 @@ impl Backend for SimBackend {
         let v = vm
             .vcpus
             .get_mut(vcpu as usize)
-            .ok_or_else(|| BackendError::NoSuchVcpu {
-                domain: domain.into(),
-                vcpu,
-            })?;
+            .ok_or_else(|| BackendError::NoSuchVcpu { domain: domain.into(), vcpu })?;
         if v.affinity != cpus {
             v.affinity = cpus.to_vec();
             if let Some(last) = self.metrics.pin_changes.last_mut() {

@@ -28,12 +28,7 @@ pub enum SimulateError {
 
 /// Runs `scenario` for `quanta` (or its own length) with the policy specs
 /// (`builtin:NAME` or paths; empty = the defaults).
-pub fn simulate(
-    scenario: &Scenario,
-    specs: &[String],
-    config: &Config,
-    quanta: Option<u64>,
-) -> Result<Report, SimulateError> {
+pub fn simulate(scenario: &Scenario, specs: &[String], config: &Config, quanta: Option<u64>) -> Result<Report, SimulateError> {
     let mut config = config.clone();
     config.quantum_ms = scenario.quantum_ms;
     if let Some(reserve) = scenario.host.reserve_mib {
@@ -125,29 +120,16 @@ impl Report {
         let unserved: f64 = m.unserved_cpu_s.iter().sum();
         Report {
             scenario: scenario.name.clone(),
-            policies: pipeline
-                .policies
-                .slots()
-                .iter()
-                .map(|s| s.name().to_string())
-                .collect(),
+            policies: pipeline.policies.slots().iter().map(|s| s.name().to_string()).collect(),
             quanta: r.len() as u64,
             cpus: scenario.host.cpus,
             peak_vms: m.peak_vms,
             cpu: CpuReport {
                 mean_load_ratio: r.iter().sum::<f64>() / n as f64,
-                steady_load_ratio: if steady.is_empty() {
-                    final_level
-                } else {
-                    steady.iter().sum::<f64>() / steady.len() as f64
-                },
+                steady_load_ratio: if steady.is_empty() { final_level } else { steady.iter().sum::<f64>() / steady.len() as f64 },
                 converged_at: converged_at as u64,
                 unserved_cpu_s: unserved,
-                unserved_pct: if demand > 0.0 {
-                    100.0 * unserved / demand
-                } else {
-                    0.0
-                },
+                unserved_pct: if demand > 0.0 { 100.0 * unserved / demand } else { 0.0 },
                 pin_changes: m.pin_changes.iter().sum(),
                 steady_pin_changes: m.pin_changes.iter().skip(converged_at).sum(),
             },
@@ -159,12 +141,7 @@ impl Report {
                 lowest_host_available_mib: m.lowest_host_available_kib / MIB,
                 host_oom_events: m.host_oom_events,
             },
-            slots: pipeline
-                .policies
-                .slots()
-                .iter()
-                .map(|s| (s.name().to_string(), s.stats().clone()))
-                .collect(),
+            slots: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
             guard: pipeline.guard.stats().clone(),
         }
     }
@@ -174,57 +151,21 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.cpu;
         let m = &self.memory;
-        writeln!(
-            f,
-            "scenario {}  ({} quanta, {} pCPUs, up to {} VMs)",
-            self.scenario, self.quanta, self.cpus, self.peak_vms
-        )?;
+        writeln!(f, "scenario {}  ({} quanta, {} pCPUs, up to {} VMs)", self.scenario, self.quanta, self.cpus, self.peak_vms)?;
         writeln!(f, "policies {}", self.policies.join(", "))?;
         writeln!(f, "cpu")?;
-        writeln!(
-            f,
-            "  busiest pCPU / lower bound   mean {:.3}   steady {:.3}   (1.000 is ideal)",
-            c.mean_load_ratio, c.steady_load_ratio
-        )?;
+        writeln!(f, "  busiest pCPU / lower bound   mean {:.3}   steady {:.3}   (1.000 is ideal)", c.mean_load_ratio, c.steady_load_ratio)?;
         writeln!(f, "  converged at quantum         {}", c.converged_at)?;
-        writeln!(
-            f,
-            "  unserved demand              {:.1} CPU-s ({:.2} %)",
-            c.unserved_cpu_s, c.unserved_pct
-        )?;
-        writeln!(
-            f,
-            "  pin changes                  {} total, {} in steady state",
-            c.pin_changes, c.steady_pin_changes
-        )?;
+        writeln!(f, "  unserved demand              {:.1} CPU-s ({:.2} %)", c.unserved_cpu_s, c.unserved_pct)?;
+        writeln!(f, "  pin changes                  {} total, {} in steady state", c.pin_changes, c.steady_pin_changes)?;
         writeln!(f, "memory")?;
-        writeln!(
-            f,
-            "  guest pressure events        {} ({} OOM)",
-            m.pressure_events, m.oom_events
-        )?;
-        writeln!(
-            f,
-            "  reclaimed / given            {} MiB / {} MiB",
-            m.reclaimed_mib, m.given_mib
-        )?;
-        writeln!(
-            f,
-            "  lowest host available        {} MiB ({} host OOM quanta)",
-            m.lowest_host_available_mib, m.host_oom_events
-        )?;
-        writeln!(
-            f,
-            "guard    {} accepted, {} clamped, {} rejected, {} dropped",
-            self.guard.accepted, self.guard.clamped, self.guard.rejected, self.guard.dropped
-        )?;
+        writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
+        writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;
+        writeln!(f, "  lowest host available        {} MiB ({} host OOM quanta)", m.lowest_host_available_mib, m.host_oom_events)?;
+        writeln!(f, "guard    {} accepted, {} clamped, {} rejected, {} dropped", self.guard.accepted, self.guard.clamped, self.guard.rejected, self.guard.dropped)?;
         for (name, s) in &self.slots {
             let failures: u64 = s.failures.values().sum();
-            write!(
-                f,
-                "slot {name:<10} decided {}, fallback {}, failures {}",
-                s.decided, s.fallbacks, failures
-            )?;
+            write!(f, "slot {name:<10} decided {}, fallback {}, failures {}", s.decided, s.fallbacks, failures)?;
             if failures > 0 {
                 write!(f, " {:?}", s.failures)?;
             }

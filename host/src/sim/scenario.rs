@@ -234,12 +234,7 @@ impl Profile {
                     *after
                 }
             }
-            Profile::Ramp {
-                from,
-                to,
-                start,
-                end,
-            } => {
+            Profile::Ramp { from, to, start, end } => {
                 if t <= *start {
                     *from
                 } else if t >= *end {
@@ -248,12 +243,7 @@ impl Profile {
                     from + (to - from) * (t - start) as f64 / (end - start) as f64
                 }
             }
-            Profile::Periodic {
-                low,
-                high,
-                period,
-                offset,
-            } => {
+            Profile::Periodic { low, high, period, offset } => {
                 let period = (*period).max(1);
                 if ((t + offset) % period) < period.div_ceil(2) {
                     *high
@@ -261,12 +251,7 @@ impl Profile {
                     *low
                 }
             }
-            Profile::RandomWalk {
-                start,
-                step,
-                min,
-                max,
-            } => {
+            Profile::RandomWalk { start, step, min, max } => {
                 if t == 0 {
                     *start
                 } else {
@@ -287,18 +272,9 @@ impl Profile {
 impl Scenario {
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let scenario: Scenario = toml::from_str(&text).map_err(|source| ScenarioError::Parse {
-            path: path.into(),
-            source,
-        })?;
-        scenario.validate().map_err(|what| ScenarioError::Invalid {
-            path: path.into(),
-            what,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
+        let scenario: Scenario = toml::from_str(&text).map_err(|source| ScenarioError::Parse { path: path.into(), source })?;
+        scenario.validate().map_err(|what| ScenarioError::Invalid { path: path.into(), what })?;
         Ok(scenario)
     }
 
@@ -313,25 +289,16 @@ impl Scenario {
         let mut names = std::collections::HashSet::new();
         for vm in &self.vms {
             if vm.vcpus == 0 || vm.vcpus > 512 {
-                return Err(format!(
-                    "vm {:?}: vcpus = {} must be 1..=512",
-                    vm.name, vm.vcpus
-                ));
+                return Err(format!("vm {:?}: vcpus = {} must be 1..=512", vm.name, vm.vcpus));
             }
             if vm.count == 0 {
                 return Err(format!("vm {:?}: count must be at least 1", vm.name));
             }
             if vm.initial_mib.is_some_and(|i| i > vm.max_mib) {
-                return Err(format!(
-                    "vm {:?}: initial_mib {:?} is above max_mib {}",
-                    vm.name, vm.initial_mib, vm.max_mib
-                ));
+                return Err(format!("vm {:?}: initial_mib {:?} is above max_mib {}", vm.name, vm.initial_mib, vm.max_mib));
             }
             if vm.stop.is_some_and(|stop| stop <= vm.start) {
-                return Err(format!(
-                    "vm {:?}: stop {:?} must be after start {}",
-                    vm.name, vm.stop, vm.start
-                ));
+                return Err(format!("vm {:?}: stop {:?} must be after start {}", vm.name, vm.stop, vm.start));
             }
             if !names.insert(vm.name.clone()) {
                 return Err(format!("vm {:?} is defined twice", vm.name));
@@ -347,43 +314,15 @@ mod tests {
 
     #[test]
     fn profiles() {
-        let step = Profile::Step {
-            before: 1.0,
-            after: 2.0,
-            at: 3,
-        };
+        let step = Profile::Step { before: 1.0, after: 2.0, at: 3 };
         assert_eq!((step.at(2, 0.0, 0.0), step.at(3, 0.0, 0.0)), (1.0, 2.0));
-        let ramp = Profile::Ramp {
-            from: 0.0,
-            to: 1.0,
-            start: 0,
-            end: 10,
-        };
+        let ramp = Profile::Ramp { from: 0.0, to: 1.0, start: 0, end: 10 };
         assert_eq!(ramp.at(5, 0.0, 0.0), 0.5);
-        let wave = Profile::Periodic {
-            low: 0.0,
-            high: 1.0,
-            period: 4,
-            offset: 0,
-        };
-        assert_eq!(
-            [0, 1, 2, 3].map(|t| wave.at(t, 0.0, 0.0)),
-            [1.0, 1.0, 0.0, 0.0]
-        );
-        let walk = Profile::RandomWalk {
-            start: 0.5,
-            step: 0.1,
-            min: 0.0,
-            max: 0.55,
-        };
+        let wave = Profile::Periodic { low: 0.0, high: 1.0, period: 4, offset: 0 };
+        assert_eq!([0, 1, 2, 3].map(|t| wave.at(t, 0.0, 0.0)), [1.0, 1.0, 0.0, 0.0]);
+        let walk = Profile::RandomWalk { start: 0.5, step: 0.1, min: 0.0, max: 0.55 };
         assert_eq!(walk.at(1, 0.5, 1.0), 0.55);
-        let phases = Profile::Phases {
-            values: vec![1.0, 2.0],
-            every: 2,
-        };
-        assert_eq!(
-            [0, 1, 2, 3, 4].map(|t| phases.at(t, 0.0, 0.0)),
-            [1.0, 1.0, 2.0, 2.0, 1.0]
-        );
+        let phases = Profile::Phases { values: vec![1.0, 2.0], every: 2 };
+        assert_eq!([0, 1, 2, 3, 4].map(|t| phases.at(t, 0.0, 0.0)), [1.0, 1.0, 2.0, 2.0, 1.0]);
     }
 }

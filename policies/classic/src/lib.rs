@@ -26,12 +26,7 @@ pub struct ClassicPolicy;
 
 impl Policy for ClassicPolicy {
     fn info() -> Info {
-        Info {
-            name: "classic",
-            version: env!("CARGO_PKG_VERSION"),
-            cpu: true,
-            memory: true,
-        }
+        Info { name: "classic", version: env!("CARGO_PKG_VERSION"), cpu: true, memory: true }
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Result<Vec<Action>, String> {
@@ -46,12 +41,7 @@ fn cpu(snap: &Snapshot) -> Vec<Action> {
     // At start (and for any newcomer): pin every vCPU where it runs.
     for d in &snap.domains {
         for v in d.vcpus.iter().filter(|v| v.pinned_to().is_none()) {
-            actions.push(Action::pin(
-                &d.name,
-                v.id,
-                vec![v.cpu],
-                "classic: pin where it runs",
-            ));
+            actions.push(Action::pin(&d.name, v.id, vec![v.cpu], "classic: pin where it runs"));
         }
     }
     let cpus: Vec<_> = snap.usable_cpus().collect();
@@ -71,22 +61,10 @@ fn cpu(snap: &Snapshot) -> Vec<Action> {
             .filter(move |(_, v)| v.cpu == cpu)
             .min_by(|a, b| a.1.usage.total_cmp(&b.1.usage))
     };
-    let Some((bd, bv)) = on(busiest.id) else {
-        return actions;
-    };
-    actions.push(Action::pin(
-        &bd.name,
-        bv.id,
-        vec![freest.id],
-        "classic: freest vCPU of busiest pCPU",
-    ));
+    let Some((bd, bv)) = on(busiest.id) else { return actions };
+    actions.push(Action::pin(&bd.name, bv.id, vec![freest.id], "classic: freest vCPU of busiest pCPU"));
     if let Some((fd, fv)) = on(freest.id) {
-        actions.push(Action::pin(
-            &fd.name,
-            fv.id,
-            vec![busiest.id],
-            "classic: swap with freest vCPU of freest pCPU",
-        ));
+        actions.push(Action::pin(&fd.name, fv.id, vec![busiest.id], "classic: swap with freest vCPU of freest pCPU"));
     }
     actions
 }
@@ -96,17 +74,11 @@ fn memory(snap: &Snapshot) -> Vec<Action> {
     let mut reclaimed_kib = 0;
     let mut starving = Vec::new();
     for d in &snap.domains {
-        let Some(free) = d.memory.unused_kib.or(d.memory.usable_kib) else {
-            continue;
-        };
+        let Some(free) = d.memory.unused_kib.or(d.memory.usable_kib) else { continue };
         if free > FREE_THRESHOLD_KIB {
             let give_back = (free - FREE_THRESHOLD_KIB) / 2;
             reclaimed_kib += give_back;
-            actions.push(Action::set_memory(
-                &d.name,
-                d.memory.target_kib - give_back,
-                "classic: reclaim (free - 256 MiB) / 2",
-            ));
+            actions.push(Action::set_memory(&d.name, d.memory.target_kib - give_back, "classic: reclaim (free - 256 MiB) / 2"));
         } else if free < STARVE_THRESHOLD_KIB {
             starving.push(d);
         }
@@ -157,17 +129,8 @@ mod tests {
 
     #[test]
     fn reclaims_half_the_excess_over_256_mib() {
-        let snap = SnapshotBuilder::new(2, 8 << 20)
-            .domain(DomainBuilder::new("idle").memory_mib(512, 512, Some(400)))
-            .build();
+        let snap = SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("idle").memory_mib(512, 512, Some(400))).build();
         let actions = ClassicPolicy.decide(&snap).unwrap();
-        assert_eq!(
-            actions,
-            vec![Action::set_memory(
-                "idle",
-                (512 - 72) * MIB,
-                "classic: reclaim (free - 256 MiB) / 2"
-            )]
-        );
+        assert_eq!(actions, vec![Action::set_memory("idle", (512 - 72) * MIB, "classic: reclaim (free - 256 MiB) / 2")]);
     }
 }

@@ -75,11 +75,7 @@ impl Hasher for Fnv {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
+        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
         for b in bytes {
             hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -99,18 +95,10 @@ struct Item {
 }
 
 impl Policy for CpuPolicy {
-    const READS: Reads = Reads {
-        vcpus: true,
-        domain_memory: false,
-    };
+    const READS: Reads = Reads { vcpus: true, domain_memory: false };
 
     fn info() -> Info {
-        Info {
-            name: "cpu-default",
-            version: env!("CARGO_PKG_VERSION"),
-            cpu: true,
-            memory: false,
-        }
+        Info { name: "cpu-default", version: env!("CARGO_PKG_VERSION"), cpu: true, memory: false }
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Result<Vec<Action>, String> {
@@ -153,12 +141,7 @@ impl Policy for CpuPolicy {
                         // Not pinned to one usable CPU: pin it where it runs if
                         // that CPU is usable, else onto the least-loaded one.
                         let h = slot_of.get(v.cpu).unwrap_or_else(|| argmin(&load));
-                        actions.push(Action::pin(
-                            &d.name,
-                            v.id,
-                            vec![usable[h]],
-                            "initial pin where it runs",
-                        ));
+                        actions.push(Action::pin(&d.name, v.id, vec![usable[h]], "initial pin where it runs"));
                         h
                     }
                 };
@@ -168,29 +151,12 @@ impl Policy for CpuPolicy {
                 let cooled = recent
                     .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
                     .is_none_or(|(_, q)| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
-                items.push(Item {
-                    domain: di,
-                    vcpu: vi,
-                    demand,
-                    home,
-                    movable: cooled && demand >= params.ignore_below,
-                });
+                items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below });
             }
         }
 
-        let budget = if params.max_moves == 0 {
-            (usable.len() / 4).max(2)
-        } else {
-            params.max_moves
-        };
-        let moves = plan_moves(
-            &mut items,
-            &mut load,
-            &mut self.on_cpu,
-            budget,
-            params.min_gain,
-            params.min_gain_pct / 100.0,
-        );
+        let budget = if params.max_moves == 0 { (usable.len() / 4).max(2) } else { params.max_moves };
+        let moves = plan_moves(&mut items, &mut load, &mut self.on_cpu, budget, params.min_gain, params.min_gain_pct / 100.0);
         for (item_index, reason) in moves {
             let it = items[item_index];
             let d = &snap.domains[it.domain];
@@ -226,9 +192,7 @@ impl SlotIndex {
 }
 
 fn argmin(load: &[f32]) -> usize {
-    (0..load.len())
-        .min_by(|a, b| load[*a].total_cmp(&load[*b]))
-        .unwrap_or(0)
+    (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b])).unwrap_or(0)
 }
 
 /// Plans at most `budget` improving moves or swaps; mutates homes and loads.
@@ -254,12 +218,7 @@ fn plan_moves(
     let mean = load.iter().sum::<f32>() / ncpu as f32;
     // The loop below stops at once when even the busiest CPU is within
     // `min_gain` of the mean (a balanced host): say so before building anything.
-    if load
-        .iter()
-        .copied()
-        .max_by(f32::total_cmp)
-        .is_some_and(|busiest| busiest <= mean + min_gain)
-    {
+    if load.iter().copied().max_by(f32::total_cmp).is_some_and(|busiest| busiest <= mean + min_gain) {
         return moved;
     }
     on_cpu.iter_mut().for_each(Vec::clear);
@@ -331,23 +290,9 @@ fn plan_moves(
                 relocate(items, load, on_cpu, i, dst);
                 if let Some(j) = swap {
                     relocate(items, load, on_cpu, j, src);
-                    moved.push((
-                        j,
-                        format!(
-                            "swap: busiest pCPU load {} -> {}",
-                            Hundredths(before),
-                            Hundredths(score)
-                        ),
-                    ));
+                    moved.push((j, format!("swap: busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
                 }
-                moved.push((
-                    i,
-                    format!(
-                        "busiest pCPU load {} -> {}",
-                        Hundredths(before),
-                        Hundredths(score)
-                    ),
-                ));
+                moved.push((i, format!("busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
                 by_load.reposition(load, [src, dst]);
             }
             _ => stuck[src] = true,
@@ -368,12 +313,7 @@ impl std::fmt::Display for Hundredths {
         }
         let hundredths = hundredths as i64;
         let sign = if hundredths < 0 { "-" } else { "" };
-        write!(
-            f,
-            "{sign}{}.{:02}",
-            hundredths.abs() / 100,
-            hundredths.abs() % 100
-        )
+        write!(f, "{sign}{}.{:02}", hundredths.abs() / 100, hundredths.abs() % 100)
     }
 }
 
@@ -417,11 +357,7 @@ impl ByLoad {
 
     /// Up to `k` least-loaded CPUs other than `skip`, least loaded first.
     fn least_loaded(&self, skip: usize, k: usize) -> impl Iterator<Item = usize> + '_ {
-        self.order
-            .iter()
-            .copied()
-            .filter(move |c| *c != skip)
-            .take(k)
+        self.order.iter().copied().filter(move |c| *c != skip).take(k)
     }
 
     /// Puts the CPUs whose loads changed back in order: all are taken out
@@ -429,22 +365,14 @@ impl ByLoad {
     fn reposition<const N: usize>(&mut self, load: &[f32], cpus: [usize; N]) {
         self.order.retain(|c| !cpus.contains(c));
         for cpu in cpus {
-            let at = self
-                .order
-                .partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
+            let at = self.order.partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
             self.order.insert(at, cpu);
         }
     }
 }
 
 /// Moves item `i` to `dst`. It is no longer movable, so it leaves the candidate lists.
-fn relocate(
-    items: &mut [Item],
-    load: &mut [f32],
-    on_cpu: &mut [Vec<(f32, usize)>],
-    i: usize,
-    dst: usize,
-) {
+fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)>], i: usize, dst: usize) {
     let src = items[i].home;
     on_cpu[src].retain(|(_, x)| *x != i);
     load[src] -= items[i].demand;
@@ -464,38 +392,19 @@ mod tests {
         let mut b = SnapshotBuilder::new(cpus, 8 << 20);
         for i in 0..n {
             let share = 1.0 / n as f32;
-            b = b.domain(DomainBuilder::new(&format!("vm{i}")).vcpu_with_steal(
-                0,
-                share,
-                1.0 - share,
-            ));
+            b = b.domain(DomainBuilder::new(&format!("vm{i}")).vcpu_with_steal(0, share, 1.0 - share));
         }
         b.build()
     }
 
     fn targets(actions: &[Action]) -> Vec<u32> {
-        actions
-            .iter()
-            .filter_map(|a| {
-                if let Action::Pin { cpus, .. } = a {
-                    Some(cpus[0])
-                } else {
-                    None
-                }
-            })
-            .collect()
+        actions.iter().filter_map(|a| if let Action::Pin { cpus, .. } = a { Some(cpus[0]) } else { None }).collect()
     }
 
     #[test]
     fn four_busy_guests_on_one_of_two_cpus_end_two_and_two_in_one_quantum() {
-        let actions = CpuPolicy::default()
-            .decide(&busy_guests_on_cpu0(4, 2))
-            .unwrap();
-        assert_eq!(
-            targets(&actions),
-            vec![1, 1],
-            "two vCPUs move to pCPU 1: {actions:?}"
-        );
+        let actions = CpuPolicy::default().decide(&busy_guests_on_cpu0(4, 2)).unwrap();
+        assert_eq!(targets(&actions), vec![1, 1], "two vCPUs move to pCPU 1: {actions:?}");
     }
 
     #[test]
@@ -519,9 +428,7 @@ mod tests {
 
     #[test]
     fn unpinned_vcpus_are_pinned_where_they_run() {
-        let mut snap = SnapshotBuilder::new(4, 8 << 20)
-            .domain(DomainBuilder::new("a").vcpu(2, 0.1))
-            .build();
+        let mut snap = SnapshotBuilder::new(4, 8 << 20).domain(DomainBuilder::new("a").vcpu(2, 0.1)).build();
         snap.domains[0].vcpus[0].affinity.clear();
         let actions = CpuPolicy::default().decide(&snap).unwrap();
         assert_eq!(targets(&actions), vec![2]);
@@ -566,23 +473,14 @@ mod tests {
         next.quantum = 1;
         let again = policy.decide(&next).unwrap();
         for a in &again {
-            assert!(
-                !matches!(a, Action::Pin { domain, .. } if domain == "vm0" || domain == "vm1"),
-                "{again:?}"
-            );
+            assert!(!matches!(a, Action::Pin { domain, .. } if domain == "vm0" || domain == "vm1"), "{again:?}");
         }
     }
 
     #[test]
     fn hundredths_read_like_two_decimals() {
-        let shown: Vec<String> = [0.0, 1.0, 2.345, 0.999, -0.5, 12.3, f32::NAN]
-            .iter()
-            .map(|x| Hundredths(*x).to_string())
-            .collect();
-        assert_eq!(
-            shown,
-            ["0.00", "1.00", "2.35", "1.00", "-0.50", "12.30", "NaN"]
-        );
+        let shown: Vec<String> = [0.0, 1.0, 2.345, 0.999, -0.5, 12.3, f32::NAN].iter().map(|x| Hundredths(*x).to_string()).collect();
+        assert_eq!(shown, ["0.00", "1.00", "2.35", "1.00", "-0.50", "12.30", "NaN"]);
     }
 
     #[test]
@@ -607,17 +505,10 @@ mod tests {
             let mut sorted: Vec<usize> = (0..load.len()).filter(|c| *c != 5).collect();
             sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
             assert_eq!(by_load.least_loaded(5, 4).collect::<Vec<_>>(), sorted[..4]);
-            let max_by = (0..load.len())
-                .filter(|c| *c != 2)
-                .max_by(|a, b| load[*a].total_cmp(&load[*b]));
+            let max_by = (0..load.len()).filter(|c| *c != 2).max_by(|a, b| load[*a].total_cmp(&load[*b]));
             assert_eq!(by_load.busiest(|c| c != 2), max_by);
         }
-        assert_eq!(
-            ByLoad::new(&[1.0, 2.0])
-                .least_loaded(0, 4)
-                .collect::<Vec<_>>(),
-            [1]
-        );
+        assert_eq!(ByLoad::new(&[1.0, 2.0]).least_loaded(0, 4).collect::<Vec<_>>(), [1]);
     }
 
     #[test]
@@ -637,12 +528,7 @@ mod tests {
         let mut snap = busy_guests_on_cpu0(6, 4);
         snap.domains[0].memory.usable_kib = Some(100);
         let mut partial = Snapshot::default();
-        vm_balancer_sdk::decode_snapshot_parts(
-            &vm_balancer_sdk::encode_snapshot(&snap),
-            &mut partial,
-            CpuPolicy::READS,
-        )
-        .unwrap();
+        vm_balancer_sdk::decode_snapshot_parts(&vm_balancer_sdk::encode_snapshot(&snap), &mut partial, CpuPolicy::READS).unwrap();
         assert_ne!(partial, snap, "something was skipped");
         let full = CpuPolicy::default().decide(&snap).unwrap();
         assert!(!full.is_empty());

@@ -75,18 +75,10 @@ struct Grow {
 }
 
 impl Policy for MemPolicy {
-    const READS: Reads = Reads {
-        vcpus: false,
-        domain_memory: true,
-    };
+    const READS: Reads = Reads { vcpus: false, domain_memory: true };
 
     fn info() -> Info {
-        Info {
-            name: "mem-default",
-            version: env!("CARGO_PKG_VERSION"),
-            cpu: false,
-            memory: true,
-        }
+        Info { name: "mem-default", version: env!("CARGO_PKG_VERSION"), cpu: false, memory: true }
     }
 
     fn decide(&mut self, snap: &Snapshot) -> Result<Vec<Action>, String> {
@@ -108,8 +100,7 @@ impl Policy for MemPolicy {
                     growth
                 }
                 None => {
-                    self.last_used_kib
-                        .insert(d.name.clone(), (used, snap.quantum));
+                    self.last_used_kib.insert(d.name.clone(), (used, snap.quantum));
                     0
                 }
             };
@@ -118,23 +109,12 @@ impl Policy for MemPolicy {
             let want = (predicted_used + band).min(m.max_kib);
             let predicted_free = m.target_kib.saturating_sub(predicted_used);
             if (predicted_free < band / 2 || m.under_pressure_signals()) && want > m.target_kib {
-                grows.push(Grow {
-                    domain: di,
-                    need_kib: want - m.target_kib,
-                    free_ratio: free as f64 / band.max(1) as f64,
-                });
+                grows.push(Grow { domain: di, need_kib: want - m.target_kib, free_ratio: free as f64 / band.max(1) as f64 });
             } else if free > band / 2 {
-                donors.push(Donor {
-                    domain: di,
-                    used,
-                    free,
-                    band,
-                    want,
-                });
+                donors.push(Donor { domain: di, used, free, band, want });
             }
         }
-        self.last_used_kib
-            .retain(|_, (_, seen)| *seen == snap.quantum);
+        self.last_used_kib.retain(|_, (_, seen)| *seen == snap.quantum);
 
         // Squeeze when the host is below its reserve, or when starving guests
         // need more than the host pool holds: then the donors' spare band is
@@ -158,11 +138,7 @@ impl Policy for MemPolicy {
                 actions.push(Action::set_memory(
                     &d.name,
                     target,
-                    format!(
-                        "{why} (free {} MiB, band {} MiB)",
-                        donor.free / MIB,
-                        donor.band / MIB
-                    ),
+                    format!("{why} (free {} MiB, band {} MiB)", donor.free / MIB, donor.band / MIB),
                 ));
             }
         }
@@ -176,11 +152,7 @@ impl Policy for MemPolicy {
             }
             pool_kib -= grant;
             let d = &snap.domains[g.domain];
-            actions.push(Action::set_memory(
-                &d.name,
-                d.memory.target_kib + grant,
-                format!("starved: +{} MiB", grant / MIB),
-            ));
+            actions.push(Action::set_memory(&d.name, d.memory.target_kib + grant, format!("starved: +{} MiB", grant / MIB)));
         }
         Ok(actions)
     }
@@ -195,9 +167,7 @@ mod tests {
 
     fn target_of(actions: &[Action], name: &str) -> Option<u64> {
         actions.iter().find_map(|a| match a {
-            Action::SetMemory {
-                domain, target_kib, ..
-            } if domain == name => Some(*target_kib / MIB),
+            Action::SetMemory { domain, target_kib, .. } if domain == name => Some(*target_kib / MIB),
             _ => None,
         })
     }
@@ -213,24 +183,16 @@ mod tests {
                 .domain(DomainBuilder::new("idle").memory_mib(1024, target, Some(target - 100)))
                 .build();
             if let Some(t) = target_of(&policy.decide(&snap).unwrap(), "idle") {
-                assert!(
-                    target - t <= 52,
-                    "step bounded to 5% of max: {target} -> {t}"
-                );
+                assert!(target - t <= 52, "step bounded to 5% of max: {target} -> {t}");
                 target = t;
             }
         }
-        assert!(
-            (100 + 204..=100 + 204 + 110).contains(&target),
-            "settled in the band: {target}"
-        );
+        assert!((100 + 204..=100 + 204 + 110).contains(&target), "settled in the band: {target}");
     }
 
     #[test]
     fn starved_guest_gets_its_whole_need_at_once() {
-        let snap = SnapshotBuilder::new(2, 8 << 20)
-            .domain(DomainBuilder::new("full").memory_mib(2048, 512, Some(10)))
-            .build();
+        let snap = SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("full").memory_mib(2048, 512, Some(10))).build();
         let t = target_of(&MemPolicy::default().decide(&snap).unwrap(), "full").unwrap();
         // used 502 + band 409 = 911 MiB.
         assert_eq!(t, 502 + 409);
@@ -239,14 +201,10 @@ mod tests {
     #[test]
     fn growth_is_provisioned_ahead() {
         let mut policy = MemPolicy::default();
-        let s1 = SnapshotBuilder::new(2, 8 << 20)
-            .domain(DomainBuilder::new("g").memory_mib(2048, 1024, Some(600)))
-            .build();
+        let s1 = SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("g").memory_mib(2048, 1024, Some(600))).build();
         assert!(policy.decide(&s1).unwrap().is_empty());
         // Used grew by 200 MiB: predicted used = 624 + 400.
-        let s2 = SnapshotBuilder::new(2, 8 << 20)
-            .domain(DomainBuilder::new("g").memory_mib(2048, 1024, Some(400)))
-            .build();
+        let s2 = SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("g").memory_mib(2048, 1024, Some(400))).build();
         let t = target_of(&policy.decide(&s2).unwrap(), "g").unwrap();
         assert_eq!(t, 624 + 400 + 409);
     }
@@ -259,15 +217,8 @@ mod tests {
             .domain(DomainBuilder::new("b").memory_mib(4096, 512, Some(5)))
             .build();
         let actions = MemPolicy::default().decide(&snap).unwrap();
-        let given: u64 = ["a", "b"]
-            .iter()
-            .filter_map(|n| target_of(&actions, n))
-            .map(|t| t - 512)
-            .sum();
-        assert_eq!(
-            given, 100,
-            "only available - reserve is handed out: {actions:?}"
-        );
+        let given: u64 = ["a", "b"].iter().filter_map(|n| target_of(&actions, n)).map(|t| t - 512).sum();
+        assert_eq!(given, 100, "only available - reserve is handed out: {actions:?}");
         assert_eq!(target_of(&actions, "a"), Some(612), "most starved first");
     }
 
@@ -283,9 +234,7 @@ mod tests {
 
     #[test]
     fn guests_without_stats_are_left_alone() {
-        let snap = SnapshotBuilder::new(2, 8 << 20)
-            .domain(DomainBuilder::new("nostats").memory_mib(1024, 1024, None))
-            .build();
+        let snap = SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("nostats").memory_mib(1024, 1024, None)).build();
         assert!(MemPolicy::default().decide(&snap).unwrap().is_empty());
     }
 
@@ -294,25 +243,11 @@ mod tests {
         // The wasm glue decodes only `READS`; the daemon's native fallback
         // gets everything. Both must decide the same.
         let snap = SnapshotBuilder::new(4, 8 << 20)
-            .domain(
-                DomainBuilder::new("idle")
-                    .vcpu(0, 0.5)
-                    .memory_mib(1024, 1024, Some(900)),
-            )
-            .domain(
-                DomainBuilder::new("full")
-                    .vcpu(1, 1.0)
-                    .memory_mib(2048, 512, Some(10))
-                    .pressure(100, 3),
-            )
+            .domain(DomainBuilder::new("idle").vcpu(0, 0.5).memory_mib(1024, 1024, Some(900)))
+            .domain(DomainBuilder::new("full").vcpu(1, 1.0).memory_mib(2048, 512, Some(10)).pressure(100, 3))
             .build();
         let mut partial = Snapshot::default();
-        vm_balancer_sdk::decode_snapshot_parts(
-            &vm_balancer_sdk::encode_snapshot(&snap),
-            &mut partial,
-            MemPolicy::READS,
-        )
-        .unwrap();
+        vm_balancer_sdk::decode_snapshot_parts(&vm_balancer_sdk::encode_snapshot(&snap), &mut partial, MemPolicy::READS).unwrap();
         assert_ne!(partial, snap, "something was skipped");
         let full = MemPolicy::default().decide(&snap).unwrap();
         assert!(!full.is_empty());

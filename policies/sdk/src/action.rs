@@ -47,43 +47,21 @@ impl Action {
     }
 
     /// A pin action.
-    pub fn pin(
-        domain: impl Into<String>,
-        vcpu: u32,
-        cpus: Vec<u32>,
-        reason: impl Into<String>,
-    ) -> Self {
-        Action::Pin {
-            domain: domain.into(),
-            vcpu,
-            cpus,
-            reason: reason.into(),
-        }
+    pub fn pin(domain: impl Into<String>, vcpu: u32, cpus: Vec<u32>, reason: impl Into<String>) -> Self {
+        Action::Pin { domain: domain.into(), vcpu, cpus, reason: reason.into() }
     }
 
     /// A balloon-target action.
-    pub fn set_memory(
-        domain: impl Into<String>,
-        target_kib: u64,
-        reason: impl Into<String>,
-    ) -> Self {
-        Action::SetMemory {
-            domain: domain.into(),
-            target_kib,
-            reason: reason.into(),
-        }
+    pub fn set_memory(domain: impl Into<String>, target_kib: u64, reason: impl Into<String>) -> Self {
+        Action::SetMemory { domain: domain.into(), target_kib, reason: reason.into() }
     }
 }
 
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Action::Pin {
-                domain, vcpu, cpus, ..
-            } => write!(f, "pin {domain} vcpu {vcpu} -> {cpus:?}"),
-            Action::SetMemory {
-                domain, target_kib, ..
-            } => {
+            Action::Pin { domain, vcpu, cpus, .. } => write!(f, "pin {domain} vcpu {vcpu} -> {cpus:?}"),
+            Action::SetMemory { domain, target_kib, .. } => {
                 write!(f, "set-memory {domain} -> {target_kib} KiB")
             }
         }

@@ -9,9 +9,7 @@
 //! assert_eq!(snap.domains[0].vcpus.len(), 2);
 //! ```
 
-use crate::{
-    Domain, DomainMemory, Host, HostCpu, HostMemory, Param, Snapshot, Vcpu, SCHEMA_VERSION,
-};
+use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Param, Snapshot, Vcpu, SCHEMA_VERSION};
 
 const MIB: u64 = 1024;
 
@@ -31,27 +29,12 @@ impl SnapshotBuilder {
             quantum: 0,
             quantum_ms: 1000,
             host: Host {
-                cpus: (0..cpus)
-                    .map(|id| HostCpu {
-                        id,
-                        online: true,
-                        reserved: false,
-                        usage: 0.0,
-                        node: 0,
-                    })
-                    .collect(),
-                memory: HostMemory {
-                    total_kib,
-                    available_kib: total_kib,
-                    reserve_kib: 0,
-                },
+                cpus: (0..cpus).map(|id| HostCpu { id, online: true, reserved: false, usage: 0.0, node: 0 }).collect(),
+                memory: HostMemory { total_kib, available_kib: total_kib, reserve_kib: 0 },
             },
             ..Snapshot::default()
         };
-        SnapshotBuilder {
-            snapshot,
-            explicit_cpu_usage: false,
-        }
+        SnapshotBuilder { snapshot, explicit_cpu_usage: false }
     }
 
     /// Sets host available memory and the reserve, KiB.
@@ -130,11 +113,7 @@ impl DomainBuilder {
                 uuid: format!("00000000-0000-0000-0000-{:012x}", fxhash(name)),
                 tags: Vec::new(),
                 vcpus: Vec::new(),
-                memory: DomainMemory {
-                    max_kib: 1024 * MIB,
-                    target_kib: 1024 * MIB,
-                    ..DomainMemory::default()
-                },
+                memory: DomainMemory { max_kib: 1024 * MIB, target_kib: 1024 * MIB, ..DomainMemory::default() },
             },
         }
     }
@@ -142,26 +121,14 @@ impl DomainBuilder {
     /// Adds a vCPU pinned to `cpu` that used `usage` of it.
     pub fn vcpu(mut self, cpu: u32, usage: f32) -> Self {
         let id = self.domain.vcpus.len() as u32;
-        self.domain.vcpus.push(Vcpu {
-            id,
-            cpu,
-            affinity: crate::smallvec![cpu],
-            usage,
-            steal: None,
-        });
+        self.domain.vcpus.push(Vcpu { id, cpu, affinity: crate::smallvec![cpu], usage, steal: None });
         self
     }
 
     /// Adds a vCPU pinned to `cpu` with usage and steal (waiting) fractions.
     pub fn vcpu_with_steal(mut self, cpu: u32, usage: f32, steal: f32) -> Self {
         let id = self.domain.vcpus.len() as u32;
-        self.domain.vcpus.push(Vcpu {
-            id,
-            cpu,
-            affinity: crate::smallvec![cpu],
-            usage,
-            steal: Some(steal),
-        });
+        self.domain.vcpus.push(Vcpu { id, cpu, affinity: crate::smallvec![cpu], usage, steal: Some(steal) });
         self
     }
 
@@ -197,7 +164,5 @@ impl DomainBuilder {
 
 /// A stable, dependency-free hash for made-up UUIDs.
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    }) & 0xffff_ffff_ffff
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)) & 0xffff_ffff_ffff
 }

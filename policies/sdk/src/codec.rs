@@ -135,10 +135,7 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         ("major_faults", m.major_faults),
     ];
     key(buf, "memory");
-    map(
-        buf,
-        3 + optional.iter().filter(|(_, v)| v.is_some()).count(),
-    );
+    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count());
     key(buf, "max_kib");
     uint(buf, m.max_kib);
     key(buf, "target_kib");
@@ -198,10 +195,7 @@ fn serde_value<T: serde::Serialize>(buf: &mut Vec<u8>, value: &T) {
 ///
 /// Parts that `reads` leaves out are skipped, not stored: they stay empty.
 pub fn decode_into(bytes: &[u8], s: &mut Snapshot, reads: Reads) -> Result<()> {
-    let mut r = Reader {
-        input: bytes,
-        pos: 0,
-    };
+    let mut r = Reader { input: bytes, pos: 0 };
     s.schema_version = 0;
     s.quantum = 0;
     s.quantum_ms = 0;
@@ -236,16 +230,9 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot, reads: Reads) -> Result<()> {
     if seen.0 & (1 << 4) == 0 {
         s.domains.clear();
     }
-    r.require(
-        seen,
-        &["schema_version", "quantum", "quantum_ms", "host", "domains"],
-        "snapshot",
-    )?;
+    r.require(seen, &["schema_version", "quantum", "quantum_ms", "host", "domains"], "snapshot")?;
     if r.pos != bytes.len() {
-        return Err(r.error(format!(
-            "{} trailing bytes after the snapshot",
-            bytes.len() - r.pos
-        )));
+        return Err(r.error(format!("{} trailing bytes after the snapshot", bytes.len() - r.pos)));
     }
     Ok(())
 }
@@ -308,11 +295,7 @@ fn host_memory(r: &mut Reader<'_>) -> Result<HostMemory> {
             _ => r.skip()?,
         }
     }
-    r.require(
-        seen,
-        &["total_kib", "available_kib", "reserve_kib"],
-        "host.memory",
-    )?;
+    r.require(seen, &["total_kib", "available_kib", "reserve_kib"], "host.memory")?;
     Ok(m)
 }
 
@@ -503,10 +486,7 @@ impl<'de> Reader<'de> {
     }
 
     fn error(self, message: impl Into<String>) -> DecodeError {
-        DecodeError {
-            offset: self.pos,
-            message: message.into(),
-        }
+        DecodeError { offset: self.pos, message: message.into() }
     }
 
     /// Consumes `lit` (at most 16 bytes) if the input continues with it.
@@ -519,11 +499,7 @@ impl<'de> Reader<'de> {
             Some(window) => {
                 let mut want = [0u8; 16];
                 want[..len].copy_from_slice(lit);
-                let mask = if len >= 16 {
-                    u128::MAX
-                } else {
-                    (1u128 << (8 * len)) - 1
-                };
+                let mask = if len >= 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
                 let have = u128::from_le_bytes(window.try_into().expect("16 bytes"));
                 have & mask == u128::from_le_bytes(want)
             }
@@ -545,13 +521,7 @@ impl<'de> Reader<'de> {
         let (value, width) = match input.get(at) {
             Some(&b @ 0x00..=0x7f) => (u32::from(b), 1),
             Some(0xcc) => (u32::from(*input.get(at + 1)?), 2),
-            Some(0xcd) => (
-                u32::from(u16::from_be_bytes([
-                    *input.get(at + 1)?,
-                    *input.get(at + 2)?,
-                ])),
-                3,
-            ),
+            Some(0xcd) => (u32::from(u16::from_be_bytes([*input.get(at + 1)?, *input.get(at + 2)?])), 3),
             _ => return None,
         };
         self.pos = at + width;
@@ -582,11 +552,7 @@ impl<'de> Reader<'de> {
 
     #[inline(never)]
     fn missing(self, seen: Seen, required: &[&str], what: &str) -> Result<()> {
-        match required
-            .iter()
-            .enumerate()
-            .find(|(bit, _)| seen.0 & (1 << bit) == 0)
-        {
+        match required.iter().enumerate().find(|(bit, _)| seen.0 & (1 << bit) == 0) {
             Some((_, name)) => Err(self.error(format!("{what}: missing field `{name}`"))),
             None => Ok(()),
         }
@@ -594,10 +560,7 @@ impl<'de> Reader<'de> {
 
     #[inline]
     fn peek(self) -> Result<u8> {
-        self.input
-            .get(self.pos)
-            .copied()
-            .ok_or_else(|| self.error("unexpected end of input"))
+        self.input.get(self.pos).copied().ok_or_else(|| self.error("unexpected end of input"))
     }
 
     #[inline]
@@ -628,20 +591,14 @@ impl<'de> Reader<'de> {
 
     /// The value at `pos` is not what `field` needs (`pos` is in bounds: peeked).
     fn unexpected(self, field: &str, expected: &str) -> DecodeError {
-        self.error(format!(
-            "{field}: expected {expected}, found marker 0x{:02x}",
-            self.input[self.pos]
-        ))
+        self.error(format!("{field}: expected {expected}, found marker 0x{:02x}", self.input[self.pos]))
     }
 
     /// Every element takes at least one byte: a count larger than what is
     /// left is corrupt, and refusing it bounds what `reserve` asks for.
     fn count(self, count: usize, per_item: usize, what: &str) -> Result<usize> {
         if count.saturating_mul(per_item) > self.input.len() - self.pos {
-            return Err(self.error(format!(
-                "{what}: count {count} is larger than the {} bytes left",
-                self.input.len() - self.pos
-            )));
+            return Err(self.error(format!("{what}: count {count} is larger than the {} bytes left", self.input.len() - self.pos)));
         }
         Ok(count)
     }
@@ -674,13 +631,7 @@ impl<'de> Reader<'de> {
 
     /// Any length encoding of a map or array (`markers`: fix base, 16-bit, 32-bit).
     #[inline(never)]
-    fn container_len(
-        &mut self,
-        what: &str,
-        markers: [u8; 3],
-        per_item: usize,
-        expected: &str,
-    ) -> Result<usize> {
+    fn container_len(&mut self, what: &str, markers: [u8; 3], per_item: usize, expected: &str) -> Result<usize> {
         let marker = self.peek()?;
         let (n, header) = if marker & 0xf0 == markers[0] {
             ((marker & 0x0f) as usize, 1)
@@ -698,10 +649,7 @@ impl<'de> Reader<'de> {
     /// `N` bytes starting `skip` bytes ahead, without consuming.
     fn at<const N: usize>(self, skip: usize) -> Result<[u8; N]> {
         let start = self.pos + skip;
-        let bytes = self
-            .input
-            .get(start..start + N)
-            .ok_or_else(|| self.error("unexpected end of input"))?;
+        let bytes = self.input.get(start..start + N).ok_or_else(|| self.error("unexpected end of input"))?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
         Ok(out)
@@ -760,10 +708,7 @@ impl<'de> Reader<'de> {
             // ASCII; this skips `from_utf8`'s setup, which showed up in wasm.)
             return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
         }
-        std::str::from_utf8(bytes).map_err(|e| DecodeError {
-            offset: start,
-            message: format!("{field}: string is not UTF-8: {e}"),
-        })
+        std::str::from_utf8(bytes).map_err(|e| DecodeError { offset: start, message: format!("{field}: string is not UTF-8: {e}") })
     }
 
     /// Unsigned integers of any width inline (KiB figures are mostly
@@ -775,19 +720,10 @@ impl<'de> Reader<'de> {
         let (value, width) = match input.get(at) {
             Some(&b @ 0x00..=0x7f) => (u64::from(b), 0),
             Some(0xcc) if at + 2 <= input.len() => (u64::from(input[at + 1]), 1),
-            Some(0xcd) if at + 3 <= input.len() => (
-                u64::from(u16::from_be_bytes([input[at + 1], input[at + 2]])),
-                2,
-            ),
-            Some(0xce) if at + 5 <= input.len() => (
-                u64::from(u32::from_be_bytes([
-                    input[at + 1],
-                    input[at + 2],
-                    input[at + 3],
-                    input[at + 4],
-                ])),
-                4,
-            ),
+            Some(0xcd) if at + 3 <= input.len() => (u64::from(u16::from_be_bytes([input[at + 1], input[at + 2]])), 2),
+            Some(0xce) if at + 5 <= input.len() => {
+                (u64::from(u32::from_be_bytes([input[at + 1], input[at + 2], input[at + 3], input[at + 4]])), 4)
+            }
             _ => return self.out_of_line(|r| r.other_u64(field)),
         };
         self.pos = at + 1 + width;
@@ -814,8 +750,7 @@ impl<'de> Reader<'de> {
             0xe0..=0xff => ((marker as i8).into(), 0),
             _ => return Err(self.unexpected(field, "an unsigned integer")),
         };
-        let value = u64::try_from(value)
-            .map_err(|_| self.error(format!("{field}: {value} is negative")))?;
+        let value = u64::try_from(value).map_err(|_| self.error(format!("{field}: {value} is negative")))?;
         self.pos += 1 + width;
         Ok(value)
     }
@@ -823,8 +758,7 @@ impl<'de> Reader<'de> {
     #[inline(always)]
     fn u32(&mut self, field: &str) -> Result<u32> {
         let value = self.u64(field)?;
-        u32::try_from(value)
-            .map_err(|_| self.error(format!("{field}: {value} does not fit in 32 bits")))
+        u32::try_from(value).map_err(|_| self.error(format!("{field}: {value} does not fit in 32 bits")))
     }
 
     #[inline(always)]
@@ -843,9 +777,7 @@ impl<'de> Reader<'de> {
                 Ok(f64::from_be_bytes(self.be()?) as f32)
             }
             0xe0..=0xff => Ok(self.byte()? as i8 as f32),
-            0xd0..=0xd3 => {
-                Err(self.error(format!("{field}: negative integers are not valid here")))
-            }
+            0xd0..=0xd3 => Err(self.error(format!("{field}: negative integers are not valid here"))),
             _ => self.u64(field).map(|v| v as f32),
         }
     }
@@ -882,10 +814,7 @@ impl<'de> Reader<'de> {
         self.out_of_line(|r| {
             let start = r.pos;
             r.skip_here()?;
-            rmp_serde::from_slice(&r.input[start..r.pos]).map_err(|e| DecodeError {
-                offset: start,
-                message: format!("{field}: {e}"),
-            })
+            rmp_serde::from_slice(&r.input[start..r.pos]).map_err(|e| DecodeError { offset: start, message: format!("{field}: {e}") })
         })
     }
 
@@ -919,21 +848,13 @@ impl<'de> Reader<'de> {
                 }
                 SKIP_ITEMS => {
                     // Arrays (per item 1) and maps (2): count inline or in `size` bytes.
-                    let per_item = if matches!(marker, 0x80..=0x8f | 0xde | 0xdf) {
-                        2
-                    } else {
-                        1
-                    };
+                    let per_item = if matches!(marker, 0x80..=0x8f | 0xde | 0xdf) { 2 } else { 1 };
                     let count = match size {
                         0 => (marker & 0x0f) as usize,
                         2 => u16::from_be_bytes(self.be()?) as usize,
                         _ => u32::from_be_bytes(self.be()?) as usize,
                     };
-                    let what = if per_item == 2 {
-                        "skipped map"
-                    } else {
-                        "skipped array"
-                    };
+                    let what = if per_item == 2 { "skipped map" } else { "skipped array" };
                     pending += per_item * self.count(count, per_item, what)?;
                 }
                 _ => {
@@ -947,10 +868,7 @@ impl<'de> Reader<'de> {
 }
 
 #[inline(never)]
-fn run_out_of_line<'de, T>(
-    mut reader: Reader<'de>,
-    step: impl FnOnce(&mut Reader<'de>) -> Result<T>,
-) -> Result<(T, usize)> {
+fn run_out_of_line<'de, T>(mut reader: Reader<'de>, step: impl FnOnce(&mut Reader<'de>) -> Result<T>) -> Result<(T, usize)> {
     let value = step(&mut reader)?;
     Ok((value, reader.pos))
 }
@@ -1003,38 +921,11 @@ mod tests {
             .host_memory(8 << 20, 1 << 20)
             .reserve_cpu(7)
             .quantum(u64::MAX)
-            .param(
-                "cpu",
-                Param::Map(
-                    [
-                        ("min_gain".to_string(), Param::Float(0.1)),
-                        ("max_moves".to_string(), Param::Int(-3)),
-                    ]
-                    .into(),
-                ),
-            )
-            .param(
-                "tags",
-                Param::List(vec![Param::Str("a".into()), Param::Bool(true)]),
-            )
-            .domain(
-                DomainBuilder::new("web-ü")
-                    .vcpu(1, 0.5)
-                    .vcpu_with_steal(2, 1.0, 0.25)
-                    .memory_mib(2048, 1024, Some(300)),
-            )
-            .domain(
-                DomainBuilder::new(&"x".repeat(40))
-                    .vcpu(3, 0.0)
-                    .memory_mib(4096, 4096, None)
-                    .tag("latency"),
-            )
-            .domain(
-                DomainBuilder::new(&"y".repeat(300))
-                    .vcpu(200, 0.1)
-                    .pressure(70_000, 1)
-                    .tag(&"z".repeat(70_000)),
-            )
+            .param("cpu", Param::Map([("min_gain".to_string(), Param::Float(0.1)), ("max_moves".to_string(), Param::Int(-3))].into()))
+            .param("tags", Param::List(vec![Param::Str("a".into()), Param::Bool(true)]))
+            .domain(DomainBuilder::new("web-ü").vcpu(1, 0.5).vcpu_with_steal(2, 1.0, 0.25).memory_mib(2048, 1024, Some(300)))
+            .domain(DomainBuilder::new(&"x".repeat(40)).vcpu(3, 0.0).memory_mib(4096, 4096, None).tag("latency"))
+            .domain(DomainBuilder::new(&"y".repeat(300)).vcpu(200, 0.1).pressure(70_000, 1).tag(&"z".repeat(70_000)))
             .build();
         snap.host.cpus[3].node = 1;
         snap.domains[1].vcpus[0].affinity = CpuList::new();
@@ -1077,9 +968,7 @@ mod tests {
     #[test]
     fn decoding_into_last_quantums_snapshot_replaces_all_of_it() {
         let rich = rich_snapshot();
-        let small = SnapshotBuilder::new(2, 1 << 20)
-            .domain(DomainBuilder::new("only").vcpu(1, 0.25))
-            .build();
+        let small = SnapshotBuilder::new(2, 1 << 20).domain(DomainBuilder::new("only").vcpu(1, 0.25)).build();
         let mut reused = Snapshot::default();
         for snap in [&rich, &small, &rich, &Snapshot::default(), &small] {
             decode_into(&ours(snap), &mut reused, Reads::ALL).unwrap();
@@ -1092,55 +981,22 @@ mod tests {
         let snap = rich_snapshot();
         let bytes = ours(&snap);
         let mut got = Snapshot::default();
-        decode_into(
-            &bytes,
-            &mut got,
-            Reads {
-                vcpus: false,
-                domain_memory: true,
-            },
-        )
-        .unwrap();
+        decode_into(&bytes, &mut got, Reads { vcpus: false, domain_memory: true }).unwrap();
         let mut want = snap.clone();
         want.domains.iter_mut().for_each(|d| d.vcpus.clear());
         assert_eq!(got, want);
-        decode_into(
-            &bytes,
-            &mut got,
-            Reads {
-                vcpus: true,
-                domain_memory: false,
-            },
-        )
-        .unwrap();
+        decode_into(&bytes, &mut got, Reads { vcpus: true, domain_memory: false }).unwrap();
         let mut want = snap.clone();
-        want.domains
-            .iter_mut()
-            .for_each(|d| d.memory = DomainMemory::default());
+        want.domains.iter_mut().for_each(|d| d.memory = DomainMemory::default());
         assert_eq!(got, want);
         // Skipped parts are still checked for shape: a truncation is an error.
-        assert!(decode_into(
-            &bytes[..bytes.len() / 2],
-            &mut got,
-            Reads {
-                vcpus: false,
-                domain_memory: false
-            }
-        )
-        .is_err());
+        assert!(decode_into(&bytes[..bytes.len() / 2], &mut got, Reads { vcpus: false, domain_memory: false }).is_err());
     }
 
     #[test]
     fn vcpus_off_the_fast_path_decode_the_same() {
         let mut snap = SnapshotBuilder::new(300, 1 << 20)
-            .domain(
-                DomainBuilder::new("a")
-                    .vcpu(0, 0.5)
-                    .vcpu(129, 0.25)
-                    .vcpu_with_steal(299, 1.0, 0.5)
-                    .vcpu(7, 0.0)
-                    .vcpu(8, 0.0),
-            )
+            .domain(DomainBuilder::new("a").vcpu(0, 0.5).vcpu(129, 0.25).vcpu_with_steal(299, 1.0, 0.5).vcpu(7, 0.0).vcpu(8, 0.0))
             .build();
         let vcpus = &mut snap.domains[0].vcpus;
         vcpus[1].id = 70_000; // uint32 id
@@ -1151,15 +1007,7 @@ mod tests {
         // And a vCPU whose usage another writer sent as float64.
         let usage = [&[0xa5][..], b"usage", &[0xca], &0.25f32.to_be_bytes()].concat();
         let at = bytes.windows(usage.len()).position(|w| w == usage).unwrap();
-        let wide = [
-            &bytes[..at],
-            &[0xa5][..],
-            b"usage",
-            &[0xcb],
-            &0.25f64.to_be_bytes(),
-            &bytes[at + usage.len()..],
-        ]
-        .concat();
+        let wide = [&bytes[..at], &[0xa5][..], b"usage", &[0xcb], &0.25f64.to_be_bytes(), &bytes[at + usage.len()..]].concat();
         assert_eq!(decode(&wide).unwrap(), snap);
     }
 
@@ -1169,12 +1017,7 @@ mod tests {
         #[derive(serde::Serialize)]
         #[allow(clippy::type_complexity)]
         struct Future<'a> {
-            added: (
-                u64,
-                Vec<Option<Vec<&'a str>>>,
-                std::collections::BTreeMap<&'a str, f64>,
-                &'a serde_bytes_like::Bytes,
-            ),
+            added: (u64, Vec<Option<Vec<&'a str>>>, std::collections::BTreeMap<&'a str, f64>, &'a serde_bytes_like::Bytes),
             #[serde(flatten)]
             snap: &'a Snapshot,
         }
@@ -1189,26 +1032,15 @@ mod tests {
         }
         let snap = rich_snapshot();
         let bin = serde_bytes_like::Bytes(vec![7; 300]);
-        let extra = (
-            u64::MAX,
-            vec![None, Some(vec!["x"; 40])],
-            [("k", -1.5)].into(),
-            &bin,
-        );
-        let bytes = rmp_serde::to_vec_named(&Future {
-            added: extra,
-            snap: &snap,
-        })
-        .unwrap();
+        let extra = (u64::MAX, vec![None, Some(vec!["x"; 40])], [("k", -1.5)].into(), &bin);
+        let bytes = rmp_serde::to_vec_named(&Future { added: extra, snap: &snap }).unwrap();
         assert_eq!(decode(&bytes).unwrap(), snap);
     }
 
     #[test]
     fn numbers_are_read_in_any_width_that_fits() {
         // Another writer's float64 usage and 64-bit integer id still decode.
-        let snap = SnapshotBuilder::new(1, 1 << 20)
-            .domain(DomainBuilder::new("a").vcpu(0, 0.5))
-            .build();
+        let snap = SnapshotBuilder::new(1, 1 << 20).domain(DomainBuilder::new("a").vcpu(0, 0.5)).build();
         let bytes = ours(&snap);
         let usage = [&[0xa5][..], b"usage", &[0xca], &0.5f32.to_be_bytes()].concat();
         let wide_usage = [&[0xa5][..], b"usage", &[0xcb], &0.5f64.to_be_bytes()].concat();
@@ -1237,10 +1069,7 @@ mod tests {
             .position(|w| w == wide_id)
             .map(|at| [&wide[..at], &too_big, &wide[at + wide_id.len()..]].concat())
             .unwrap();
-        assert!(decode(&bad)
-            .unwrap_err()
-            .message
-            .contains("id: 18446744073709551615 does not fit in 32 bits"));
+        assert!(decode(&bad).unwrap_err().message.contains("id: 18446744073709551615 does not fit in 32 bits"));
     }
 
     #[test]
@@ -1250,11 +1079,7 @@ mod tests {
         let mut bytes = ours(&snap);
         // Rename the first vCPU's "usage" key to "usagf": an unknown field, so `usage` is missing.
         let vcpu_at = bytes.windows(8).position(|w| w == b"affinity").unwrap();
-        let at = vcpu_at
-            + bytes[vcpu_at..]
-                .windows(5)
-                .position(|w| w == b"usage")
-                .unwrap();
+        let at = vcpu_at + bytes[vcpu_at..].windows(5).position(|w| w == b"usage").unwrap();
         bytes[at + 4] = b'f';
         let err = decode(&bytes).unwrap_err();
         assert!(err.message.contains("vcpu: missing field `usage`"), "{err}");
@@ -1265,11 +1090,7 @@ mod tests {
         let bytes = ours(&rich_snapshot());
         for len in 0..bytes.len() {
             let err = decode(&bytes[..len]).unwrap_err();
-            assert!(
-                err.offset <= len,
-                "offset {} past the {len} bytes given",
-                err.offset
-            );
+            assert!(err.offset <= len, "offset {} past the {len} bytes given", err.offset);
         }
     }
 
@@ -1277,10 +1098,7 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = ours(&rich_snapshot());
         bytes.push(0xc0);
-        assert!(decode(&bytes)
-            .unwrap_err()
-            .message
-            .contains("1 trailing bytes"));
+        assert!(decode(&bytes).unwrap_err().message.contains("1 trailing bytes"));
     }
 
     #[test]
@@ -1337,32 +1155,14 @@ mod tests {
             vec![0xdf, 0, 0, 0, 1, 0x01, 0x02],
         ];
         for value in &values {
-            let mut r = Reader {
-                input: value,
-                pos: 0,
-            };
+            let mut r = Reader { input: value, pos: 0 };
             r.skip().unwrap_or_else(|e| panic!("{value:02x?}: {e}"));
             assert_eq!(r.pos, value.len(), "{value:02x?}");
             for len in 0..value.len() {
-                assert!(
-                    Reader {
-                        input: &value[..len],
-                        pos: 0
-                    }
-                    .skip()
-                    .is_err(),
-                    "{value:02x?} cut at {len}"
-                );
+                assert!(Reader { input: &value[..len], pos: 0 }.skip().is_err(), "{value:02x?} cut at {len}");
             }
         }
-        assert!(Reader {
-            input: &[0xc1],
-            pos: 0
-        }
-        .skip()
-        .unwrap_err()
-        .message
-        .contains("reserved"));
+        assert!(Reader { input: &[0xc1], pos: 0 }.skip().unwrap_err().message.contains("reserved"));
     }
 
     #[test]
@@ -1370,10 +1170,7 @@ mod tests {
         let mut bytes = vec![0x81, 0xa1, b'z'];
         bytes.extend(std::iter::repeat_n(0x91, 100_000));
         bytes.push(0xc0);
-        assert!(decode(&bytes)
-            .unwrap_err()
-            .message
-            .contains("snapshot: missing field `schema_version`"));
+        assert!(decode(&bytes).unwrap_err().message.contains("snapshot: missing field `schema_version`"));
     }
 
     #[test]
@@ -1382,10 +1179,7 @@ mod tests {
         snap.domains.truncate(1);
         snap.domains[0].name = "ab".into();
         let bytes = ours(&snap);
-        let name_at = bytes
-            .windows(3)
-            .position(|w| w == [0xa2, b'a', b'b'])
-            .unwrap();
+        let name_at = bytes.windows(3).position(|w| w == [0xa2, b'a', b'b']).unwrap();
         let mut bad = bytes.clone();
         bad[name_at + 1] = 0xff;
         let err = decode(&bad).unwrap_err();
@@ -1393,21 +1187,12 @@ mod tests {
         assert!(err.message.contains("name: string is not UTF-8"), "{err}");
         let mut bad = bytes.clone();
         bad[name_at] = 0xc1;
-        assert!(decode(&bad)
-            .unwrap_err()
-            .message
-            .contains("name: expected a string, found marker 0xc1"));
+        assert!(decode(&bad).unwrap_err().message.contains("name: expected a string, found marker 0xc1"));
         let mut bad = bytes;
         bad[name_at] = 0x05;
         bad.remove(name_at + 1);
         bad.remove(name_at + 1);
-        assert!(decode(&bad)
-            .unwrap_err()
-            .message
-            .contains("name: expected a string"));
-        assert!(decode(&[0xc1])
-            .unwrap_err()
-            .message
-            .contains("snapshot: expected a map"));
+        assert!(decode(&bad).unwrap_err().message.contains("name: expected a string"));
+        assert!(decode(&[0xc1]).unwrap_err().message.contains("snapshot: expected a map"));
     }
 }

@@ -30,9 +30,7 @@ pub use codec::DecodeError;
 pub use log::{log, set_native_log_hook, Level};
 pub use param::Param;
 pub use smallvec::smallvec;
-pub use snapshot::{
-    CpuList, Domain, DomainMemory, Host, HostCpu, HostMemory, Snapshot, Vcpu, SCHEMA_VERSION,
-};
+pub use snapshot::{CpuList, Domain, DomainMemory, Host, HostCpu, HostMemory, Snapshot, Vcpu, SCHEMA_VERSION};
 
 /// What a policy says about itself (mirrors the WIT `policy-info` record).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,10 +60,7 @@ pub struct Reads {
 
 impl Reads {
     /// Everything (the default).
-    pub const ALL: Reads = Reads {
-        vcpus: true,
-        domain_memory: true,
-    };
+    pub const ALL: Reads = Reads { vcpus: true, domain_memory: true };
 }
 
 /// A policy: turns a snapshot into actions. Implement this and call
@@ -107,9 +102,7 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
     // CPU, 200 a domain besides its vCPUs): growing a 350 KB buffer by
     // doubling costs a third of the encode.
     let vcpus: usize = snapshot.domains.iter().map(|d| d.vcpus.len()).sum();
-    let mut buf = Vec::with_capacity(
-        1024 + vcpus * 60 + snapshot.domains.len() * 200 + snapshot.host.cpus.len() * 50,
-    );
+    let mut buf = Vec::with_capacity(1024 + vcpus * 60 + snapshot.domains.len() * 200 + snapshot.host.cpus.len() * 50);
     codec::encode(snapshot, &mut buf);
     buf
 }
@@ -130,11 +123,7 @@ pub fn decode_snapshot_into(bytes: &[u8], snapshot: &mut Snapshot) -> Result<(),
 
 /// [`decode_snapshot_into`], storing only the parts in `reads` (the rest is
 /// skipped and left empty).
-pub fn decode_snapshot_parts(
-    bytes: &[u8],
-    snapshot: &mut Snapshot,
-    reads: Reads,
-) -> Result<(), CodecError> {
+pub fn decode_snapshot_parts(bytes: &[u8], snapshot: &mut Snapshot, reads: Reads) -> Result<(), CodecError> {
     codec::decode_into(bytes, snapshot, reads).map_err(CodecError::Snapshot)
 }
 
@@ -211,7 +200,7 @@ macro_rules! export_policy {
                     })
                 }
             }
-            $crate::bindings::__export_policy_world!(__VmbExport with_types_in $crate::bindings);
+    $crate::bindings::__export_policy_world!(__VmbExport with_types_in $crate::bindings);
         };
         // Natively there is nothing to export; naming the type keeps it "used".
         #[cfg(not(target_arch = "wasm32"))]

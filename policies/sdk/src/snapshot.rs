@@ -158,8 +158,7 @@ impl DomainMemory {
     /// The guard's guest floor and the default policies share this one definition.
     #[inline]
     pub fn used_kib(&self) -> Option<u64> {
-        self.free_kib()
-            .map(|free| self.target_kib.saturating_sub(free))
+        self.free_kib().map(|free| self.target_kib.saturating_sub(free))
     }
 
     /// True when the guest reports swapping or major faults this quantum.
