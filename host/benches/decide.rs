@@ -57,10 +57,7 @@ fn codec(c: &mut Criterion) {
         });
         let mut reused = Snapshot::default();
         group.bench_with_input(BenchmarkId::new("decode-into", n), &bytes, |b, bytes| {
-            b.iter(|| vm_balancer::sdk::decode_snapshot_into(bytes, &mut reused).unwrap())
-        });
-        group.bench_with_input(BenchmarkId::new("decode-nodrop", n), &bytes, |b, bytes| {
-            b.iter_with_large_drop(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap())
+            b.iter(|| vm_balancer::sdk::decode_snapshot_into(bytes, &mut reused, vm_balancer::sdk::Reads::ALL).unwrap())
         });
         let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
         let mut counter = PolicySet::new(&limits).load_spec(vm_balancer::components::FIXTURE_COUNTER).unwrap();

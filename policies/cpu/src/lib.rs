@@ -17,8 +17,7 @@
 //!   start), so the hypervisor does not move them behind the policy's back.
 #![deny(missing_docs)]
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use rustc_hash::FxHashMap;
 
 use vm_balancer_sdk::{export_policy, Action, Info, Policy, Reads, Snapshot};
 
@@ -57,30 +56,12 @@ impl CpuParams {
 pub struct CpuPolicy {
     /// Domain → (vCPU, quantum it was last moved). Keyed by name so the hot
     /// path looks up with a borrowed `&str` instead of cloning a String per vCPU.
-    last_moved: HashMap<String, Vec<(u32, u64)>, BuildHasherDefault<Fnv>>,
+    /// (FxHash: the keys are the daemon's domain names, not attacker-chosen,
+    /// and SipHash was a visible share of a 1,000-domain quantum in wasm.)
+    last_moved: FxHashMap<String, Vec<(u32, u64)>>,
     /// Per-CPU candidate lists, kept between quanta only for their memory:
     /// refilling them allocates nothing on a steady host.
     on_cpu: Vec<Vec<(f32, usize)>>,
-}
-
-/// FNV-1a, for the per-domain cooldown lookups: the keys are domain names
-/// from the daemon, not attacker-chosen, and SipHash was a visible share of
-/// a 1,000-domain quantum in wasm.
-#[derive(Default)]
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for b in bytes {
-            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = hash;
-    }
 }
 
 /// A vCPU as the planner sees it.
@@ -527,8 +508,7 @@ mod tests {
         // gets everything. Both must decide the same.
         let mut snap = busy_guests_on_cpu0(6, 4);
         snap.domains[0].memory.usable_kib = Some(100);
-        let mut partial = Snapshot::default();
-        vm_balancer_sdk::decode_snapshot_parts(&vm_balancer_sdk::encode_snapshot(&snap), &mut partial, CpuPolicy::READS).unwrap();
+        let partial = vm_balancer_sdk::builder::as_read_by::<CpuPolicy>(&snap);
         assert_ne!(partial, snap, "something was skipped");
         let full = CpuPolicy::default().decide(&snap).unwrap();
         assert!(!full.is_empty());

@@ -9,7 +9,16 @@
 //! assert_eq!(snap.domains[0].vcpus.len(), 2);
 //! ```
 
-use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Param, Snapshot, Vcpu, SCHEMA_VERSION};
+use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Param, Policy, Snapshot, Vcpu, SCHEMA_VERSION};
+
+/// `snapshot` as the wasm glue hands it to `P`: encoded, then decoded with
+/// only the parts in `P::READS`. A policy's tests use it to show that what it
+/// declares it reads is all it needs (the native fallback gets everything).
+pub fn as_read_by<P: Policy>(snapshot: &Snapshot) -> Snapshot {
+    let mut seen = Snapshot::default();
+    crate::decode_snapshot_into(&crate::encode_snapshot(snapshot), &mut seen, P::READS).expect("an encoded snapshot decodes");
+    seen
+}
 
 const MIB: u64 = 1024;
 

@@ -219,7 +219,6 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot, reads: Reads) -> Result<()> {
             }
             b"domains" => {
                 let n = r.array_len("domains")?;
-                s.domains.truncate(n);
                 s.domains.resize_with(n, Domain::default);
                 for d in &mut s.domains {
                     domain(&mut r, d, reads)?;
@@ -230,9 +229,6 @@ pub fn decode_into(bytes: &[u8], s: &mut Snapshot, reads: Reads) -> Result<()> {
             b"params" => s.params = r.serde("params")?,
             _ => r.skip()?,
         }
-    }
-    if seen.0 & (1 << 4) == 0 {
-        s.domains.clear();
     }
     r.require(seen, &["schema_version", "quantum", "quantum_ms", "host", "domains"], "snapshot")?;
     if r.pos != bytes.len() {
@@ -255,7 +251,6 @@ fn host(r: &mut Reader<'_>, h: &mut Host) -> Result<()> {
         match r.key()? {
             b"cpus" => {
                 let n = r.array_len("host.cpus")?;
-                h.cpus.clear();
                 h.cpus.reserve(n);
                 for _ in 0..n {
                     h.cpus.push(host_cpu(r)?);
@@ -325,7 +320,6 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
             }
             b"tags" => {
                 let n = r.array_len("tags")?;
-                d.tags.clear();
                 for _ in 0..n {
                     d.tags.push(r.str("tags")?.to_owned());
                 }
@@ -336,7 +330,6 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
             }
             b"vcpus" => {
                 let n = r.array_len("vcpus")?;
-                d.vcpus.clear();
                 d.vcpus.reserve(n);
                 for _ in 0..n {
                     let v = match vcpu_as_written(r) {
@@ -352,7 +345,6 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
                 seen.set(3, ());
             }
             b"memory" => {
-                d.memory = DomainMemory::default();
                 domain_memory(r, &mut d.memory)?;
                 seen.set(3, ());
             }

@@ -111,19 +111,14 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
 /// are an error naming them (see `codec.rs` for why this is not plain rmp_serde).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, CodecError> {
     let mut snapshot = Snapshot::default();
-    decode_snapshot_into(bytes, &mut snapshot).map(|()| snapshot)
+    decode_snapshot_into(bytes, &mut snapshot, Reads::ALL).map(|()| snapshot)
 }
 
 /// Decodes a snapshot into `snapshot`, replacing all of it but reusing its
-/// strings' and lists' memory: decoding into last quantum's snapshot
-/// allocates almost nothing on a host whose domains did not change.
-pub fn decode_snapshot_into(bytes: &[u8], snapshot: &mut Snapshot) -> Result<(), CodecError> {
-    decode_snapshot_parts(bytes, snapshot, Reads::ALL)
-}
-
-/// [`decode_snapshot_into`], storing only the parts in `reads` (the rest is
-/// skipped and left empty).
-pub fn decode_snapshot_parts(bytes: &[u8], snapshot: &mut Snapshot, reads: Reads) -> Result<(), CodecError> {
+/// strings' and lists' memory (decoding into last quantum's snapshot
+/// allocates almost nothing on a host whose domains did not change), and
+/// storing only the parts in `reads`: the rest is skipped and left empty.
+pub fn decode_snapshot_into(bytes: &[u8], snapshot: &mut Snapshot, reads: Reads) -> Result<(), CodecError> {
     codec::decode_into(bytes, snapshot, reads).map_err(CodecError::Snapshot)
 }
 
@@ -145,14 +140,9 @@ pub struct Runner<P> {
 impl<P: Policy> Runner<P> {
     /// Decode, run the policy, encode.
     pub fn decide(&mut self, snapshot: &[u8]) -> Result<Vec<u8>, String> {
-        decode_snapshot_parts(snapshot, &mut self.snapshot, P::READS).map_err(|e| e.to_string())?;
+        decode_snapshot_into(snapshot, &mut self.snapshot, P::READS).map_err(|e| e.to_string())?;
         let actions = self.policy.decide(&self.snapshot)?;
         encode_actions(actions).map_err(|e| e.to_string())
-    }
-
-    /// The policy.
-    pub fn policy(&self) -> &P {
-        &self.policy
     }
 }
 
