@@ -73,6 +73,8 @@ struct Item {
     /// Index into the usable-CPU table.
     home: usize,
     movable: bool,
+    /// Moved this quantum (a move is final: the vCPU leaves the candidate lists).
+    moved: bool,
 }
 
 impl Policy for CpuPolicy {
@@ -89,40 +91,41 @@ impl Policy for CpuPolicy {
             return Ok(Vec::new());
         }
         let slots = SlotIndex::new(&usable);
-        let slot_of = &slots;
         self.last_moved.retain(|_, moves| {
             moves.retain(|(_, q)| snap.quantum.saturating_sub(*q) < params.cooldown_quanta);
             !moves.is_empty()
         });
+        let mut load = background_load(snap, &slots, usable.len());
+        let (mut items, unpinned) = self.items(snap, &slots, &mut load, &params);
+        let budget = if params.max_moves == 0 { (usable.len() / 4).max(2) } else { params.max_moves };
+        let gain = Gain { min: params.min_gain, ratio: params.min_gain_pct / 100.0 };
+        let moves = plan_moves(&mut items, &mut load, &mut self.on_cpu, budget, gain);
+        Ok(self.actions(snap, &usable, &items, &unpinned, moves))
+    }
+}
 
-        // Background load per usable CPU: what is busy there besides the vCPUs we see.
-        let mut vcpu_usage = vec![0.0f32; usable.len()];
-        for v in snap.domains.iter().flat_map(|d| &d.vcpus) {
-            if let Some(i) = slot_of.get(v.cpu) {
-                vcpu_usage[i] += v.usage;
-            }
-        }
-        let mut load = vec![0.0f32; usable.len()];
-        for cpu in &snap.host.cpus {
-            if let Some(i) = slot_of.get(cpu.id) {
-                load[i] = larger(cpu.usage - vcpu_usage[i], 0.0);
-            }
-        }
-
-        let mut actions = Vec::new();
+// The phases of `decide` are separate functions on purpose: inlined into one
+// body, the compiler that turns wasm into machine code (Cranelift) ran out
+// of registers and kept every loop's values on the stack.
+impl CpuPolicy {
+    /// One planner item per vCPU, with each vCPU's demand added to its home
+    /// CPU's load. Also returns the vCPUs not pinned to one usable CPU, with
+    /// the CPU each is to be pinned to.
+    #[inline(never)]
+    fn items(&self, snap: &Snapshot, slots: &SlotIndex, load: &mut [f32], params: &CpuParams) -> (Vec<Item>, Vec<(usize, usize)>) {
+        let mut unpinned = Vec::new();
         let mut items = Vec::with_capacity(snap.domains.iter().map(|d| d.vcpus.len()).sum());
         for (di, d) in snap.domains.iter().enumerate() {
             // One lookup per domain, not per vCPU.
             let recent = self.last_moved.get(d.name.as_str());
             for (vi, v) in d.vcpus.iter().enumerate() {
-                let pinned_home = v.pinned_to().and_then(|c| slot_of.get(c));
-                let home = match pinned_home {
+                let home = match v.pinned_to().and_then(|c| slots.get(c)) {
                     Some(h) => h,
                     None => {
                         // Not pinned to one usable CPU: pin it where it runs if
                         // that CPU is usable, else onto the least-loaded one.
-                        let h = slot_of.get(v.cpu).unwrap_or_else(|| argmin(&load));
-                        actions.push(Action::pin(&d.name, v.id, vec![usable[h]], "initial pin where it runs"));
+                        let h = slots.get(v.cpu).unwrap_or_else(|| argmin(load));
+                        unpinned.push((items.len(), h));
                         h
                     }
                 };
@@ -132,25 +135,60 @@ impl Policy for CpuPolicy {
                 let cooled = recent
                     .and_then(|moves| moves.iter().find(|(id, _)| *id == v.id))
                     .is_none_or(|(_, q)| snap.quantum.saturating_sub(*q) >= params.cooldown_quanta);
-                items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below });
+                items.push(Item { domain: di, vcpu: vi, demand, home, movable: cooled && demand >= params.ignore_below, moved: false });
             }
         }
+        (items, unpinned)
+    }
 
-        let budget = if params.max_moves == 0 { (usable.len() / 4).max(2) } else { params.max_moves };
-        let moves = plan_moves(&mut items, &mut load, &mut self.on_cpu, budget, params.min_gain, params.min_gain_pct / 100.0);
-        for (item_index, reason) in moves {
-            let it = items[item_index];
+    /// The pins to send: each unpinned vCPU where it was placed, unless it
+    /// was moved, then the moves in the order they were planned (a vCPU
+    /// moves at most once a quantum: it leaves the candidate lists). Records
+    /// the moves for the cooldown.
+    #[inline(never)]
+    fn actions(
+        &mut self,
+        snap: &Snapshot,
+        usable: &[u32],
+        items: &[Item],
+        unpinned: &[(usize, usize)],
+        moves: Vec<(usize, String)>,
+    ) -> Vec<Action> {
+        let mut actions = Vec::with_capacity(unpinned.len() + moves.len());
+        for &(i, home) in unpinned.iter().filter(|(i, _)| !items[*i].moved) {
+            let d = &snap.domains[items[i].domain];
+            actions.push(Action::pin(&d.name, d.vcpus[items[i].vcpu].id, vec![usable[home]], "initial pin where it runs"));
+        }
+        for (i, reason) in moves {
+            let it = items[i];
             let d = &snap.domains[it.domain];
             let v = &d.vcpus[it.vcpu];
-            // An initial pin for the same vCPU is superseded by the move.
-            actions.retain(|a| !matches!(a, Action::Pin { domain, vcpu, .. } if *domain == d.name && *vcpu == v.id));
+            let cooldown = self.last_moved.entry(d.name.clone()).or_default();
+            cooldown.retain(|(id, _)| *id != v.id);
+            cooldown.push((v.id, snap.quantum));
             actions.push(Action::pin(&d.name, v.id, vec![usable[it.home]], reason));
-            let moves = self.last_moved.entry(d.name.clone()).or_default();
-            moves.retain(|(id, _)| *id != v.id);
-            moves.push((v.id, snap.quantum));
         }
-        Ok(actions)
+        actions
     }
+}
+
+/// Per usable CPU, the load that is not the vCPUs in the snapshot
+/// (host work, other guests): the CPU's usage less its vCPUs' usage.
+#[inline(never)]
+fn background_load(snap: &Snapshot, slots: &SlotIndex, cpus: usize) -> Vec<f32> {
+    let mut vcpu_usage = vec![0.0f32; cpus];
+    for v in snap.domains.iter().flat_map(|d| &d.vcpus) {
+        if let Some(i) = slots.get(v.cpu) {
+            vcpu_usage[i] += v.usage;
+        }
+    }
+    let mut load = vec![0.0f32; cpus];
+    for cpu in &snap.host.cpus {
+        if let Some(i) = slots.get(cpu.id) {
+            load[i] = larger(cpu.usage - vcpu_usage[i], 0.0);
+        }
+    }
+    load
 }
 
 /// Host CPU id → index into the usable-CPU table, by direct indexing
@@ -183,14 +221,8 @@ fn argmin(load: &[f32]) -> usize {
 /// in item order. Only movable vCPUs can be candidates and a moved vCPU is
 /// not movable again this quantum, so the lists hold exactly the candidates,
 /// contiguous, and the inner loops never look anything up.
-fn plan_moves(
-    items: &mut [Item],
-    load: &mut [f32],
-    on_cpu: &mut Vec<Vec<(f32, usize)>>,
-    budget: usize,
-    min_gain: f32,
-    min_gain_ratio: f32,
-) -> Vec<(usize, String)> {
+#[inline(never)]
+fn plan_moves(items: &mut [Item], load: &mut [f32], on_cpu: &mut Vec<Vec<(f32, usize)>>, budget: usize, gain: Gain) -> Vec<(usize, String)> {
     let ncpu = load.len();
     let mut moved: Vec<(usize, String)> = Vec::new();
     if ncpu < 2 {
@@ -199,7 +231,7 @@ fn plan_moves(
     let mean = load.iter().sum::<f32>() / ncpu as f32;
     // The loop below stops at once when even the busiest CPU is within
     // `min_gain` of the mean (a balanced host): say so before building anything.
-    if load.iter().copied().max_by(f32::total_cmp).is_some_and(|busiest| busiest <= mean + min_gain) {
+    if load.iter().copied().max_by(f32::total_cmp).is_some_and(|busiest| busiest <= mean + gain.min) {
         return moved;
     }
     on_cpu.iter_mut().for_each(Vec::clear);
@@ -215,7 +247,7 @@ fn plan_moves(
         let Some(src) = by_load.busiest(|c| !stuck[c]) else {
             break;
         };
-        if load[src] <= mean + min_gain {
+        if load[src] <= mean + gain.min {
             break;
         }
         if on_cpu[src].is_empty() {
@@ -225,61 +257,117 @@ fn plan_moves(
             stuck[src] = true;
             continue;
         }
-        // (score, item, swap item, dst). A candidate must lower the pair's
-        // larger load by at least max(min_gain, min_gain_ratio × the demand
-        // it moves): demand estimates are noisy in proportion to their size.
-        let mut best: Option<(f32, usize, Option<usize>, usize)> = None;
-        let required = |moved: f32| larger(min_gain, min_gain_ratio * moved);
-        // Pruning that never changes the answer: a candidate replaces `best`
-        // only with a strictly lower score, and any accepted score is below
-        // `load[src] - min_gain`. Bounds are lowered by `slack` so float
-        // rounding can never make a skipped candidate the better one.
         let a = load[src];
         let slack = 1e-4 * a.abs().max(1.0);
+        let mut best: Option<Candidate> = None;
         for dst in by_load.least_loaded(src, DESTINATIONS) {
-            let b = load[dst];
             // A move or swap between two CPUs keeps their sum, so the
             // larger of the two ends at least at the mean; destinations come
             // least loaded first, so later ones cannot do better either.
-            let pair_floor = (a + b) / 2.0 - slack;
-            if pair_floor >= best.map_or(a - min_gain, |x| x.0) {
+            let pair_floor = (a + load[dst]) / 2.0 - slack;
+            if pair_floor >= best.map_or(a - gain.min, |x| x.score) {
                 break;
             }
-            for &(d, i) in &on_cpu[src] {
-                // Moving i, or swapping it for something no bigger, leaves src at ≥ a - d.
-                if larger(a - d - slack, pair_floor) >= best.map_or(a - min_gain, |x| x.0) {
-                    continue;
-                }
-                let score = larger(load[src] - d, load[dst] + d);
-                if score < load[src] - required(d) && best.is_none_or(|b| score < b.0) {
-                    best = Some((score, i, None, dst));
-                }
-                for &(e, j) in &on_cpu[dst] {
-                    if e >= d {
-                        continue;
-                    }
-                    let score = larger(load[src] - d + e, load[dst] - e + d);
-                    if score < load[src] - required(d + e) && best.is_none_or(|b| score < b.0) {
-                        best = Some((score, i, Some(j), dst));
-                    }
-                }
+            let pair = Pair { a, b: load[dst], floor: pair_floor, slack, gain };
+            if let Some((score, item, swap)) = pair.best(&on_cpu[src], &on_cpu[dst], best.map(|x| x.score)) {
+                best = Some(Candidate { score, item, swap, dst });
             }
         }
         match best {
-            Some((score, i, swap, dst)) => {
+            Some(Candidate { score, item, swap, dst }) => {
                 let before = load[src];
-                relocate(items, load, on_cpu, i, dst);
+                relocate(items, load, on_cpu, item, dst);
                 if let Some(j) = swap {
                     relocate(items, load, on_cpu, j, src);
                     moved.push((j, format!("swap: busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
                 }
-                moved.push((i, format!("busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
+                moved.push((item, format!("busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
                 by_load.reposition(load, [src, dst]);
             }
-            _ => stuck[src] = true,
+            None => stuck[src] = true,
         }
     }
     moved
+}
+
+/// How much a move must gain: the busier CPU's load must drop by at least
+/// `max(min, ratio × the demand moved)`, since demand estimates are noisy in
+/// proportion to their size.
+#[derive(Clone, Copy)]
+struct Gain {
+    min: f32,
+    ratio: f32,
+}
+
+impl Gain {
+    #[inline(always)]
+    fn required(self, moved: f32) -> f32 {
+        larger(self.min, self.ratio * moved)
+    }
+}
+
+/// The best move or swap found so far for the busiest CPU.
+#[derive(Clone, Copy)]
+struct Candidate {
+    /// The larger of the two CPUs' loads after it.
+    score: f32,
+    item: usize,
+    /// The item sent back the other way, for a swap.
+    swap: Option<usize>,
+    dst: usize,
+}
+
+/// A source CPU at load `a` and a destination at load `b`.
+#[derive(Clone, Copy)]
+struct Pair {
+    a: f32,
+    b: f32,
+    /// `(a + b) / 2 - slack`: no move or swap between them ends below it.
+    floor: f32,
+    slack: f32,
+    gain: Gain,
+}
+
+impl Pair {
+    /// The best move of one of `on_src`'s vCPUs to the destination, or
+    /// swap of one with a smaller one of `on_dst`'s, if it beats `best`
+    /// (a score) and gains enough. Returns (score, item, swap item). Ties
+    /// keep the earlier candidate.
+    ///
+    /// Pruning never changes the answer: a candidate replaces the best only
+    /// with a strictly lower score, and any accepted score is below
+    /// `a - gain.min`. Bounds are lowered by `slack` so float rounding can
+    /// never make a skipped candidate the better one.
+    ///
+    /// Out of line, and taking plain numbers, so that its loops keep their
+    /// values in registers (see the note on `impl CpuPolicy`).
+    #[inline(never)]
+    fn best(self, on_src: &[(f32, usize)], on_dst: &[(f32, usize)], best: Option<f32>) -> Option<(f32, usize, Option<usize>)> {
+        let Pair { a, b, floor, slack, gain } = self;
+        let mut found = None;
+        let mut bar = best.unwrap_or(a - gain.min);
+        let mut any = best.is_some();
+        for &(d, i) in on_src {
+            // Moving i, or swapping it for something no bigger, leaves src at ≥ a - d.
+            if larger(a - d - slack, floor) >= bar {
+                continue;
+            }
+            let score = larger(a - d, b + d);
+            if score < a - gain.required(d) && (!any || score < bar) {
+                (found, bar, any) = (Some((score, i, None)), score, true);
+            }
+            for &(e, j) in on_dst {
+                if e >= d {
+                    continue;
+                }
+                let score = larger(a - d + e, b - e + d);
+                if score < a - gain.required(d + e) && (!any || score < bar) {
+                    (found, bar, any) = (Some((score, i, Some(j))), score, true);
+                }
+            }
+        }
+        found
+    }
 }
 
 /// A load with two decimals, for reasons. `{:.2}` on a float takes the exact
@@ -360,6 +448,7 @@ fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)
     load[dst] += items[i].demand;
     items[i].home = dst;
     items[i].movable = false;
+    items[i].moved = true;
 }
 
 export_policy!(CpuPolicy);

@@ -27,7 +27,7 @@ use std::fmt;
 
 use rmp::encode as put;
 
-use crate::{Domain, DomainMemory, Host, HostCpu, HostMemory, Reads, Snapshot, Vcpu};
+use crate::{CpuList, Domain, DomainMemory, Host, HostCpu, HostMemory, Reads, Snapshot, Vcpu};
 
 /// Why a snapshot did not decode: what, and the byte offset where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,13 +355,13 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
 }
 
 /// A vCPU laid out exactly as the daemon writes it (`id`, `cpu`, `affinity`
-/// of up to 15 CPUs, numbers below 65,536, `usage` and optional `steal` as
-/// f32), read in a
-/// straight line: no loop, no key dispatch, each key checked as one masked
-/// load. This is the hottest part of a large snapshot, and straight-line
-/// code is what wasm runs best. Anything else (another writer's order, a
-/// wider number, a new field) returns `None` and the general reader,
-/// starting again at the same place, handles it.
+/// of up to four CPUs, numbers below 65,536, `usage` and optional `steal` as
+/// f32), read in a straight line: no loop over keys, no key dispatch, each
+/// key checked as one masked load. This is the hottest part of a large
+/// snapshot, and straight-line code is what wasm runs best. Anything else
+/// (another writer's order, a wider number, a longer affinity, a new field)
+/// returns `None` and the general reader, starting again at the same place,
+/// handles it.
 #[inline(always)]
 fn vcpu_as_written(r: &mut Reader<'_>) -> Option<Vcpu> {
     let mut q = *r;
@@ -371,37 +371,58 @@ fn vcpu_as_written(r: &mut Reader<'_>) -> Option<Vcpu> {
         _ => return None,
     };
     q.pos += 1;
-    let mut v = Vcpu::default();
     q.literal(b"\xa2id")?;
-    v.id = q.small_uint()?;
+    let id = q.small_uint()?;
     q.literal(b"\xa3cpu")?;
-    v.cpu = q.small_uint()?;
+    let cpu = q.small_uint()?;
     q.literal(b"\xa8affinity")?;
     let n = match q.input.get(q.pos) {
-        Some(&b @ 0x90..=0x9f) => (b & 0x0f) as usize,
+        Some(&b @ 0x90..=0x94) => (b & 0x0f) as usize,
         _ => return None,
     };
     q.pos += 1;
-    for _ in 0..n {
-        v.affinity.push(q.small_uint()?);
+    // Filled as a plain array and made a list at once: pushing one CPU at a
+    // time kept the list in memory, and copying it into the vCPU then
+    // stalled on the narrow stores just made (store-to-load forwarding).
+    let mut cpus = [0u32; 4];
+    for slot in &mut cpus[..n] {
+        *slot = q.small_uint()?;
     }
     q.literal(b"\xa5usage")?;
-    v.usage = q.raw_f32()?;
-    if fields == 5 {
+    let usage = q.raw_f32()?;
+    let steal = if fields == 5 {
         q.literal(b"\xa5steal")?;
-        v.steal = Some(q.raw_f32()?);
-    }
+        Some(q.raw_f32()?)
+    } else {
+        None
+    };
     *r = q;
-    Some(v)
+    Some(Vcpu { id, cpu, affinity: CpuList::from_buf_and_len(cpus, n), usage, steal })
 }
 
 /// Sets `to` to `from`, copying only if they differ.
 #[inline(always)]
 fn replace(to: &mut String, from: &str) {
-    if to != from {
+    if !same_bytes(to.as_bytes(), from.as_bytes()) {
         to.clear();
         to.push_str(from);
     }
+}
+
+/// `a == b` for short byte strings (names, uuids), eight bytes at a time.
+/// Slice equality is a `memcmp` call, and wasm's libc compares byte by byte.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut words_a = a.chunks_exact(8);
+    let mut words_b = b.chunks_exact(8);
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().expect("chunks of 8"));
+    if !words_a.by_ref().zip(words_b.by_ref()).all(|(x, y)| word(x) == word(y)) {
+        return false;
+    }
+    words_a.remainder().iter().zip(words_b.remainder()).all(|(x, y)| x == y)
 }
 
 #[inline(always)]
@@ -908,7 +929,7 @@ const SKIP: [(u8, u8); 256] = {
 mod tests {
     use super::*;
     use crate::builder::{DomainBuilder, SnapshotBuilder};
-    use crate::{Action, CpuList, Outcome, Param, Verdict};
+    use crate::{Action, Outcome, Param, Verdict};
 
     /// Every optional field both present and absent, strings of every
     /// length class, integers of every width.
@@ -992,12 +1013,14 @@ mod tests {
     #[test]
     fn vcpus_off_the_fast_path_decode_the_same() {
         let mut snap = SnapshotBuilder::new(300, 1 << 20)
-            .domain(DomainBuilder::new("a").vcpu(0, 0.5).vcpu(129, 0.25).vcpu_with_steal(299, 1.0, 0.5).vcpu(7, 0.0).vcpu(8, 0.0))
+            .domain(DomainBuilder::new("a").vcpu(0, 0.5).vcpu(129, 0.25).vcpu_with_steal(299, 1.0, 0.5).vcpu(7, 0.0).vcpu(8, 0.0).vcpu(9, 0.0).vcpu(10, 0.0))
             .build();
         let vcpus = &mut snap.domains[0].vcpus;
         vcpus[1].id = 70_000; // uint32 id
         vcpus[3].affinity = (0..20).collect(); // array16
         vcpus[4].affinity = CpuList::new();
+        vcpus[5].affinity = (0..4).collect(); // the most the fast path takes
+        vcpus[6].affinity = (0..5).collect(); // one more: a fixarray, read by the general path
         let bytes = ours(&snap);
         assert_eq!(decode(&bytes).unwrap(), snap);
         // And a vCPU whose usage another writer sent as float64.
@@ -1005,6 +1028,22 @@ mod tests {
         let at = bytes.windows(usage.len()).position(|w| w == usage).unwrap();
         let wide = [&bytes[..at], &[0xa5][..], b"usage", &[0xcb], &0.25f64.to_be_bytes(), &bytes[at + usage.len()..]].concat();
         assert_eq!(decode(&wide).unwrap(), snap);
+    }
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let a: Vec<u8> = (1..=20).collect();
+        for len in 0..=a.len() {
+            assert!(same_bytes(&a[..len], &a[..len]));
+            for at in 0..len {
+                let mut b = a[..len].to_vec();
+                b[at] ^= 0x80;
+                assert!(!same_bytes(&a[..len], &b), "differs at {at} of {len}");
+            }
+            if len > 0 {
+                assert!(!same_bytes(&a[..len], &a[..len - 1]));
+            }
+        }
     }
 
     #[test]
