@@ -311,11 +311,11 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
     for _ in 0..r.map_len("domain")? {
         match r.key()? {
             b"name" => {
-                replace(&mut d.name, r.str("name")?);
+                r.str_into(&mut d.name, "name")?;
                 seen.set(0, ());
             }
             b"uuid" => {
-                replace(&mut d.uuid, r.str("uuid")?);
+                r.str_into(&mut d.uuid, "uuid")?;
                 seen.set(1, ());
             }
             b"tags" => {
@@ -400,13 +400,15 @@ fn vcpu_as_written(r: &mut Reader<'_>) -> Option<Vcpu> {
     Some(Vcpu { id, cpu, affinity: CpuList::from_buf_and_len(cpus, n), usage, steal })
 }
 
-/// Sets `to` to `from`, copying only if they differ.
+/// `bytes` as a `str`, or an error naming the field and where it starts.
 #[inline(always)]
-fn replace(to: &mut String, from: &str) {
-    if !same_bytes(to.as_bytes(), from.as_bytes()) {
-        to.clear();
-        to.push_str(from);
+fn utf8<'de>(bytes: &'de [u8], start: usize, field: &str) -> Result<&'de str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8. (Domain names and UUIDs are
+        // ASCII; this skips `from_utf8`'s setup, which showed up in wasm.)
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
     }
+    std::str::from_utf8(bytes).map_err(|e| DecodeError { offset: start, message: format!("{field}: string is not UTF-8: {e}") })
 }
 
 /// `a == b` for short byte strings (names, uuids), eight bytes at a time.
@@ -675,16 +677,21 @@ impl<'de> Reader<'de> {
     /// A string's bytes, unvalidated (map keys are only compared).
     #[inline(always)]
     fn str_bytes(&mut self, what: &str) -> Result<&'de [u8]> {
-        // fixstr, inline: every key and almost every name is shorter than 32 bytes.
-        if let Some(&b @ 0xa0..=0xbf) = self.input.get(self.pos) {
-            let start = self.pos + 1;
-            let end = start + (b & 0x1f) as usize;
-            if end <= self.input.len() {
-                self.pos = end;
-                return Ok(&self.input[start..end]);
+        // fixstr and str8, inline: every key and name is shorter than 32
+        // bytes, and a UUID is 36.
+        let at = self.pos;
+        let (start, len) = match self.input.get(at) {
+            Some(&b @ 0xa0..=0xbf) => (at + 1, (b & 0x1f) as usize),
+            Some(0xd9) if at + 1 < self.input.len() => (at + 2, self.input[at + 1] as usize),
+            _ => return self.out_of_line(|r| r.long_str_bytes(what)),
+        };
+        match self.input.get(start..start + len) {
+            Some(bytes) => {
+                self.pos = start + len;
+                Ok(bytes)
             }
+            None => self.out_of_line(|r| r.long_str_bytes(what)),
         }
-        self.out_of_line(|r| r.long_str_bytes(what))
     }
 
     #[inline(never)]
@@ -720,12 +727,22 @@ impl<'de> Reader<'de> {
     fn str(&mut self, field: &str) -> Result<&'de str> {
         let start = self.pos;
         let bytes = self.str_bytes(field)?;
-        if bytes.is_ascii() {
-            // SAFETY: ASCII is valid UTF-8. (Domain names and UUIDs are
-            // ASCII; this skips `from_utf8`'s setup, which showed up in wasm.)
-            return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+        utf8(bytes, start, field)
+    }
+
+    /// Sets `to` to the string at the cursor. One equal to `to` (last
+    /// quantum's name or UUID, on a steady host) is neither checked nor
+    /// copied again: `to` is valid UTF-8 already.
+    #[inline(always)]
+    fn str_into(&mut self, to: &mut String, field: &str) -> Result<()> {
+        let start = self.pos;
+        let bytes = self.str_bytes(field)?;
+        if !same_bytes(to.as_bytes(), bytes) {
+            let s = utf8(bytes, start, field)?;
+            to.clear();
+            to.push_str(s);
         }
-        std::str::from_utf8(bytes).map_err(|e| DecodeError { offset: start, message: format!("{field}: string is not UTF-8: {e}") })
+        Ok(())
     }
 
     /// Unsigned integers of any width inline (KiB figures are mostly
