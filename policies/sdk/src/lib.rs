@@ -80,15 +80,12 @@ pub trait Policy: Default {
 pub enum CodecError {
     /// The snapshot bytes did not decode.
     Snapshot(DecodeError),
-    /// The actions did not encode.
-    Actions(rmp_serde::encode::Error),
 }
 
 impl std::fmt::Display for CodecError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CodecError::Snapshot(e) => write!(f, "cannot decode snapshot: {e}"),
-            CodecError::Actions(e) => write!(f, "cannot encode actions: {e}"),
         }
     }
 }
@@ -122,9 +119,12 @@ pub fn decode_snapshot_into(bytes: &[u8], snapshot: &mut Snapshot, reads: Reads)
     codec::decode_into(bytes, snapshot, reads).map_err(CodecError::Snapshot)
 }
 
-/// Encodes a policy's answer as `{ "actions": [...] }`.
-pub fn encode_actions(actions: Vec<Action>) -> Result<Vec<u8>, CodecError> {
-    rmp_serde::to_vec_named(&Decision { actions }).map_err(CodecError::Actions)
+/// Encodes a policy's answer as `{ "actions": [...] }` (the same bytes as
+/// `rmp_serde::to_vec_named(&Decision { actions })`).
+pub fn encode_actions(actions: &[Action]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16 + 64 * actions.len());
+    codec::encode_decision(actions, &mut buf);
+    buf
 }
 
 /// A policy and the snapshot it decodes into: the byte-level `decide` that
@@ -142,7 +142,7 @@ impl<P: Policy> Runner<P> {
     pub fn decide(&mut self, snapshot: &[u8]) -> Result<Vec<u8>, String> {
         decode_snapshot_into(snapshot, &mut self.snapshot, P::READS).map_err(|e| e.to_string())?;
         let actions = self.policy.decide(&self.snapshot)?;
-        encode_actions(actions).map_err(|e| e.to_string())
+        Ok(encode_actions(&actions))
     }
 }
 
