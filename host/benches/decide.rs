@@ -4,10 +4,10 @@
 //! vCPUs on 256 pCPUs. Targets: ≤ 1 ms median at 1,000 domains; wasm ≤ 1.5×
 //! native. Run: `cargo bench --bench decide`.
 //!
-//! `cargo bench --bench decide -- ratio` measures the wasm/native ratio at
-//! 1,000 domains interleaved instead: rounds of wasm calls and native calls
-//! alternate, so a neighbour's load on a shared VM hits both sides alike
-//! (criterion measures one side for seconds, then the other).
+//! `cargo bench --bench decide -- ratio` measures the wasm/native ratio
+//! interleaved instead: rounds of wasm calls and native calls alternate, so
+//! a neighbour's load on a shared VM hits both sides alike (criterion
+//! measures one side for seconds, then the other).
 //!
 //! The worst case, every call: the same unbalanced snapshot is decided
 //! again and again with its quantum number advancing, as the daemon's would,
@@ -110,23 +110,23 @@ fn native_decide<P: Policy>(native: &mut Runner<P>, snap: &Snapshot) -> usize {
     rmp_serde::from_slice::<Decision>(&out).unwrap().actions.len()
 }
 
-/// Interleaved wasm/native measurement at 1,000 domains: `ROUNDS` rounds
-/// of `CALLS` wasm calls then `CALLS` native calls; prints the medians of
-/// the per-call times and of the per-round ratios, with the ratios' range.
-fn interleaved<P: Policy>(builtin: Builtin) {
+/// Interleaved wasm/native measurement: `ROUNDS` rounds of `calls` wasm
+/// calls (about 30 ms' worth) then as many native calls; prints the medians
+/// of the per-call times and of the per-round ratios, with the ratios' range.
+fn interleaved<P: Policy>(builtin: Builtin, domains: u32) {
     const ROUNDS: usize = 60;
-    const CALLS: u32 = 40;
+    let calls: u32 = (40_000 / domains).clamp(4, 1_000);
     let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
     let mut wasm = PolicySet::new(&limits).load_spec(&format!("builtin:{}", builtin.name())).unwrap();
     let mut native = Runner::<P>::default();
-    let mut snap = snapshot(1000);
+    let mut snap = snapshot(domains);
     let mut time = |call: &mut dyn FnMut(&Snapshot) -> usize| {
         let start = std::time::Instant::now();
-        for _ in 0..CALLS {
+        for _ in 0..calls {
             snap.quantum += 1;
             std::hint::black_box(call(&snap));
         }
-        start.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS)
+        start.elapsed().as_secs_f64() * 1e6 / f64::from(calls)
     };
     let mut wasm_call = |s: &Snapshot| wasm.decide(&encode_snapshot(s)).unwrap().len();
     let mut native_call = |s: &Snapshot| native_decide(&mut native, s);
@@ -146,7 +146,7 @@ fn interleaved<P: Policy>(builtin: Builtin) {
     };
     let (w, n, r) = (median(&mut w), median(&mut n), median(&mut ratio));
     println!(
-        "{:<4} 1000 domains, {ROUNDS} rounds of {CALLS} calls: wasm {w:.0} µs, native {n:.0} µs, ratio {r:.2} (rounds {:.2} to {:.2})",
+        "{:<4} {domains:>6} domains, {ROUNDS} rounds of {calls:>4} calls: wasm {w:>7.1} µs, native {n:>7.1} µs, ratio {r:.2} (rounds {:.2} to {:.2})",
         builtin.name(),
         ratio[0],
         ratio[ratio.len() - 1]
@@ -157,8 +157,10 @@ criterion_group!(benches, codec, bench);
 
 fn main() {
     if std::env::args().skip(1).any(|a| a == "ratio") {
-        interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu);
-        interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem);
+        for domains in [10, 100, 1000, 10_000] {
+            interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
+            interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
+        }
         return;
     }
     benches();
