@@ -435,9 +435,12 @@ struct ByLoad {
 
 impl ByLoad {
     fn new(load: &[f32]) -> Self {
-        let mut order: Vec<usize> = (0..load.len()).collect();
-        order.sort_unstable_by(|x, y| Self::cmp(load, *x, *y));
-        ByLoad { order }
+        // Sorted as plain integers, (load key, index) packed in a u64: a
+        // comparator that looks loads up was most of a small host's
+        // quantum in wasm. The same order as `cmp`.
+        let mut keys: Vec<u64> = load.iter().enumerate().map(|(i, l)| u64::from(total_order_key(*l)) << 32 | i as u64).collect();
+        keys.sort_unstable();
+        ByLoad { order: keys.into_iter().map(|k| (k & u64::from(u32::MAX)) as usize).collect() }
     }
 
     fn cmp(load: &[f32], x: usize, y: usize) -> std::cmp::Ordering {
@@ -472,6 +475,14 @@ impl ByLoad {
             self.order.insert(at, cpu);
         }
     }
+}
+
+/// A key whose unsigned order is `f32::total_cmp`'s order (the same bit
+/// flip `total_cmp` does, then the sign bit flipped to make it unsigned).
+fn total_order_key(x: f32) -> u32 {
+    let bits = x.to_bits() as i32;
+    let signed = bits ^ (((bits >> 31) as u32) >> 1) as i32;
+    (signed as u32) ^ 0x8000_0000
 }
 
 /// Moves item `i` to `dst`. It is no longer movable, so it leaves the candidate lists.
@@ -614,6 +625,16 @@ mod tests {
             assert_eq!(by_load.busiest(|c| c != 2), max_by);
         }
         assert_eq!(ByLoad::new(&[1.0, 2.0]).least_loaded(0, 4).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn total_order_keys_sort_as_total_cmp() {
+        let values = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 0.5, 3.25, f32::MAX, f32::MIN];
+        for a in values {
+            for b in values {
+                assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]
