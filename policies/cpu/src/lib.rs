@@ -222,7 +222,13 @@ fn argmin(load: &[f32]) -> usize {
 /// not movable again this quantum, so the lists hold exactly the candidates,
 /// contiguous, and the inner loops never look anything up.
 #[inline(never)]
-fn plan_moves(items: &mut [Item], load: &mut [f32], on_cpu: &mut Vec<Vec<(f32, usize)>>, budget: usize, gain: Gain) -> Vec<(usize, String)> {
+fn plan_moves(
+    items: &mut [Item],
+    load: &mut [f32],
+    on_cpu: &mut Vec<Vec<(f32, usize)>>,
+    budget: usize,
+    gain: Gain,
+) -> Vec<(usize, String)> {
     let ncpu = load.len();
     let mut moved: Vec<(usize, String)> = Vec::new();
     if ncpu < 2 {
@@ -629,7 +635,8 @@ mod tests {
 
     #[test]
     fn total_order_keys_sort_as_total_cmp() {
-        let values = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 0.5, 3.25, f32::MAX, f32::MIN];
+        let values =
+            [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40, -1e-40, 1.0, -1.0, 0.5, 3.25, f32::MAX, f32::MIN];
         for a in values {
             for b in values {
                 assert_eq!(total_order_key(a).cmp(&total_order_key(b)), a.total_cmp(&b), "{a} vs {b}");

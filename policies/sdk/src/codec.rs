@@ -8,10 +8,21 @@
 //! inside wasm: every value goes through serde's visitor machinery and every
 //! map key is UTF-8 validated. Here the host CPUs and domains are read and
 //! written field by field, in place (0.11 ms each way at 1,000 domains):
-//! - the snapshot is decoded into last quantum's, reusing its memory;
+//! - the snapshot is decoded into last quantum's, reusing its memory, and a
+//!   name or UUID equal to last quantum's is neither checked nor copied;
 //! - parts a policy does not read ([`Reads`]) are skipped, not stored;
-//! - a vCPU laid out as the daemon writes it is read in a straight line, and
-//!   anything else falls back to the general, field-by-field reader.
+//! - a vCPU or host CPU laid out as the daemon writes it is read (or
+//!   stepped over) in a straight line, and anything else falls back to the
+//!   general, field-by-field reader;
+//! - a policy's answer is written by hand too ([`encode_decision`]).
+//!
+//! Code shape matters in wasm, where Cranelift compiles what LLVM wrote:
+//! every loop header carries the engine's interruption check, whose slow
+//! path is a call, so values live across a loop end up on the stack. Hence
+//! straight-line readers, an unrolled affinity list, and the rarely taken or
+//! once-per-snapshot steps kept out of line so that the hot function stays
+//! small. Slice equality is avoided on the hot path (it is a `memcmp` call,
+//! and wasm's libc compares byte by byte).
 //!
 //! One definition still rules: the serde derives on the snapshot types.
 //! Tests hold this module to them: the encoder writes the same bytes as
@@ -1101,7 +1112,7 @@ mod tests {
     fn answers_encode_the_same_bytes_as_rmp_serde() {
         let actions = vec![
             Action::pin("web-ü", 3, vec![0, 255, 70_000], "busiest pCPU load 1.50 -> 1.00"),
-            Action::pin(&"x".repeat(40), u32::MAX, vec![], ""),
+            Action::pin("x".repeat(40), u32::MAX, vec![], ""),
             Action::set_memory("db", u64::MAX, "r".repeat(300)),
             Action::set_memory("", 0, "starved: +64 MiB"),
         ];
@@ -1151,7 +1162,16 @@ mod tests {
     #[test]
     fn vcpus_off_the_fast_path_decode_the_same() {
         let mut snap = SnapshotBuilder::new(300, 1 << 20)
-            .domain(DomainBuilder::new("a").vcpu(0, 0.5).vcpu(129, 0.25).vcpu_with_steal(299, 1.0, 0.5).vcpu(7, 0.0).vcpu(8, 0.0).vcpu(9, 0.0).vcpu(10, 0.0))
+            .domain(
+                DomainBuilder::new("a")
+                    .vcpu(0, 0.5)
+                    .vcpu(129, 0.25)
+                    .vcpu_with_steal(299, 1.0, 0.5)
+                    .vcpu(7, 0.0)
+                    .vcpu(8, 0.0)
+                    .vcpu(9, 0.0)
+                    .vcpu(10, 0.0),
+            )
             .build();
         let vcpus = &mut snap.domains[0].vcpus;
         vcpus[1].id = 70_000; // uint32 id
