@@ -111,7 +111,7 @@ fn native_decide<P: Policy>(native: &mut Runner<P>, snap: &Snapshot) -> usize {
 }
 
 /// Interleaved wasm/native measurement: `ROUNDS` rounds of `calls` wasm
-/// calls (about 30 ms' worth) then as many native calls; prints the medians
+/// calls (tens of milliseconds' worth) then as many native calls; prints the medians
 /// of the per-call times and of the per-round ratios, with the ratios' range.
 fn interleaved<P: Policy>(builtin: Builtin, domains: u32) {
     const ROUNDS: usize = 60;

@@ -197,6 +197,13 @@ mod tests {
     }
 
     #[test]
+    fn reasons_read_as_format_would_write_them() {
+        let reason = Reason::new("reclaim excess free").text(" (free ").mib(1348 * MIB + 1023).text(" MiB, band ").mib(0).text(" MiB)").0;
+        assert_eq!(reason, format!("reclaim excess free (free {} MiB, band {} MiB)", 1348, 0));
+        assert_eq!(Reason::new("starved: +").mib(u64::MAX).text(" MiB").0, format!("starved: +{} MiB", u64::MAX / MIB));
+    }
+
+    #[test]
     fn idle_guest_shrinks_by_bounded_step_never_below_used_plus_band() {
         let mut policy = MemPolicy::default();
         // 1 GiB guest using 100 MiB: band = max(64, 204) = 204 MiB.

@@ -165,8 +165,6 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
     boolean(buf, m.autodeflate);
 }
 
-// Writing into a Vec cannot fail; rmp's writers are used so every integer
-// and length takes the same (smallest) form rmp_serde gives it.
 /// Writes a policy's answer, `{ "actions": [...] }`, exactly as
 /// `rmp_serde::to_vec_named(&Decision { actions })` would (a test holds it
 /// to that): serde's path for the internally tagged `Action` is a visible
@@ -208,6 +206,8 @@ pub fn encode_decision(actions: &[Action], buf: &mut Vec<u8>) {
     }
 }
 
+// Writing into a Vec cannot fail; rmp's writers are used so every integer
+// and length takes the same (smallest) form rmp_serde gives it.
 fn map(buf: &mut Vec<u8>, len: usize) {
     put::write_map_len(buf, len as u32).expect("writing to a Vec");
 }
@@ -794,8 +794,8 @@ impl<'de> Reader<'de> {
     /// A string's bytes, unvalidated (map keys are only compared).
     #[inline(always)]
     fn str_bytes(&mut self, what: &str) -> Result<&'de [u8]> {
-        // fixstr and str8, inline: every key and name is shorter than 32
-        // bytes, and a UUID is 36.
+        // fixstr and str8, inline: every key and most names are shorter
+        // than 32 bytes, and a UUID is 36.
         let at = self.pos;
         let (start, len) = match self.input.get(at) {
             Some(&b @ 0xa0..=0xbf) => (at + 1, (b & 0x1f) as usize),
