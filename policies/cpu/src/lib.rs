@@ -244,9 +244,12 @@ fn plan_moves(
     // Sources that cannot be improved are skipped for the rest of the quantum.
     let mut stuck = vec![false; ncpu];
     let mut by_load = ByLoad::new(load);
+    // The busiest CPUs already found stuck (a host of lone vCPUs would
+    // otherwise cost a scan per stuck CPU); back to 0 when a move reorders.
+    let mut skipped = 0;
     const DESTINATIONS: usize = 4;
     while moved.len() < budget {
-        let Some(src) = by_load.busiest(|c| !stuck[c]) else {
+        let Some(src) = by_load.busiest(&mut skipped, |c| !stuck[c]) else {
             break;
         };
         if load[src] <= mean + gain.min {
@@ -286,6 +289,7 @@ fn plan_moves(
                 }
                 moved.push((item, format!("busiest pCPU load {} -> {}", Hundredths(before), Hundredths(score))));
                 by_load.put_back(load, [src, dst]);
+                skipped = 0;
             }
             None => stuck[src] = true,
         }
@@ -453,9 +457,22 @@ impl ByLoad {
         load[x].total_cmp(&load[y]).then(x.cmp(&y))
     }
 
-    /// The busiest CPU that `eligible` accepts.
-    fn busiest(&self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
-        self.order.iter().rev().copied().find(|c| eligible(*c))
+    /// The busiest CPU that `eligible` accepts. `skipped` counts the
+    /// busiest CPUs already known to be rejected: the search starts below
+    /// them and counts the ones it rejects, so a caller whose rejections
+    /// stand looks at each CPU once, not once per call. The caller sets it
+    /// back to 0 when the order changes.
+    fn busiest(&self, skipped: &mut usize, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        match self.order.iter().rev().skip(*skipped).position(|c| eligible(*c)) {
+            Some(rejected) => {
+                *skipped += rejected;
+                Some(self.order[self.order.len() - 1 - *skipped])
+            }
+            None => {
+                *skipped = self.order.len();
+                None
+            }
+        }
     }
 
     /// Up to `k` least-loaded CPUs other than `skip`, least loaded first.
@@ -628,7 +645,16 @@ mod tests {
             sorted.sort_by(|a, b| load[*a].total_cmp(&load[*b]));
             assert_eq!(by_load.least_loaded(5, 4).collect::<Vec<_>>(), sorted[..4]);
             let max_by = (0..load.len()).filter(|c| *c != 2).max_by(|a, b| load[*a].total_cmp(&load[*b]));
-            assert_eq!(by_load.busiest(|c| c != 2), max_by);
+            assert_eq!(by_load.busiest(&mut 0, |c| c != 2), max_by);
+            // Rejections that stand, found with one cursor: each call agrees with a fresh scan.
+            let mut skipped = 0;
+            let mut rejected = vec![2];
+            while let Some(c) = by_load.busiest(&mut skipped, |c| !rejected.contains(&c)) {
+                let fresh = (0..load.len()).filter(|c| !rejected.contains(c)).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+                assert_eq!(Some(c), fresh);
+                rejected.push(c);
+            }
+            assert_eq!(rejected.len(), load.len());
         }
         assert_eq!(ByLoad::new(&[1.0, 2.0]).least_loaded(0, 4).collect::<Vec<_>>(), [1]);
     }
