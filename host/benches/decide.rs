@@ -36,6 +36,11 @@ fn snapshot(domains: u32) -> Snapshot {
     b.build()
 }
 
+/// Limits no benchmark call comes near, so the figures are the calls' own.
+fn roomy_limits() -> Limits {
+    Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() }
+}
+
 /// Where the time goes: the host's encode and a native decode of the snapshot.
 fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("codec");
@@ -51,7 +56,7 @@ fn codec(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("decode-into", n), &bytes, |b, bytes| {
             b.iter(|| vm_balancer::sdk::decode_snapshot_into(bytes, &mut reused, vm_balancer::sdk::Reads::ALL).unwrap())
         });
-        let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
+        let limits = roomy_limits();
         let mut counter = PolicySet::new(&limits).load_spec(vm_balancer::components::FIXTURE_COUNTER).unwrap();
         group.bench_with_input(BenchmarkId::new("wasm-decode-only", n), &snap, |b, snap| {
             b.iter(|| counter.decide(&encode_snapshot(snap)).unwrap().len())
@@ -74,7 +79,7 @@ fn bench(c: &mut Criterion) {
 /// `Runner`: the very code the wasm export runs (decode only what the policy
 /// reads, into last call's snapshot; decide; encode), compiled natively.
 fn decide<P: Policy>(c: &mut Criterion, builtin: Builtin) {
-    let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
+    let limits = roomy_limits();
     let set = PolicySet::new(&limits);
     let mut group = c.benchmark_group(format!("decide-{}", builtin.name()));
     group.sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
@@ -116,7 +121,7 @@ fn native_decide<P: Policy>(native: &mut Runner<P>, snap: &Snapshot) -> usize {
 fn interleaved<P: Policy>(builtin: Builtin, domains: u32) {
     const ROUNDS: usize = 60;
     let calls: u32 = (40_000 / domains).clamp(4, 1_000);
-    let limits = Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() };
+    let limits = roomy_limits();
     let mut wasm = PolicySet::new(&limits).load_spec(&format!("builtin:{}", builtin.name())).unwrap();
     let mut native = Runner::<P>::default();
     let mut snap = snapshot(domains);

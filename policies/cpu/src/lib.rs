@@ -269,11 +269,10 @@ fn plan_moves(
             // A move or swap between two CPUs keeps their sum, so the
             // larger of the two ends at least at the mean; destinations come
             // least loaded first, so later ones cannot do better either.
-            let pair_floor = (a + load[dst]) / 2.0 - slack;
-            if pair_floor >= best.map_or(a - gain.min, |x| x.score) {
+            let pair = Pair::new(a, load[dst], slack, gain);
+            if pair.floor >= best.map_or(a - gain.min, |x| x.score) {
                 break;
             }
-            let pair = Pair { a, b: load[dst], floor: pair_floor, slack, gain };
             if let Some((score, item, swap)) = pair.best(&on_cpu[src], &on_cpu[dst], best.map(|x| x.score)) {
                 best = Some(Candidate { score, item, swap, dst });
             }
@@ -347,6 +346,10 @@ struct Pair {
 }
 
 impl Pair {
+    fn new(a: f32, b: f32, slack: f32, gain: Gain) -> Self {
+        Pair { a, b, floor: (a + b) / 2.0 - slack, slack, gain }
+    }
+
     /// The best move of one of `on_src`'s vCPUs to the destination, or
     /// swap of one with a smaller one of `on_dst`'s, if it beats `best`
     /// (a score) and gains enough. Returns (score, item, swap item). Ties
@@ -381,9 +384,7 @@ impl Pair {
             // falls, so that second test is the stricter). A quarter of the
             // loop headers: in wasm each is an interruption check that
             // sends the loop's values to the stack.
-            let quads = on_dst.chunks_exact(4);
-            let rest = quads.remainder();
-            for quad in quads {
+            for quad in on_dst.chunks(4) {
                 if !quad.iter().any(|&(e, _)| beats(e, swap_score(e), any, bar)) {
                     continue;
                 }
@@ -392,12 +393,6 @@ impl Pair {
                     if beats(e, score, any, bar) {
                         (found, bar, any) = (Some((score, i, Some(j))), score, true);
                     }
-                }
-            }
-            for &(e, j) in rest {
-                let score = swap_score(e);
-                if beats(e, score, any, bar) {
-                    (found, bar, any) = (Some((score, i, Some(j))), score, true);
                 }
             }
         }
@@ -445,16 +440,17 @@ struct ByLoad {
 
 impl ByLoad {
     fn new(load: &[f32]) -> Self {
-        // Sorted as plain integers, (load key, index) packed in a u64: a
-        // comparator that looks loads up was most of a small host's
-        // quantum in wasm. The same order as `cmp`.
-        let mut keys: Vec<u64> = load.iter().enumerate().map(|(i, l)| u64::from(total_order_key(*l)) << 32 | i as u64).collect();
+        // Sorted as plain integers: a comparator that looks loads up was
+        // most of a small host's quantum in wasm.
+        let mut keys: Vec<u64> = (0..load.len()).map(|cpu| Self::key(load, cpu)).collect();
         keys.sort_unstable();
         ByLoad { order: keys.into_iter().map(|k| (k & u64::from(u32::MAX)) as usize).collect() }
     }
 
-    fn cmp(load: &[f32], x: usize, y: usize) -> std::cmp::Ordering {
-        load[x].total_cmp(&load[y]).then(x.cmp(&y))
+    /// The order's one definition: (load in `total_cmp` order, index),
+    /// packed so that plain integer order is it.
+    fn key(load: &[f32], cpu: usize) -> u64 {
+        u64::from(total_order_key(load[cpu])) << 32 | cpu as u64
     }
 
     /// The busiest CPU that `eligible` accepts. `skipped` counts the
@@ -485,7 +481,7 @@ impl ByLoad {
     /// two searches and two block copies instead of a pass over every CPU.
     fn take_out<const N: usize>(&mut self, load: &[f32], cpus: [usize; N]) {
         for cpu in cpus {
-            let at = self.order.partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
+            let at = self.order.partition_point(|c| Self::key(load, *c) < Self::key(load, cpu));
             debug_assert_eq!(self.order.get(at), Some(&cpu), "the order was sorted by the current loads");
             self.order.remove(at);
         }
@@ -494,7 +490,7 @@ impl ByLoad {
     /// Puts `cpus` back in order, by their new loads.
     fn put_back<const N: usize>(&mut self, load: &[f32], cpus: [usize; N]) {
         for cpu in cpus {
-            let at = self.order.partition_point(|c| Self::cmp(load, *c, cpu).is_lt());
+            let at = self.order.partition_point(|c| Self::key(load, *c) < Self::key(load, cpu));
             self.order.insert(at, cpu);
         }
     }
