@@ -33,6 +33,7 @@ const ARTIFACTS: &[(&str, &str, bool)] = &[
     ("FIXTURE_WRONGWORLD", "wrongworld", true),
     ("FIXTURE_COUNTER", "counter", true),
     ("FIXTURE_HOSTILE", "hostile", true),
+    ("FIXTURE_SLOW", "slow", true),
 ];
 
 fn main() {

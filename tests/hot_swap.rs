@@ -102,8 +102,9 @@ fn replacing_a_policy_takes_effect_without_missing_a_quantum() {
     }
     let before = h.pipeline.quantum();
     rename_into(h.dir.path(), "10-cpu.wasm", Builtin::Classic.wasm());
+    // No bound on how many quanta the swap takes: that is a figure of the
+    // machine's speed (`cargo bench --bench reload`), not a property.
     let took = h.step_until("classic to take over", |h| h.slots() == one("10-cpu.wasm", "classic"));
-    assert!(took < 40, "swap took {took} quanta");
     h.step();
     let slot = &h.pipeline.policies.slots()[0];
     // The swap happened at the boundary of the quantum that `step_until`
@@ -256,16 +257,23 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
 
 /// The daemon itself (`run` on the simulator in real time): a policy dropped
 /// into the directory mid-run is loaded, validated and swapped in; SIGHUP
-/// rescans; an unsafe directory stops the start with a clear error.
+/// rescans; SIGTERM stops it cleanly; an unsafe directory stops the start
+/// with a clear error.
+///
+/// Event-driven, not timed: each step waits for the log line that proves the
+/// previous one happened (up to 120 s, far beyond the ~1 s it takes on the
+/// development VM, so a machine 3× slower with both cores busy passes), and
+/// the daemon runs until it is told to stop.
 #[test]
 fn the_daemon_picks_up_a_dropped_in_policy() {
+    use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
     use std::process::{Command, Stdio};
     let _quiet = quiet_cpu();
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let config = state.path().join("config.toml");
-    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = 5000\n", state.path())).unwrap();
+    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS)).unwrap();
     let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");
     let args = |extra: &[&str]| {
         let mut a = vec![
@@ -284,23 +292,45 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let child = Command::new(env!("CARGO_BIN_EXE_vm-balancer"))
-        .args(args(&["--quanta", "40"]))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&[])).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let mut wait_for = |what: &str, want: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    log.push_str(&line);
+                    log.push('\n');
+                    if want(&line) {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no log line for {what} within 120 s; log so far:\n{log}"),
+            }
+        }
+    };
+    wait_for("the first quantum", &|l| l.contains("quantum summary"));
     rename_into(dir.path(), "50-classic.wasm", Builtin::Classic.wasm());
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for("the dropped-in policy to be validated", &|l| l.contains("policy loaded and validated") && l.contains("50-classic.wasm"));
+    wait_for("the swap", &|l| l.contains("policy slots swapped"));
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("policy loaded and validated") && log.contains("50-classic.wasm"), "{log}");
-    assert!(log.contains("policy slots swapped"), "{log}");
-    assert!(log.contains("SIGHUP: re-reading policies"), "{log}");
+    wait_for("the SIGHUP rescan", &|l| l.contains("SIGHUP: re-reading policies"));
+    wait_for("a quantum after the rescan", &|l| l.contains("quantum summary"));
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let log: String = log + &rx.try_iter().map(|l| l + "\n").collect::<String>();
+    assert!(status.success(), "{status}: {log}");
     assert!(!log.contains("policy failed"), "{log}");
     assert!(std::fs::read_dir(state.path().join("compile-cache")).unwrap().count() >= 1, "the compile cache was used");
 

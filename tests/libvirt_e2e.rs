@@ -474,22 +474,27 @@ fn scenario_memory(guests: &Guests) {
 
 /// Scenarios 3 (churn) and 6 (fault).
 fn scenario_churn_and_fault(guests: &Guests) {
-    let mut daemon = Daemon::start("churn", &["--quantum", "1s", "--quanta", "14"], None);
-    std::thread::sleep(Duration::from_secs(2));
+    // Runs until told to stop, and each wait is 30 s (a new guest is pinned
+    // within 1-2 quanta on the development VM): a machine 3x slower, with
+    // guests burning both cores, still has a 5x margin.
+    let mut daemon = Daemon::start("churn", &["--quantum", "1s"], None);
+    wait_until("the daemon's first quantum", Duration::from_secs(30), || !daemon.summaries().is_empty());
     let a = guests.create("churn-a", 1, "", true);
     let single = |name: &str| pins(name).iter().all(|p| !p.contains('-') && !p.contains(','));
-    wait_until("new guest churn-a pinned within the next quanta", Duration::from_secs(4), || single(&a));
+    wait_until("new guest churn-a pinned within the next quanta", Duration::from_secs(30), || single(&a));
     let b = guests.create("churn-b", 2, "vmb.burn=1", true);
-    wait_until("new guest churn-b pinned within the next quanta", Duration::from_secs(4), || single(&b));
+    wait_until("new guest churn-b pinned within the next quanta", Duration::from_secs(30), || single(&b));
     guests.destroy("churn-a");
-    std::thread::sleep(Duration::from_secs(1));
+    let seen = daemon.summaries().len();
+    wait_until("a quantum after churn-a is gone", Duration::from_secs(30), || daemon.summaries().len() > seen + 1);
     let c = guests.create("churn-c", 1, "", true);
     guests.destroy("churn-c");
     let d = guests.create("churn-d", 1, "", true);
-    wait_until("new guest churn-d pinned within the next quanta", Duration::from_secs(4), || single(&d));
+    wait_until("new guest churn-d pinned within the next quanta", Duration::from_secs(30), || single(&d));
+    daemon.signal(libc::SIGTERM);
     daemon.assert_clean_exit(Duration::from_secs(40));
     let log = daemon.log();
-    assert_eq!(daemon.summaries().len(), 14, "{log}");
+    assert!(daemon.summaries().len() >= 4, "{log}");
     assert!(log.contains(&format!("domain gone domain={a}")), "churn-a not seen gone:\n{log}");
     let noisy = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).count();
     assert!(noisy <= 3, "error storm during churn ({noisy} warnings):\n{log}");

@@ -19,21 +19,37 @@ pub fn scenario(name: &str) -> Scenario {
     Scenario::load(&root().join("examples/scenarios").join(format!("{name}.toml"))).expect("shipped scenario loads")
 }
 
-/// Limits that make hostile fixtures fail fast.
-pub fn tight_limits() -> Limits {
-    Limits { decide_timeout_ms: 50, max_memory_mib: 32, ..Limits::default() }
+/// The deadline every test uses unless it tests the deadline itself: one
+/// limit per fixture. Why 10 s holds: the slowest call any test makes (a
+/// Python or JavaScript component's first `decide`, which also instantiates
+/// it) takes well under 0.5 s on the development VM; a machine 3× slower with
+/// both cores busy (2 tests at a time) makes that about 3 s, still 3× under.
+pub const RELAXED_TIMEOUT_MS: u64 = 10_000;
+
+/// The deadline of the spinning fixture, the only one meant to time out.
+/// Its margin is the other way round: the spinner never returns, so any
+/// deadline is hit; 50 ms keeps the test quick.
+pub const SPIN_TIMEOUT_MS: u64 = 50;
+
+/// Defaults with [`RELAXED_TIMEOUT_MS`]: only the limit a test is about can
+/// be hit, never the deadline by accident on a loaded machine.
+pub fn relaxed_limits() -> Limits {
+    Limits { decide_timeout_ms: RELAXED_TIMEOUT_MS, ..Limits::default() }
 }
 
-/// Defaults, but with a deadline that a loaded CI machine (guests burning
-/// CPU next door) cannot hit by accident: only the spinner fixture should
-/// ever time out in the tests.
+/// The spinner's limits: the short deadline, everything else default.
+pub fn spin_limits() -> Limits {
+    Limits { decide_timeout_ms: SPIN_TIMEOUT_MS, ..Limits::default() }
+}
+
+/// The default config with [`relaxed_limits`].
 pub fn relaxed_config() -> Config {
-    Config { limits: Limits { decide_timeout_ms: 5_000, ..Limits::default() }, ..Config::default() }
+    Config { limits: relaxed_limits(), ..Config::default() }
 }
 
 /// The same as a config file, for the binary.
 pub fn relaxed_config_file() -> (tempfile::TempDir, PathBuf) {
-    temp_file("relaxed.toml", b"[limits]\ndecide_timeout_ms = 5000\n")
+    temp_file("relaxed.toml", format!("[limits]\ndecide_timeout_ms = {RELAXED_TIMEOUT_MS}\n").as_bytes())
 }
 
 /// A simulator pipeline over `scenario` with the given policy specs.

@@ -38,6 +38,18 @@ pub enum ConfigError {
         /// What would be valid.
         why: &'static str,
     },
+    /// A per-policy limit is out of its range.
+    #[error("config value limits.policy.{policy:?}.{key} = {value} is invalid: {why}")]
+    InvalidPolicyLimit {
+        /// The policy's slot name.
+        policy: String,
+        /// The key inside its table.
+        key: &'static str,
+        /// The value given.
+        value: u64,
+        /// What would be valid.
+        why: String,
+    },
 }
 
 /// The whole configuration.
@@ -95,6 +107,12 @@ pub struct Limits {
     pub max_consecutive_failures: u32,
     /// First backoff after disabling, quanta; doubles on each further failure.
     pub retry_backoff_quanta: u64,
+    /// Per-policy overrides, by slot name (the policy's file name, e.g.
+    /// `[limits.policy."30-web.wasm"]`, or `cpu` for a builtin). Why: a heavy
+    /// policy (an interpreted language, a big host) needs a longer deadline
+    /// or more memory, and raising them for every policy would let any
+    /// policy take that much.
+    pub policy: BTreeMap<String, PolicyLimits>,
 }
 
 impl Default for Limits {
@@ -105,6 +123,49 @@ impl Default for Limits {
             max_output_kib: 4096,
             max_consecutive_failures: 3,
             retry_backoff_quanta: 10,
+            policy: BTreeMap::new(),
+        }
+    }
+}
+
+/// Longest deadline a policy may be given, as a fraction of the quantum:
+/// every slot runs in the same quantum, after collection and before apply,
+/// so one policy may take at most half of it.
+pub const MAX_POLICY_TIMEOUT_QUANTUM_FRACTION: f64 = 0.5;
+
+/// The limits one policy runs under (every field optional: what is not set
+/// comes from `[limits]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyLimits {
+    /// Wall-clock budget of one `decide` call, milliseconds; at most half the quantum.
+    pub decide_timeout_ms: Option<u64>,
+    /// Linear memory, MiB.
+    pub max_memory_mib: Option<u64>,
+    /// Largest answer, KiB.
+    pub max_output_kib: Option<u64>,
+}
+
+/// The limits one policy call runs under, resolved from `[limits]` and its
+/// `[limits.policy."NAME"]` override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// Deadline of one call, milliseconds.
+    pub timeout_ms: u64,
+    /// Linear memory limit, bytes.
+    pub max_memory_bytes: usize,
+    /// Largest answer, bytes.
+    pub max_output_bytes: usize,
+}
+
+impl Limits {
+    /// What the policy in slot `slot` runs under.
+    pub fn for_slot(&self, slot: &str) -> SlotLimits {
+        let own = self.policy.get(slot).cloned().unwrap_or_default();
+        SlotLimits {
+            timeout_ms: own.decide_timeout_ms.unwrap_or(self.decide_timeout_ms),
+            max_memory_bytes: (own.max_memory_mib.unwrap_or(self.max_memory_mib) * 1024 * 1024) as usize,
+            max_output_bytes: (own.max_output_kib.unwrap_or(self.max_output_kib) * 1024) as usize,
         }
     }
 }
@@ -214,9 +275,37 @@ impl Config {
         if self.limits.max_consecutive_failures == 0 {
             return bad("limits.max_consecutive_failures", "0".into(), "must be at least 1");
         }
+        self.validate_policy_limits()?;
         for (key, pct) in [("guard.max_shrink_pct", self.guard.max_shrink_pct), ("guard.max_grow_pct", self.guard.max_grow_pct)] {
             if !(0.0..=100.0).contains(&pct) {
                 return bad(key, pct.to_string(), "must be a percentage, 0..=100");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every `[limits.policy."NAME"]` against the quantum. Called
+    /// again by `run` after `--quantum` changed it.
+    pub fn validate_policy_limits(&self) -> Result<(), ConfigError> {
+        let max_timeout_ms = (f64::from(self.quantum_ms) * MAX_POLICY_TIMEOUT_QUANTUM_FRACTION) as u64;
+        for (name, own) in &self.limits.policy {
+            let bad = |key: &'static str, value: u64, why: String| {
+                Err(ConfigError::InvalidPolicyLimit { policy: name.clone(), key, value, why })
+            };
+            if let Some(ms) = own.decide_timeout_ms {
+                if ms == 0 || ms > max_timeout_ms {
+                    return bad("decide_timeout_ms", ms, format!("must be 1..={max_timeout_ms}: at most half the quantum ({} ms)", self.quantum_ms));
+                }
+            }
+            if let Some(mib) = own.max_memory_mib {
+                if !(1..=4096).contains(&mib) {
+                    return bad("max_memory_mib", mib, "must be 1..=4096".into());
+                }
+            }
+            if let Some(kib) = own.max_output_kib {
+                if !(1..=65536).contains(&kib) {
+                    return bad("max_output_kib", kib, "must be 1..=65536".into());
+                }
             }
         }
         Ok(())
@@ -257,6 +346,28 @@ mod tests {
     fn unknown_keys_are_errors_naming_the_key() {
         let err = toml::from_str::<Config>("quantum_ms = 100\n[guard]\nhost_reserv_mib = 5\n").unwrap_err();
         assert!(err.to_string().contains("host_reserv_mib"), "{err}");
+    }
+
+    #[test]
+    fn per_policy_limits_override_the_global_ones_for_that_slot_only() {
+        let c: Config = toml::from_str("[limits]\ndecide_timeout_ms = 50\n[limits.policy.\"30-web.wasm\"]\ndecide_timeout_ms = 400\nmax_memory_mib = 512\n").unwrap();
+        c.validate().unwrap();
+        let web = c.limits.for_slot("30-web.wasm");
+        assert_eq!((web.timeout_ms, web.max_memory_bytes), (400, 512 << 20));
+        assert_eq!(web.max_output_bytes, 4096 << 10, "unset keys come from [limits]");
+        let other = c.limits.for_slot("10-cpu.wasm");
+        assert_eq!((other.timeout_ms, other.max_memory_bytes), (50, 256 << 20));
+    }
+
+    #[test]
+    fn per_policy_limits_are_bounded_by_the_quantum_and_name_the_policy() {
+        let c: Config = toml::from_str("quantum_ms = 1000\n[limits.policy.\"30-web.wasm\"]\ndecide_timeout_ms = 501\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("30-web.wasm") && e.contains("decide_timeout_ms = 501") && e.contains("1..=500"), "{e}");
+        let c: Config = toml::from_str("[limits.policy.x]\nmax_memory_mib = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("max_memory_mib = 0"));
+        let e = toml::from_str::<Config>("[limits.policy.x]\ntimeout = 1\n").unwrap_err().to_string();
+        assert!(e.contains("timeout"), "unknown keys in a policy table are errors: {e}");
     }
 
     #[test]

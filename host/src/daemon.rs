@@ -75,6 +75,9 @@ pub enum DaemonError {
     /// The policy directory is unsafe or unreadable.
     #[error(transparent)]
     PolicyDir(#[from] crate::policy::dir::DirError),
+    /// The config does not fit the quantum given on the command line.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A `sim:` scenario could not be loaded.
     #[error(transparent)]
     Scenario(#[from] crate::sim::ScenarioError),
@@ -177,6 +180,9 @@ fn install_signals() -> Result<Signals, DaemonError> {
 pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     let signals = install_signals()?;
     config.quantum_ms = options.quantum.as_millis().clamp(1, u32::MAX as u128) as u32;
+    // A per-policy deadline is bounded by the quantum, which --quantum may
+    // just have shortened.
+    config.validate_policy_limits()?;
     let mut backend_options = LibvirtOptions::new(&options.connect);
     backend_options.exclude = config.exclude.clone();
     backend_options.external_pin_hold = Duration::from_secs(config.guard.external_pin_hold_s);

@@ -100,7 +100,11 @@ impl Guard {
         let mut pins = 0usize;
         let mut checked = Checked::default();
 
-        for Proposal { slot, action, .. } in proposals {
+        for Proposal { slot, action, from_fallback } in proposals {
+            // Who really decided: a fallback action carries the failed
+            // slot's name (it decides for that slot), so the log says so, and
+            // the built-in default's pin never reads as the author's.
+            let by = if from_fallback { "built-in fallback" } else { "policy" };
             let result = match &action {
                 Action::Pin { domain, vcpu, cpus, .. } => match domains.get(domain.as_str()) {
                     None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
@@ -128,7 +132,7 @@ impl Guard {
             let (outcome, applied, reason) = match result {
                 Check::Drop => {
                     self.stats.dropped += 1;
-                    tracing::debug!(%slot, %action, "dropped: changes nothing");
+                    tracing::debug!(%slot, by, %action, "dropped: changes nothing");
                     continue;
                 }
                 Check::Accept(a) => {
@@ -137,20 +141,20 @@ impl Guard {
                     if let Action::Pin { domain, vcpu, .. } = &a {
                         self.last_pinned.insert((domain.clone(), *vcpu), quantum);
                     }
-                    tracing::debug!(%slot, action = %a, reason = a.reason(), "accepted");
+                    tracing::debug!(%slot, by, action = %a, reason = a.reason(), "accepted");
                     checked.accepted.push(a.clone());
                     (Outcome::Accepted, a, action.reason().to_string())
                 }
                 Check::Clamp(a, why) => {
                     let a = with_reason(a, action.reason());
                     self.stats.clamped += 1;
-                    tracing::info!(%slot, asked = %action, applied = %a, why, "clamped by the guard");
+                    tracing::info!(%slot, by, asked = %action, applied = %a, why, "clamped by the guard");
                     checked.accepted.push(a.clone());
                     (Outcome::Clamped, a, why)
                 }
                 Check::Reject(why) => {
                     self.stats.rejected += 1;
-                    tracing::info!(%slot, %action, why, "rejected by the guard");
+                    tracing::info!(%slot, by, %action, why, "rejected by the guard");
                     (Outcome::Rejected, action, why)
                 }
             };

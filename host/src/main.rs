@@ -6,10 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
 use vm_balancer::config::Config;
+use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::Snapshot;
-use vm_balancer::sim::{simulate, Scenario};
+use vm_balancer::sim::{simulate_cached, Scenario};
 
 /// Balances KVM guests: each quantum, sandboxed WebAssembly policies decide
 /// vCPU pins and balloon targets, a host-side guard checks every action, and
@@ -21,7 +24,9 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Log filter, e.g. `info`, `debug`, `vm_balancer=debug,policy=trace`
-    /// (or set RUST_LOG).
+    /// (or set RUST_LOG). A bare level applies to vm-balancer and its
+    /// policies; other crates (wasmtime, cranelift...) stay at `warn` unless
+    /// named, e.g. `debug,wasmtime=debug`.
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
     #[command(subcommand)]
@@ -43,7 +48,7 @@ enum Command {
         /// Quanta to simulate (default: the scenario's own length).
         #[arg(long)]
         quanta: Option<u64>,
-        /// Print the report as JSON.
+        /// Print the report as JSON (with per-slot decide times under `timing`).
         #[arg(long)]
         json: bool,
     },
@@ -80,11 +85,17 @@ enum Command {
         policy_dir: Option<PathBuf>,
     },
     /// Print exactly what a policy would receive right now (collects twice,
-    /// one quantum apart; changes nothing).
+    /// one quantum apart; changes nothing). With sim:SCENARIO.toml, what it
+    /// would receive at quantum N of that scenario (the defaults decide the
+    /// quanta before it): a fixture for a policy's unit tests, or for
+    /// `policy check --snapshot`.
     Snapshot {
-        /// libvirt URI.
+        /// libvirt URI, or sim:SCENARIO.toml for the simulator.
         #[arg(long, default_value = "qemu:///system", value_name = "URI")]
         connect: String,
+        /// With sim:, the quantum whose snapshot to print (default 0).
+        #[arg(long, value_name = "N")]
+        quantum: Option<u64>,
         /// Print JSON (pretty); otherwise a readable summary.
         #[arg(long)]
         json: bool,
@@ -99,11 +110,25 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Load a component, list its imports and exports, and run it on sample
-    /// snapshots. Exits non-zero, naming the problem, if the file is not a
-    /// usable policy.
+    /// snapshots (or a scenario, or a snapshot file). Every answer is
+    /// decoded strictly: an unknown action field is a warning. Prints the
+    /// decide time against the deadline that would apply to it. Exits 2 if
+    /// the file is not a usable policy, 1 if it fails on a snapshot.
     Check {
         /// The component file (or builtin:NAME).
         file: String,
+        /// Run it on the simulator through this scenario (closed loop: its
+        /// actions go through the guard and take effect) instead of the
+        /// built-in samples.
+        #[arg(long, value_name = "SCENARIO.toml", conflicts_with = "snapshot")]
+        scenario: Option<PathBuf>,
+        /// With --scenario, quanta to run (default: the scenario's length).
+        #[arg(long, value_name = "N", requires = "scenario")]
+        quanta: Option<u64>,
+        /// Run it on this snapshot: JSON as `vm-balancer snapshot --json`
+        /// prints it, or MessagePack.
+        #[arg(long, value_name = "FILE")]
+        snapshot: Option<PathBuf>,
     },
 }
 
@@ -131,10 +156,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log targets that are this program's own: a bare level in a filter
+/// applies to these, and every other crate stays at `warn`.
+const OWN_TARGETS: [&str; 3] = ["vm_balancer", "vm_balancer_sdk", "policy"];
+
+/// `debug` becomes `warn,vm_balancer=debug,vm_balancer_sdk=debug,policy=debug`:
+/// a bare level in `--log` or RUST_LOG is about vm-balancer, not about the
+/// 800,000 lines cranelift prints at debug. Named targets pass unchanged.
+fn expand_filter(filter: &str) -> String {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let mut out = vec!["warn".to_string()];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            out.extend(OWN_TARGETS.iter().map(|t| format!("{t}={directive}")));
+        } else {
+            out.push(directive.to_string());
+        }
+    }
+    out.join(",")
+}
+
 fn init_logging(filter: Option<&str>) {
     let filter = filter
-        .map(tracing_subscriber::EnvFilter::new)
-        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()))
+        .map(|f| tracing_subscriber::EnvFilter::new(expand_filter(&f)))
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     vm_balancer::sdk::set_native_log_hook(|level, message| {
@@ -161,7 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Simulate { scenario, policies, quanta, json } => {
             let scenario = Scenario::load(&scenario)?;
-            let report = simulate(&scenario, &policies, &config, quanta)?;
+            let report = simulate_cached(&scenario, &policies, &config, quanta, user_cache(&config))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -169,7 +215,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&config, &file),
+        Command::Policy { command: PolicyCommand::Check { file, scenario, quanta, snapshot } } => {
+            let input = match (scenario, snapshot) {
+                (Some(path), _) => CheckInput::Scenario(Scenario::load(&path)?, quanta),
+                (None, Some(path)) => CheckInput::Snapshot(read_snapshot(&path)?, path),
+                (None, None) => CheckInput::Samples,
+            };
+            policy_check(&config, &file, input)
+        }
         Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir } => {
             let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
             let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
@@ -177,8 +230,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshot { connect, json } => {
-            let snapshot = vm_balancer::daemon::snapshot(&config, &connect)?;
+        Command::Snapshot { connect, quantum, json } => {
+            let snapshot = match connect.strip_prefix("sim:") {
+                Some(path) => {
+                    let scenario = Scenario::load(std::path::Path::new(path))?;
+                    let mut pipeline = vm_balancer::sim::report::pipeline(&scenario, &[], &config, None)?;
+                    for _ in 0..quantum.unwrap_or(0) {
+                        pipeline.step()?;
+                    }
+                    pipeline.next_snapshot()?
+                }
+                None if quantum.is_some() => anyhow::bail!("--quantum N picks a quantum of a sim: scenario; a live host has only now"),
+                None => vm_balancer::daemon::snapshot(&config, &connect)?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
@@ -189,9 +253,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
-    let set = PolicySet::new(&config.limits);
+/// The per-user compile cache for offline commands; `None` (and a debug
+/// line) when there is no home directory or it is refused.
+fn user_cache(config: &Config) -> Option<Arc<CompileCache>> {
+    let dir = CompileCache::user_dir()?;
+    match CompileCache::new(&dir, config.compile_cache_max_mib * 1024 * 1024) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "no compile cache: every run compiles the policy");
+            None
+        }
+    }
+}
+
+/// What `policy check` runs a policy on.
+enum CheckInput {
+    /// The built-in sample snapshots.
+    Samples,
+    /// A simulator scenario, closed loop, for N quanta (default its length).
+    Scenario(Scenario, Option<u64>),
+    /// One snapshot from a file.
+    Snapshot(Snapshot, PathBuf),
+}
+
+/// A snapshot file: JSON (as `snapshot --json` prints it) or MessagePack.
+fn read_snapshot(path: &std::path::Path) -> Result<Snapshot> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read snapshot file {}", path.display()))?;
+    let text_start = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if text_start == Some(&b'{') {
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a JSON snapshot", path.display()))
+    } else {
+        rmp_serde::from_slice(&bytes).with_context(|| format!("{} is neither a JSON nor a MessagePack snapshot", path.display()))
+    }
+}
+
+fn policy_check(config: &Config, file: &str, input: CheckInput) -> Result<ExitCode> {
+    let mut config = config.clone();
+    if let CheckInput::Scenario(scenario, _) = &input {
+        config = vm_balancer::sim::report::scenario_config(scenario, &config);
+    }
+    config.validate_policy_limits()?;
+    let set = PolicySet::new(&config.limits).with_cache(user_cache(&config));
     let mut policy = set.load_spec(file).with_context(|| format!("{file} is not a usable vm-balancer policy"))?;
+    policy.set_strict(true);
     let info = policy.info().clone();
     println!("policy   {file}");
     println!("name     {} {}", info.name, info.version);
@@ -201,31 +305,107 @@ fn policy_check(config: &Config, file: &str) -> Result<ExitCode> {
         (false, true) => "memory",
         (false, false) => "nothing (declares neither cpu nor memory)",
     });
+    println!("world    {} ({} snapshot and answer)", policy.encoding().world(), policy.encoding().format());
     println!("imports  {}", if policy.imports().is_empty() { "(none)".to_string() } else { policy.imports().join(", ") });
     println!("exports  {}", policy.exports().join(", "));
+    let deadline_ms = policy.limits().timeout_ms;
+    let slot = vm_balancer::policy::slots::slot_name(file);
+    let deadline_from = if config.limits.policy.get(&slot).is_some_and(|p| p.decide_timeout_ms.is_some()) {
+        format!("limits.policy.{slot:?}.decide_timeout_ms")
+    } else {
+        "limits.decide_timeout_ms".to_string()
+    };
     let mut failed = 0;
-    for (label, snapshot) in vm_balancer::policy::samples::samples() {
-        let bytes = vm_balancer::sdk::encode_snapshot(&snapshot);
-        let started = std::time::Instant::now();
-        match policy.decide(&bytes) {
-            Ok(actions) => {
-                println!("sample   {label}: {} action(s) in {:.2?}", actions.len(), started.elapsed());
-                for action in &actions {
-                    println!("           {action}  ({})", action.reason());
+    let mut times = Vec::new();
+    let mut warnings = std::collections::BTreeMap::<String, u64>::new();
+    match input {
+        CheckInput::Scenario(scenario, quanta) => {
+            let mut set = set;
+            set.push(vm_balancer::policy::Slot::new(&slot, policy));
+            let mut pipeline = vm_balancer::pipeline::Pipeline::new(vm_balancer::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
+            let n = quanta.unwrap_or(scenario.quanta);
+            let (mut actions, mut accepted) = (0usize, 0usize);
+            for _ in 0..n {
+                let outcome = pipeline.step()?;
+                let slot = &mut pipeline.policies.slots_mut()[0];
+                if !outcome.fallback_slots.is_empty() {
+                    failed += 1;
+                    if failed <= 5 {
+                        println!("quantum  {}: FAILED: {}", outcome.quantum, slot.last_failure().unwrap_or("(disabled after failures)"));
+                    }
                 }
+                if let Some(p) = slot.policy_mut() {
+                    for w in p.take_warnings() {
+                        *warnings.entry(w).or_default() += 1;
+                    }
+                }
+                actions += outcome.proposed;
+                accepted += outcome.verdicts.iter().filter(|v| v.outcome != vm_balancer::sdk::Outcome::Rejected).count();
             }
-            Err(error) => {
-                failed += 1;
-                println!("sample   {label}: FAILED: {error}");
+            let stats = pipeline.policies.slots()[0].stats().clone();
+            let t = pipeline.policies.slots()[0].decide_times();
+            println!(
+                "scenario {} ({n} quanta): decided {}, fell back {}, {actions} action(s) proposed, {accepted} applied (or clamped), {} rejected by the guard",
+                scenario.name,
+                stats.decided,
+                stats.fallbacks,
+                pipeline.guard.stats().rejected
+            );
+            times.push(std::time::Duration::from_micros(t.median_us));
+            times.push(std::time::Duration::from_micros(t.max_us));
+        }
+        CheckInput::Snapshot(snapshot, path) => {
+            failed += run_one(&mut policy, &path.display().to_string(), &snapshot, &mut times, &mut warnings);
+        }
+        CheckInput::Samples => {
+            for (label, snapshot) in vm_balancer::policy::samples::samples() {
+                failed += run_one(&mut policy, label, &snapshot, &mut times, &mut warnings);
             }
         }
     }
+    for (warning, count) in &warnings {
+        println!("warning  {warning}{}", if *count > 1 { format!(" ({count} times)") } else { String::new() });
+    }
+    times.sort();
+    if let (Some(median), Some(max)) = (times.get(times.len() / 2), times.last()) {
+        let over = if max.as_secs_f64() * 1000.0 * 2.0 > deadline_ms as f64 { "  <- over half the deadline: raise it for this policy or make it faster" } else { "" };
+        println!("time     decide median {median:.2?}, slowest {max:.2?}; deadline {deadline_ms} ms ({deadline_from}){over}");
+    }
     if failed > 0 {
-        eprintln!("error: {file} failed on {failed} sample snapshot(s)");
+        eprintln!("error: {file} failed on {failed} snapshot(s)");
         return Ok(ExitCode::from(1));
     }
     println!("ok");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `policy check` on one snapshot; returns 1 if it failed.
+fn run_one(
+    policy: &mut vm_balancer::policy::LoadedPolicy,
+    label: &str,
+    snapshot: &Snapshot,
+    times: &mut Vec<std::time::Duration>,
+    warnings: &mut std::collections::BTreeMap<String, u64>,
+) -> usize {
+    let bytes = policy.encoding().encode(snapshot);
+    let result = policy.decide(&bytes);
+    times.push(policy.last_decide());
+    for w in policy.take_warnings() {
+        *warnings.entry(format!("{label}: {w}")).or_default() += 1;
+    }
+    match result {
+        Ok(actions) => {
+            println!("sample   {label}: {} action(s) in {:.2?}", actions.len(), policy.last_decide());
+            for action in &actions {
+                println!("           {action}  ({})", action.reason());
+            }
+            0
+        }
+        Err(error) => {
+            println!("sample   {label}: FAILED: {error}");
+            1
+        }
+    }
 }
 
 /// A readable summary of a snapshot (`--json` prints it whole).
@@ -263,5 +443,17 @@ fn print_snapshot(s: &Snapshot) {
             let steal = v.steal.map_or("?".to_string(), |x| format!("{:.1}%", x * 100.0));
             println!("  vcpu {}: on cpu {}, affinity {:?}, usage {:.1}%, steal {}", v.id, v.cpu, v.affinity, v.usage * 100.0, steal);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_filter;
+
+    #[test]
+    fn a_bare_level_is_about_vm_balancer_and_other_crates_stay_at_warn() {
+        assert_eq!(expand_filter("debug"), "warn,vm_balancer=debug,vm_balancer_sdk=debug,policy=debug");
+        assert_eq!(expand_filter("info,wasmtime=trace"), "warn,vm_balancer=info,vm_balancer_sdk=info,policy=info,wasmtime=trace");
+        assert_eq!(expand_filter("vm_balancer=trace"), "warn,vm_balancer=trace");
     }
 }

@@ -69,6 +69,14 @@ impl<B: Backend> Pipeline<B> {
         &self.config
     }
 
+    /// Collects and assembles the snapshot the next quantum's policies would
+    /// receive, without deciding (`vm-balancer snapshot`). It takes the
+    /// backend's next observation, so call it last.
+    pub fn next_snapshot(&mut self) -> Result<vm_balancer_sdk::Snapshot, BackendError> {
+        let observation = self.backend.collect()?;
+        Ok(snapshot::assemble(observation, self.quantum, &self.config, &self.params, self.feedback.clone()))
+    }
+
     /// Runs one quantum. Only a backend failure to collect is an error;
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {

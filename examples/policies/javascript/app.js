@@ -1,22 +1,20 @@
-// The component glue: the `policy` world's exports, on top of policy.js.
-import log from 'log';
-import { decode, encode } from '@msgpack/msgpack';
+// The component: the `policy-json` world's exports, made by vmb-policy from plan().
+import log from 'log'; // the component's only import (a default import)
+import { log as logLine, world } from 'vmb-policy';
 import { plan } from './policy.js';
-
-export function describe() {
-  return { name: 'latency-isolate-js', version: '0.1.0', cpu: true, memory: false };
-}
 
 let quanta = 0; // state lives across quanta (and is lost on a trap or reload)
 
-export function decide(snapshot) {
-  let actions;
-  try {
-    actions = plan(decode(snapshot));
-  } catch (e) {
-    // A thrown string is the `err(..)`: the built-in default decides this quantum.
-    throw `latency-isolate: ${e && e.stack ? e.stack : e}`;
-  }
-  if (quanta++ === 0) log('info', `first quantum: ${actions.length} action(s)`);
-  return encode({ actions });
-}
+// describe() and decide(json) -> json; any exception -> err(..).
+export const { describe, decide } = world({
+  name: 'latency-isolate-js',
+  version: '0.1.0',
+  cpu: true,
+  memory: false,
+  log,
+  decide(snapshot) {
+    const actions = plan(snapshot);
+    if (quanta++ === 0) logLine('info', `first quantum: ${actions.length} action(s)`);
+    return actions;
+  },
+});

@@ -17,14 +17,15 @@
 //
 // plan() is pure: test.js runs it under plain `node`.
 
+import { params, pin } from 'vmb-policy';
+
 export function readParams(snapshot) {
-  const t = (snapshot.params && snapshot.params.latency) || {};
-  const num = (v, d) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
+  const t = params(snapshot, 'latency');
   return {
-    names: new Set(Array.isArray(t.names) ? t.names.filter((n) => typeof n === 'string') : []),
-    tag: typeof t.tag === 'string' ? t.tag : 'latency',
-    minGain: num(t.min_gain, 0.05),
-    maxMoves: Math.max(0, Math.floor(num(t.max_moves, 2))),
+    names: new Set(t.strings('names')),
+    tag: t.string('tag', 'latency'),
+    minGain: t.number('min_gain', 0.05),
+    maxMoves: Math.max(0, Math.floor(t.number('max_moves', 2))),
   };
 }
 
@@ -43,8 +44,8 @@ export function plan(snapshot) {
     for (const v of d.vcpus) (isLatency(d) ? latency : rest).push({ d: d.name, v });
   }
   const actions = [];
-  const pin = (item, cpu, reason) => {
-    if (pinnedTo(item.v) !== cpu) actions.push({ kind: 'pin', domain: item.d, vcpu: item.v.id, cpus: [cpu], reason });
+  const place = (item, cpu, reason) => {
+    if (pinnedTo(item.v) !== cpu) actions.push(pin(item.d, item.v.id, [cpu], reason));
   };
 
   // Dedicated pCPUs: the top ones, one per latency vCPU, leaving at least one shared.
@@ -60,7 +61,7 @@ export function plan(snapshot) {
   for (const item of waiting) {
     const c = pool.find((x) => !claimed.has(x));
     claimed.add(c);
-    pin(item, c, `latency-sensitive: dedicated pCPU ${c}`);
+    place(item, c, `latency-sensitive: dedicated pCPU ${c}`);
   }
   // Latency vCPUs beyond the cap share the shared pCPUs like everyone else.
   rest.push(...latency.slice(k));
@@ -83,7 +84,7 @@ export function plan(snapshot) {
     const c = leastLoaded();
     load.set(c, load.get(c) + demandOf(item.v));
     home.set(item, c);
-    pin(item, c, `shared pCPU ${c} (least loaded)`);
+    place(item, c, `shared pCPU ${c} (least loaded)`);
   }
   for (let m = 0; m < p.maxMoves && shared.length > 1; m++) {
     const busiest = shared.reduce((a, b) => (load.get(b) > load.get(a) ? b : a));
@@ -103,7 +104,7 @@ export function plan(snapshot) {
     // Replace an earlier pin of the same vCPU in this answer.
     const i = actions.findIndex((a) => a.domain === best.item.d && a.vcpu === best.item.v.id);
     if (i >= 0) actions.splice(i, 1);
-    pin(best.item, idlest, `rebalance shared pCPUs: ${busiest} -> ${idlest}`);
+    place(best.item, idlest, `rebalance shared pCPUs: ${busiest} -> ${idlest}`);
   }
   return actions;
 }

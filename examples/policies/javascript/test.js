@@ -1,15 +1,21 @@
 // Native unit tests of policy.js: `node --test test.js`.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { DomainBuilder, SnapshotBuilder } from 'vmb-policy';
 import { plan } from './policy.js';
 
-const cpus = (n) => Array.from({ length: n }, (_, id) => ({ id, online: true, reserved: false, usage: 0, node: 0 }));
-const vm = (name, placements, tags) => ({
-  name,
-  tags,
-  vcpus: placements.map(([cpu, usage], id) => ({ id, cpu, affinity: [cpu], usage, steal: 0 })),
-});
-const snap = (n, domains, params = {}) => ({ host: { cpus: cpus(n) }, domains, params });
+// A VM with one vCPU per [pCPU it runs on (and is pinned to), usage].
+const vm = (name, placements, tags = []) => {
+  const d = new DomainBuilder(name).tag(...tags);
+  for (const [cpu, usage] of placements) d.vcpu(cpu, usage, { steal: 0 });
+  return d;
+};
+const snap = (n, domains, params = {}) => {
+  const b = new SnapshotBuilder(n, 16 << 20);
+  for (const d of domains) b.domain(d);
+  for (const [k, v] of Object.entries(params)) b.param(k, v);
+  return b.build();
+};
 
 test('a tagged VM gets a dedicated pCPU and others leave it', () => {
   const s = snap(4, [vm('rt', [[0, 0.5]], ['latency']), vm('web', [[3, 0.5], [0, 0.5]])]);
@@ -34,4 +40,10 @@ test('the shared pCPUs are balanced', () => {
   const a = plan(s);
   assert.equal(a.length, 1);
   assert.notEqual(a[0].cpus[0], 0);
+});
+
+test('odd params fall back to the defaults', () => {
+  const domains = [vm('rt', [[0, 0.5]], ['latency']), vm('web', [[0, 0.9], [0, 0.9]])];
+  const odd = { latency: { names: 'rt', tag: 3, min_gain: 'x', max_moves: null } };
+  assert.deepEqual(plan(snap(4, domains, odd)), plan(snap(4, domains)));
 });

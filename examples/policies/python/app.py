@@ -1,20 +1,23 @@
-"""The component glue: the `policy` world's exports, on top of keepfree.py."""
-import msgpack
+"""The component: the `policy-json` world's exports, made by vmb_policy from keepfree.plan.
 
-import wit_world
-from componentize_py_types import Err
+Build: componentize-py -d ../../../wit -w policy-json componentize app \
+           -p . -p ../../../policies/sdk-python --stub-wasi -o keepfree.wasm
+"""
+import vmb_policy
 
 import keepfree
 
+quanta = 0  # state lives across quanta (and is lost on a trap or reload)
 
-class WitWorld(wit_world.WitWorld):
-    def describe(self) -> wit_world.PolicyInfo:
-        return wit_world.PolicyInfo(name="keepfree-python", version="0.1.0", cpu=False, memory=True)
 
-    def decide(self, snapshot: bytes) -> bytes:
-        try:
-            snap = msgpack.unpackb(snapshot, raw=False, strict_map_key=False)
-            actions = keepfree.plan(snap)
-        except Exception as e:  # an err(..): the built-in default decides this quantum
-            raise Err("keepfree: %s: %s" % (type(e).__name__, e))
-        return msgpack.packb({"actions": actions}, use_bin_type=True)
+def decide(snapshot):
+    global quanta
+    actions = keepfree.plan(snapshot)
+    if quanta == 0:
+        vmb_policy.log("info", "first quantum: %d action(s)" % len(actions))
+    quanta += 1
+    return actions
+
+
+# The class componentize-py exports: describe() and decide(json) -> json, any exception -> err(..).
+WitWorld = vmb_policy.world("keepfree-python", "0.1.0", cpu=False, memory=True, decide=decide)

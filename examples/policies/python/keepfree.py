@@ -15,36 +15,23 @@ Parameters, from the daemon config (all optional):
     min_step_mib = 16             # ignore smaller changes
     overrides = { "db-0" = 40 }   # per-VM pct, by domain name
 
-This module imports nothing from the component runtime, so it runs and is
-unit-tested (test_keepfree.py) with the ordinary `python3`.
+This module uses only vmb_policy (plain Python, policies/sdk-python), so it
+runs and is unit-tested (test_keepfree.py) with the ordinary `python3`.
 """
 
-KIB_PER_MIB = 1024
-
-
-def _num(value, default, lo, hi):
-    """A number parameter in [lo, hi]; anything else gives the default."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return default
-    return min(max(float(value), lo), hi)
+from vmb_policy import KIB_PER_MIB, params, set_memory
 
 
 def read_params(snapshot):
     """Reads [params.keepfree] with defaults; tolerates missing or odd values."""
-    table = (snapshot.get("params") or {}).get("keepfree") or {}
-    if not isinstance(table, dict):
-        table = {}
-    pct = _num(table.get("pct"), 25.0, 0.0, 90.0)
-    overrides = {}
-    raw = table.get("overrides") or {}
-    if isinstance(raw, dict):
-        for name, value in raw.items():
-            overrides[str(name)] = _num(value, pct, 0.0, 90.0)
+    table = params(snapshot, "keepfree")
+    pct = table.number("pct", 25.0, 0.0, 90.0)
+    overrides = table.table("overrides")
     return {
         "pct": pct,
-        "slack": _num(table.get("slack"), 10.0, 0.0, 100.0),
-        "min_step_kib": int(_num(table.get("min_step_mib"), 16.0, 0.0, 1 << 20) * KIB_PER_MIB),
-        "overrides": overrides,
+        "slack": table.number("slack", 10.0, 0.0, 100.0),
+        "min_step_kib": int(table.number("min_step_mib", 16.0, 0.0, 1 << 20) * KIB_PER_MIB),
+        "overrides": {str(name): overrides.number(name, pct, 0.0, 90.0) for name in overrides},
     }
 
 
@@ -71,14 +58,12 @@ def plan(snapshot):
             shrink.append((d["name"], want, free_pct, pct))
     actions = []
     for name, want, free_pct, pct in shrink:
-        actions.append({"kind": "set-memory", "domain": name, "target_kib": want,
-                        "reason": "%.0f%% free > %.0f%% + slack" % (free_pct, pct)})
+        actions.append(set_memory(name, want, "%.0f%% free > %.0f%% + slack" % (free_pct, pct)))
     # Most starved first, each up to what the pool still holds.
     for free_pct, name, target, want, pct in sorted(grow):
         step = min(want - target, pool)
         if step <= 0:
             break
         pool -= step
-        actions.append({"kind": "set-memory", "domain": name, "target_kib": target + step,
-                        "reason": "%.0f%% free < %.0f%%" % (free_pct, pct)})
+        actions.append(set_memory(name, target + step, "%.0f%% free < %.0f%%" % (free_pct, pct)))
     return actions

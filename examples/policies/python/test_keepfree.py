@@ -1,5 +1,18 @@
-"""Native unit tests of keepfree.py: `python3 -m unittest test_keepfree`."""
+"""Native unit tests of keepfree.py: `python3 -m unittest test_keepfree`.
+
+vmb_policy (policies/sdk-python) must be importable: build.sh sets
+PYTHONPATH; run by hand, this file finds it in the repository.
+"""
+import os
+import sys
 import unittest
+
+try:
+    import vmb_policy  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "policies", "sdk-python"))
+
+from vmb_policy import DomainBuilder, SnapshotBuilder
 
 from keepfree import plan
 
@@ -7,14 +20,13 @@ MIB = 1024
 
 
 def snap(domains, params=None, available_mib=8192):
-    return {
-        "host": {"memory": {"total_kib": 16384 * MIB, "available_kib": available_mib * MIB, "reserve_kib": 512 * MIB}},
-        "domains": [
-            {"name": n, "memory": {"max_kib": mx * MIB, "target_kib": t * MIB, "usable_kib": f * MIB}}
-            for n, mx, t, f in domains
-        ],
-        "params": params or {},
-    }
+    """A host with 16 GiB and a 512 MiB reserve; domains as (name, max, target, usable) MiB (usable None: no stats)."""
+    b = SnapshotBuilder(4, 16384 * MIB).host_memory(available_mib * MIB, 512 * MIB)
+    for name, max_mib, target_mib, usable_mib in domains:
+        b.domain(DomainBuilder(name).memory_mib(max_mib, target_mib, usable_mib))
+    for key, table in (params or {}).items():
+        b.param(key, table)
+    return b.build()
 
 
 class KeepFree(unittest.TestCase):
@@ -40,9 +52,26 @@ class KeepFree(unittest.TestCase):
         self.assertLessEqual(sum(x["target_kib"] - 1100 * MIB for x in a), 300 * MIB)
 
     def test_guests_without_stats_are_left_alone(self):
-        s = snap([("web", 4096, 2000, 1000)])
-        del s["domains"][0]["memory"]["usable_kib"]
-        self.assertEqual(plan(s), [])
+        self.assertEqual(plan(snap([("web", 4096, 2000, None)])), [])
+
+    def test_odd_params_fall_back_to_defaults(self):
+        odd = {"keepfree": {"pct": "lots", "slack": True, "overrides": ["db-0"]}}
+        self.assertEqual(plan(snap([("web", 4096, 2000, 1000)], odd)), plan(snap([("web", 4096, 2000, 1000)])))
+
+    def test_the_component_answers_json_and_errs_with_a_traceback(self):
+        import json
+
+        import app
+        from vmb_policy import Err
+
+        w = app.WitWorld()
+        self.assertEqual(w.describe().name, "keepfree-python")
+        out = json.loads(w.decide(json.dumps(snap([("web", 4096, 1100, 100)]))))
+        self.assertEqual([a["kind"] for a in out["actions"]], ["set-memory"])
+        with self.assertRaises(Err) as cm:
+            w.decide('{"domains": []}')  # no "host"
+        self.assertIn("keepfree-python: KeyError: 'host'", cm.exception.value)
+        self.assertIn('File "keepfree.py"', cm.exception.value)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,53 @@ pub struct CompileCache {
 
 impl CompileCache {
     /// A cache in `dir` (created, mode 0700) holding at most `max_bytes`.
+    ///
+    /// Refused (an error naming the directory) when `dir` is a symlink or is
+    /// not owned by the user running this: a cache entry is native code that
+    /// is run as is, so only its owner may ever have written it.
     pub fn new(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = std::fs::symlink_metadata(dir)?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            if meta.file_type().is_symlink() || meta.uid() != euid {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "compile cache {} is {} (owner uid {}, this process runs as uid {euid}); refusing to run native code from it",
+                        dir.display(),
+                        if meta.file_type().is_symlink() { "a symlink" } else { "owned by another user" },
+                        meta.uid()
+                    ),
+                ));
+            }
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine().precompile_compatibility_hash().hash(&mut hasher);
         let engine_tag = format!("{:016x}", hasher.finish());
         Ok(CompileCache { dir: dir.to_path_buf(), max_bytes, engine_tag, stats: CacheStats::default() })
+    }
+
+    /// The per-user cache the offline commands (`simulate`, `policy check`)
+    /// use: `$XDG_CACHE_HOME/vm-balancer/compile-cache`, else
+    /// `~/.cache/vm-balancer/compile-cache`; `None` without either
+    /// variable. Not the daemon's `/var/lib`: an author's run must not need
+    /// root, nor write where the daemon reads.
+    pub fn user_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("vm-balancer").join("compile-cache"))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Counters.

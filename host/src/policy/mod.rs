@@ -1,5 +1,7 @@
 //! Stage 3, **decide**: policies in their sandbox, and the fallback.
 //!
+//! - [`answer`]: the two encodings (worlds) and the answer decoder with
+//!   messages that name the action and field.
 //! - [`sandbox`]: wasmtime: load a component, check its imports and world,
 //!   call `decide` under a deadline and a memory limit.
 //! - [`builtin`]: the embedded default components and their native twins,
@@ -9,6 +11,7 @@
 //! - [`dir`], [`reload`], [`cache`]: the drop-in policy directory, hot swap
 //!   at quantum boundaries, and the compile cache.
 
+pub mod answer;
 pub mod builtin;
 pub mod cache;
 pub mod dir;

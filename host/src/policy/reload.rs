@@ -32,7 +32,7 @@ use notify::{Event, EventKind, RecursiveMode, Watcher};
 
 use super::cache::CompileCache;
 use super::dir::{is_policy_name, scan};
-use super::sandbox::{LoadedPolicy, Sandbox, SandboxLimits};
+use super::sandbox::{LoadedPolicy, Sandbox};
 use super::slots::{PolicySet, Slot};
 use crate::config::Limits;
 
@@ -95,7 +95,7 @@ impl Reloader {
         let watcher = watch(dir, requests.clone());
         let loader = Loader {
             dir: dir.to_path_buf(),
-            sandbox: Sandbox::new(SandboxLimits::from_config(limits)),
+            sandbox: Sandbox::new(limits),
             cache,
             last_snapshot,
             known: HashMap::new(),
@@ -292,9 +292,10 @@ impl Loader {
         .map_err(|e| e.to_string())?;
         let mut policy = self.sandbox.load_compiled(name, &source, component).map_err(|e| e.to_string())?;
         let snapshot = self.last_snapshot.lock().expect("snapshot lock").clone();
-        let trial = match snapshot {
+        let encoding = policy.encoding();
+        let trial = match snapshot.and_then(|bytes| encoding.from_msgpack(&bytes)) {
             Some(bytes) => bytes,
-            None => Arc::new(vm_balancer_sdk::encode_snapshot(&super::samples::trial_snapshot())),
+            None => encoding.encode(&super::samples::trial_snapshot()),
         };
         policy.decide(&trial).map_err(|e| format!("trial decide failed: {e}"))?;
         Ok(policy)

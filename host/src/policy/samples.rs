@@ -16,7 +16,19 @@ pub fn samples() -> Vec<(&'static str, Snapshot)> {
         ("empty host", SnapshotBuilder::new(2, 4 << 20).build()),
         ("6 busy vCPUs on pCPU 0 of 4", imbalance.build()),
         ("idle, starved and stat-less guests", trial_snapshot()),
+        ("tagged guests (latency, web) on 4 pCPUs", tagged()),
     ]
+}
+
+/// Guests with tags, so a policy that acts on tagged VMs acts (and a
+/// malformed action of it is caught by `policy check`).
+fn tagged() -> Snapshot {
+    SnapshotBuilder::new(4, 16 << 20)
+        .host_memory(8 << 20, 512 << 10)
+        .domain(DomainBuilder::new("rt-0").vcpu(0, 0.7).vcpu(0, 0.6).tag("latency").memory_mib(2048, 2048, Some(1500)))
+        .domain(DomainBuilder::new("web-0").vcpu(0, 0.5).tag("web").memory_mib(2048, 1024, Some(20)))
+        .domain(DomainBuilder::new("batch-0").vcpu(1, 0.9).vcpu(1, 0.9).memory_mib(4096, 4096, Some(3800)))
+        .build()
 }
 
 /// A small snapshot with every kind of guest, for trial runs.

@@ -12,22 +12,36 @@
 //! - **A trap poisons the store.** The instance is dropped and the next call
 //!   instantiates afresh from the `PolicyPre` (tens of microseconds), so a
 //!   policy's in-memory state starts over after any failure.
+//! - **Two worlds, one sandbox.** A component targets `policy` (MessagePack)
+//!   or `policy-json` (JSON text); which one is found by type-checking its
+//!   exports against each, and [`LoadedPolicy::encoding`] says which. JSON
+//!   exists because interpreted languages parse it natively, while a
+//!   MessagePack decoder interpreted in the guest costs them ~100 ms per
+//!   100-domain snapshot.
 //! - **No ambient authority.** WASI is linked only so that components built
 //!   for `wasm32-wasip2` load; its context has no preopens, no environment,
 //!   no arguments, no network. Any import other than `log` and the WASI
 //!   interfaces in [`ALLOWED_WASI`] is refused at load, by name.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vm_balancer_sdk::{Action, Decision};
+use vm_balancer_sdk::Action;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-/// Host bindings generated from `wit/policy.wit`.
+pub use super::answer::Encoding;
+pub use crate::config::SlotLimits as SandboxLimits;
+
+/// Host bindings generated from `wit/policy.wit`, world `policy` (MessagePack).
 mod bindings {
     wasmtime::component::bindgen!({ world: "policy", path: "wit" });
+}
+
+/// The same for world `policy-json` (JSON text).
+mod json_bindings {
+    wasmtime::component::bindgen!({ world: "policy-json", path: "wit" });
 }
 
 pub use bindings::PolicyInfo;
@@ -78,7 +92,7 @@ pub enum PolicyError {
         import: String,
     },
     /// Not the `vm-balancer:policy` world.
-    #[error("{source_name}: is not a vm-balancer:policy@0.1.0 component (needs exports `describe` and `decide`): {detail}")]
+    #[error("{source_name}: is not a vm-balancer:policy@0.1.0 component (world `policy` or `policy-json`: needs exports `describe` and `decide`): {detail}")]
     WrongWorld {
         /// File or builtin name.
         source_name: String,
@@ -129,14 +143,26 @@ pub enum PolicyError {
         /// The limit.
         limit_bytes: usize,
     },
-    /// The answer is not a MessagePack `{ "actions": [...] }` map.
-    #[error("policy {slot}: answer ({size_bytes} bytes) is not a MessagePack decision: {detail}")]
+    /// The answer is not a `{ "actions": [...] }` map.
+    #[error("policy {slot}: answer ({size_bytes} bytes, {format}) is not a decision: {detail}")]
     Undecodable {
         /// Slot name.
         slot: String,
         /// Its size.
         size_bytes: usize,
-        /// The decoder's message.
+        /// MessagePack or JSON.
+        format: &'static str,
+        /// What is wrong, naming the action and field.
+        detail: String,
+    },
+    /// The snapshot handed to a JSON-world policy is not UTF-8 text (a
+    /// caller bug: [`Encoding::encode`] never produces that; an error, not
+    /// a panic).
+    #[error("policy {slot}: the snapshot handed to it is not in its encoding ({detail})")]
+    WrongInput {
+        /// Slot name.
+        slot: String,
+        /// What is wrong.
         detail: String,
     },
 }
@@ -156,35 +182,14 @@ impl PolicyError {
             PolicyError::Refused { .. } => "refused",
             PolicyError::OutputTooLarge { .. } => "output-too-large",
             PolicyError::Undecodable { .. } => "undecodable",
+            PolicyError::WrongInput { .. } => "wrong-input",
         }
     }
 }
 
-/// Per-call limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SandboxLimits {
-    /// Deadline of one call, milliseconds.
-    pub timeout_ms: u64,
-    /// Linear memory limit, bytes.
-    pub max_memory_bytes: usize,
-    /// Largest answer, bytes.
-    pub max_output_bytes: usize,
-}
-
-impl SandboxLimits {
-    /// From the config's `[limits]`.
-    pub fn from_config(limits: &crate::config::Limits) -> Self {
-        SandboxLimits {
-            timeout_ms: limits.decide_timeout_ms,
-            max_memory_bytes: (limits.max_memory_mib * 1024 * 1024) as usize,
-            max_output_bytes: (limits.max_output_kib * 1024) as usize,
-        }
-    }
-
-    fn deadline_ticks(&self) -> u64 {
-        // +1: the current tick is already partly over.
-        self.timeout_ms.div_ceil(TICK_MS) + 1
-    }
+/// Epoch ticks of a deadline: +1 because the current tick is already partly over.
+fn deadline_ticks(limits: &SandboxLimits) -> u64 {
+    limits.timeout_ms.div_ceil(TICK_MS) + 1
 }
 
 /// The process-wide engine, with its epoch ticker.
@@ -260,6 +265,19 @@ impl bindings::PolicyImports for HostState {
     }
 }
 
+impl json_bindings::PolicyJsonImports for HostState {
+    fn log(&mut self, level: json_bindings::Level, message: String) {
+        let level = match level {
+            json_bindings::Level::Trace => bindings::Level::Trace,
+            json_bindings::Level::Debug => bindings::Level::Debug,
+            json_bindings::Level::Info => bindings::Level::Info,
+            json_bindings::Level::Warn => bindings::Level::Warn,
+            json_bindings::Level::Error => bindings::Level::Error,
+        };
+        bindings::PolicyImports::log(self, level, message)
+    }
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
@@ -269,22 +287,25 @@ impl WasiView for HostState {
 /// Loads components into the sandbox.
 pub struct Sandbox {
     linker: Linker<HostState>,
-    limits: SandboxLimits,
+    limits: crate::config::Limits,
 }
 
 impl Sandbox {
-    /// A sandbox whose policies run under `limits`.
-    pub fn new(limits: SandboxLimits) -> Self {
+    /// A sandbox whose policies run under `limits` (each under its own
+    /// `[limits.policy."NAME"]` override, if any).
+    pub fn new(limits: &crate::config::Limits) -> Self {
+        // Both worlds import the same `log: func(level, string)` (the enums
+        // are structurally equal), so one linker definition serves both.
         let mut linker = Linker::new(engine());
         bindings::Policy::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .expect("linking `log` into a fresh linker cannot clash");
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("linking WASI into a fresh linker cannot clash");
-        Sandbox { linker, limits }
+        Sandbox { linker, limits: limits.clone() }
     }
 
-    /// The limits.
-    pub fn limits(&self) -> SandboxLimits {
-        self.limits
+    /// The limits of the policy in slot `slot`.
+    pub fn limits_for(&self, slot: &str) -> SandboxLimits {
+        self.limits.for_slot(slot)
     }
 
     /// Compiles and checks a component: magic, imports, world; then
@@ -304,19 +325,41 @@ impl Sandbox {
         }
         let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld { source_name: source_name.into(), detail: error_chain(&e) };
         let pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
-        let pre = bindings::PolicyPre::new(pre).map_err(wrong_world)?;
+        let pre = match bindings::PolicyPre::new(pre.clone()) {
+            Ok(pre) => Pre::MessagePack(pre),
+            Err(pack_error) => match json_bindings::PolicyJsonPre::new(pre) {
+                Ok(pre) => Pre::Json(pre),
+                Err(json_error) => {
+                    return Err(PolicyError::WrongWorld {
+                        source_name: source_name.into(),
+                        detail: format!("as world `policy`: {}; as world `policy-json`: {}", error_chain(&pack_error), error_chain(&json_error)),
+                    })
+                }
+            },
+        };
         let mut policy = LoadedPolicy {
             slot: Arc::from(slot),
             source_name: source_name.to_string(),
             pre,
-            limits: self.limits,
+            limits: self.limits_for(slot),
             live: None,
             imports,
             exports,
             info: PolicyInfo { name: String::new(), version: String::new(), cpu: false, memory: false },
             instantiations: 0,
+            last_decide: Duration::ZERO,
+            strict: false,
+            warnings: Vec::new(),
         };
-        policy.info = policy.with_instance(|store, instance| instance.call_describe(store))?;
+        policy.info = policy.with_instance(|store, instance| match instance {
+            Instance::MessagePack(i) => i.call_describe(store),
+            Instance::Json(i) => i.call_describe(store).map(|info| PolicyInfo {
+                name: info.name,
+                version: info.version,
+                cpu: info.cpu,
+                memory: info.memory,
+            }),
+        })?;
         Ok(policy)
     }
 }
@@ -351,19 +394,38 @@ fn error_chain(e: &wasmtime::Error) -> String {
     e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
+/// A component, ready to instantiate, in the world it targets.
+enum Pre {
+    MessagePack(bindings::PolicyPre<HostState>),
+    Json(json_bindings::PolicyJsonPre<HostState>),
+}
+
+/// A live instance, in the world it targets.
+enum Instance {
+    MessagePack(bindings::Policy),
+    Json(json_bindings::PolicyJson),
+}
+
 /// A loaded policy: compiled, checked, with a live instance whose state
 /// persists across quanta until a trap or a reload.
 pub struct LoadedPolicy {
     slot: Arc<str>,
     source_name: String,
-    pre: bindings::PolicyPre<HostState>,
+    pre: Pre,
     limits: SandboxLimits,
-    live: Option<(Store<HostState>, bindings::Policy)>,
+    live: Option<(Store<HostState>, Instance)>,
     imports: Vec<String>,
     exports: Vec<String>,
     info: PolicyInfo,
     instantiations: u64,
+    last_decide: Duration,
+    /// `policy check`: decode strictly and keep the warnings.
+    strict: bool,
+    warnings: Vec<String>,
 }
+
+/// Most strict-decoding warnings kept between two [`LoadedPolicy::take_warnings`].
+const MAX_WARNINGS: usize = 100;
 
 impl LoadedPolicy {
     /// What the policy said about itself.
@@ -391,28 +453,84 @@ impl LoadedPolicy {
         self.instantiations
     }
 
-    /// Runs `decide` under the limits and decodes the answer.
+    /// Which world it targets: how its snapshot must be encoded.
+    pub fn encoding(&self) -> Encoding {
+        match self.pre {
+            Pre::MessagePack(_) => Encoding::MessagePack,
+            Pre::Json(_) => Encoding::Json,
+        }
+    }
+
+    /// The limits it runs under (its own override, or `[limits]`).
+    pub fn limits(&self) -> SandboxLimits {
+        self.limits
+    }
+
+    /// Wall time of the last `decide` call (instantiation included when the
+    /// call made a fresh instance), whether it succeeded or not.
+    pub fn last_decide(&self) -> Duration {
+        self.last_decide
+    }
+
+    /// Runs `decide` under the limits and decodes the answer. `snapshot` is
+    /// in the policy's [`encoding`](Self::encoding).
     pub fn decide(&mut self, snapshot: &[u8]) -> Result<Vec<Action>, PolicyError> {
+        let bytes = self.call_decide(snapshot)?;
+        if !self.strict {
+            return super::answer::decode(self.encoding(), &bytes).map_err(|detail| self.undecodable(&bytes, detail));
+        }
+        let (actions, warnings) = super::answer::decode_strict(self.encoding(), &bytes).map_err(|detail| self.undecodable(&bytes, detail))?;
+        let room = MAX_WARNINGS.saturating_sub(self.warnings.len());
+        self.warnings.extend(warnings.into_iter().take(room));
+        Ok(actions)
+    }
+
+    /// Decode every answer strictly from now on, keeping a warning for
+    /// every key the daemon does not know (`policy check`: a misspelt
+    /// optional field is otherwise silently ignored).
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    /// The strict-decoding warnings since the last call.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    fn undecodable(&self, bytes: &[u8], detail: String) -> PolicyError {
+        PolicyError::Undecodable { slot: self.slot.to_string(), size_bytes: bytes.len(), format: self.encoding().format(), detail }
+    }
+
+    /// The raw answer, size-checked.
+    fn call_decide(&mut self, snapshot: &[u8]) -> Result<Vec<u8>, PolicyError> {
         let slot = self.slot.to_string();
         let limit = self.limits.max_output_bytes;
-        let answer = self.with_instance(|store, instance| instance.call_decide(store, snapshot))?;
-        let bytes = answer.map_err(|message| PolicyError::Refused { slot: slot.clone(), message })?;
+        let started = Instant::now();
+        let text = match self.encoding() {
+            Encoding::MessagePack => None,
+            Encoding::Json => Some(
+                std::str::from_utf8(snapshot)
+                    .map_err(|e| PolicyError::WrongInput { slot: slot.clone(), detail: format!("JSON world, input not UTF-8: {e}") })?
+                    .to_string(),
+            ),
+        };
+        let answer = self.with_instance(|store, instance| match instance {
+            Instance::MessagePack(i) => i.call_decide(store, snapshot),
+            Instance::Json(i) => i.call_decide(store, text.as_deref().unwrap_or_default()).map(|r| r.map(String::into_bytes)),
+        });
+        self.last_decide = started.elapsed();
+        let bytes = answer?.map_err(|message| PolicyError::Refused { slot: slot.clone(), message })?;
         if bytes.len() > limit {
             return Err(PolicyError::OutputTooLarge { slot, size_bytes: bytes.len(), limit_bytes: limit });
         }
-        let decision: Decision = rmp_serde::from_slice(&bytes).map_err(|e| PolicyError::Undecodable {
-            slot,
-            size_bytes: bytes.len(),
-            detail: e.to_string(),
-        })?;
-        Ok(decision.actions)
+        Ok(bytes)
     }
 
     /// Calls into the instance (creating it if needed) under a fresh
     /// deadline; on a trap, drops the poisoned store and classifies the error.
     fn with_instance<R>(
         &mut self,
-        call: impl FnOnce(&mut Store<HostState>, &bindings::Policy) -> wasmtime::Result<R>,
+        call: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
         if self.live.is_none() {
             let mut store = Store::new(
@@ -427,16 +545,20 @@ impl LoadedPolicy {
             );
             store.limiter(|s| &mut s.limiter);
             store.epoch_deadline_trap();
-            store.set_epoch_deadline(self.limits.deadline_ticks());
+            store.set_epoch_deadline(deadline_ticks(&self.limits));
             self.instantiations += 1;
-            match self.pre.instantiate(&mut store) {
+            let instance = match &self.pre {
+                Pre::MessagePack(pre) => pre.instantiate(&mut store).map(Instance::MessagePack),
+                Pre::Json(pre) => pre.instantiate(&mut store).map(Instance::Json),
+            };
+            match instance {
                 Ok(instance) => self.live = Some((store, instance)),
                 Err(e) => return Err(self.classify(e, &store)),
             }
         }
         let (store, instance) = self.live.as_mut().expect("instantiated above");
         store.data_mut().log_lines = 0;
-        store.set_epoch_deadline(self.limits.deadline_ticks());
+        store.set_epoch_deadline(deadline_ticks(&self.limits));
         match call(store, instance) {
             Ok(value) => {
                 let dropped = store.data().log_lines.saturating_sub(MAX_LOG_LINES_PER_CALL);

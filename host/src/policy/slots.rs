@@ -16,12 +16,36 @@ use std::sync::Arc;
 
 use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
 
+use super::answer::Encoding;
 use super::builtin::{Builtin, Fallback};
-use super::sandbox::{LoadedPolicy, PolicyError, Sandbox, SandboxLimits};
+use super::sandbox::{LoadedPolicy, PolicyError, Sandbox};
 use crate::config::Limits;
 
 /// Longest backoff, quanta.
 const MAX_BACKOFF_QUANTA: u64 = 3600;
+/// Quanta in a row over half the deadline before the daemon warns that a
+/// policy lives near its deadline (once per slot).
+pub const SLOW_STREAK_QUANTA: usize = 5;
+/// Decide times kept per slot for its median and p99 (a ring: the daemon
+/// runs for months; 4096 quanta is over an hour at 1 s).
+const TIMES_KEPT: usize = 4096;
+
+/// Decide-time figures of one slot (its own policy's calls, not the
+/// fallback's), microseconds. Not part of [`SlotStats`]: times differ run to
+/// run, counters do not.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct DecideTimes {
+    /// Calls measured (at most the last 4096).
+    pub calls: usize,
+    /// Median, µs.
+    pub median_us: u64,
+    /// 99th percentile, µs.
+    pub p99_us: u64,
+    /// Slowest, µs.
+    pub max_us: u64,
+    /// The deadline it runs under, µs.
+    pub deadline_us: u64,
+}
 
 /// An action and the slot that proposed it.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +80,13 @@ pub struct Slot {
     disabled_until: Option<u64>,
     backoff_quanta: u64,
     stats: SlotStats,
+    /// Last decide times, µs (a ring of [`TIMES_KEPT`]).
+    times_us: Vec<u32>,
+    next_time: usize,
+    /// Times of the consecutive calls over half the deadline, µs.
+    slow_streak: Vec<u32>,
+    slow_warned: bool,
+    last_failure: Option<String>,
 }
 
 impl Slot {
@@ -80,6 +111,64 @@ impl Slot {
             disabled_until: None,
             backoff_quanta: 0,
             stats: SlotStats::default(),
+            times_us: Vec::new(),
+            next_time: 0,
+            slow_streak: Vec::new(),
+            slow_warned: false,
+            last_failure: None,
+        }
+    }
+
+    /// True once the slot warned that its policy lives near its deadline.
+    pub fn warned_near_deadline(&self) -> bool {
+        self.slow_warned
+    }
+
+    /// Decide-time figures of the slot's own policy.
+    pub fn decide_times(&self) -> DecideTimes {
+        let mut sorted = self.times_us.clone();
+        sorted.sort_unstable();
+        let at = |p: usize| sorted.get((sorted.len() * p / 100).min(sorted.len().saturating_sub(1))).map_or(0, |t| u64::from(*t));
+        DecideTimes {
+            calls: sorted.len(),
+            median_us: at(50),
+            p99_us: at(99),
+            max_us: sorted.last().map_or(0, |t| u64::from(*t)),
+            deadline_us: self.policy.as_ref().map_or(0, |p| p.limits().timeout_ms * 1000),
+        }
+    }
+
+    /// Records one call's time; warns once when the policy has used more
+    /// than half its deadline [`SLOW_STREAK_QUANTA`] times in a row, so an
+    /// operator hears of it before it starts timing out.
+    fn record_time(&mut self, policy_name: &str, took_us: u32, deadline_ms: u64) {
+        if self.times_us.len() < TIMES_KEPT {
+            self.times_us.push(took_us);
+        } else {
+            self.times_us[self.next_time] = took_us;
+        }
+        self.next_time = (self.next_time + 1) % TIMES_KEPT;
+        if self.slow_warned {
+            return;
+        }
+        if u64::from(took_us) * 2 > deadline_ms * 1000 {
+            self.slow_streak.push(took_us);
+        } else {
+            self.slow_streak.clear();
+        }
+        if self.slow_streak.len() >= SLOW_STREAK_QUANTA {
+            self.slow_warned = true;
+            let mut recent = std::mem::take(&mut self.slow_streak);
+            recent.sort_unstable();
+            tracing::warn!(
+                slot = %self.name,
+                policy = policy_name,
+                median_ms = f64::from(recent[recent.len() / 2]) / 1000.0,
+                deadline_ms,
+                quanta = SLOW_STREAK_QUANTA,
+                "policy uses more than half of its deadline; raise [limits.policy.\"{}\"] decide_timeout_ms or make it faster before it times out",
+                self.name
+            );
         }
     }
 
@@ -93,6 +182,16 @@ impl Slot {
         self.policy.as_ref()
     }
 
+    /// The loaded policy, if any, mutably (`policy check` takes its warnings).
+    pub fn policy_mut(&mut self) -> Option<&mut LoadedPolicy> {
+        self.policy.as_mut()
+    }
+
+    /// The last failure of its policy, in words.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
+    }
+
     /// Counters.
     pub fn stats(&self) -> &SlotStats {
         &self.stats
@@ -103,13 +202,18 @@ impl Slot {
         self.disabled_until.is_some_and(|until| quantum < until)
     }
 
-    fn decide(&mut self, snapshot: &Snapshot, bytes: &[u8], limits: &Limits) -> (Vec<Action>, bool) {
+    fn decide(&mut self, snapshot: &Snapshot, inputs: &mut Inputs, limits: &Limits) -> (Vec<Action>, bool) {
         let quantum = snapshot.quantum;
         let Some(policy) = self.policy.as_mut().filter(|_| self.disabled_until.is_none_or(|u| quantum >= u)) else {
             self.stats.fallbacks += 1;
             return (self.fallback.decide(snapshot), true);
         };
-        match policy.decide(bytes) {
+        let result = policy.decide(inputs.get(policy.encoding(), snapshot));
+        let took_us = policy.last_decide().as_micros().min(u128::from(u32::MAX)) as u32;
+        let (deadline_ms, policy_name) = (policy.limits().timeout_ms, policy.info().name.clone());
+        self.record_time(&policy_name, took_us, deadline_ms);
+        let policy = self.policy.as_mut().expect("checked above");
+        match result {
             Ok(actions) => {
                 if self.disabled_until.take().is_some() || self.consecutive_failures > 0 {
                     tracing::info!(slot = %self.name, source = policy.source_name(), "policy recovered; it decides again");
@@ -120,6 +224,7 @@ impl Slot {
                 (actions, false)
             }
             Err(error) => {
+                self.last_failure = Some(error.to_string());
                 self.consecutive_failures += 1;
                 *self.stats.failures.entry(error.kind()).or_default() += 1;
                 self.stats.fallbacks += 1;
@@ -176,17 +281,19 @@ pub struct PolicySet {
     slots: Vec<Slot>,
     last_snapshot: super::reload::LastSnapshot,
     fell_back: Vec<String>,
+    cache: Option<Arc<super::cache::CompileCache>>,
 }
 
 impl PolicySet {
     /// An empty set.
     pub fn new(limits: &Limits) -> Self {
         PolicySet {
-            sandbox: Sandbox::new(SandboxLimits::from_config(limits)),
+            sandbox: Sandbox::new(limits),
             limits: limits.clone(),
             slots: Vec::new(),
             last_snapshot: Default::default(),
             fell_back: Vec::new(),
+            cache: None,
         }
     }
 
@@ -198,12 +305,17 @@ impl PolicySet {
     /// Slots from specs (`builtin:NAME` or a file path), in order; the first
     /// bad spec is an error naming it.
     pub fn from_specs(limits: &Limits, specs: &[String]) -> Result<Self, SlotError> {
-        let mut set = PolicySet::new(limits);
+        PolicySet::new(limits).with_specs(specs)
+    }
+
+    /// Adds a slot for each spec, in order; the first bad spec is an error
+    /// naming it.
+    pub fn with_specs(mut self, specs: &[String]) -> Result<Self, SlotError> {
         for spec in specs {
-            let policy = set.load_spec(spec)?;
-            set.slots.push(Slot::new(&slot_name(spec), policy));
+            let policy = self.load_spec(spec)?;
+            self.slots.push(Slot::new(&slot_name(spec), policy));
         }
-        Ok(set)
+        Ok(self)
     }
 
     /// Loads one spec into a policy without adding it.
@@ -214,7 +326,17 @@ impl PolicySet {
             return Ok(self.sandbox.load_compiled(&name, spec, builtin.component()?)?);
         }
         let bytes = std::fs::read(spec).map_err(|source| SlotError::Read { path: spec.into(), source })?;
-        Ok(self.sandbox.load(&name, spec, &bytes)?)
+        match &self.cache {
+            Some(cache) => Ok(self.sandbox.load_compiled(&name, spec, cache.component(spec, &bytes)?)?),
+            None => Ok(self.sandbox.load(&name, spec, &bytes)?),
+        }
+    }
+
+    /// Compiles policy files through `cache` from now on (a restart, or
+    /// the next `simulate`, then deserializes instead of compiling).
+    pub fn with_cache(mut self, cache: Option<Arc<super::cache::CompileCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Appends a slot.
@@ -225,6 +347,11 @@ impl PolicySet {
     /// The slots, in order.
     pub fn slots(&self) -> &[Slot] {
         &self.slots
+    }
+
+    /// The slots, mutably (`policy check` reads each policy's warnings).
+    pub fn slots_mut(&mut self) -> &mut [Slot] {
+        &mut self.slots
     }
 
     /// The sandbox.
@@ -263,20 +390,37 @@ impl PolicySet {
         self.slots = slots;
     }
 
-    /// Runs every slot on the snapshot. The snapshot is encoded once.
+    /// Runs every slot on the snapshot. The snapshot is encoded once per
+    /// encoding in use (JSON only when a slot speaks it).
     pub fn decide(&mut self, snapshot: &Snapshot) -> Vec<Proposal> {
         let bytes = Arc::new(encode_snapshot(snapshot));
         *self.last_snapshot.lock().expect("snapshot lock") = Some(bytes.clone());
+        let mut inputs = Inputs { msgpack: bytes, json: None };
         let mut proposals = Vec::new();
         self.fell_back.clear();
         for slot in &mut self.slots {
-            let (actions, from_fallback) = slot.decide(snapshot, &bytes, &self.limits);
+            let (actions, from_fallback) = slot.decide(snapshot, &mut inputs, &self.limits);
             if from_fallback {
                 self.fell_back.push(slot.name.clone());
             }
             proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
         }
         proposals
+    }
+}
+
+/// One quantum's snapshot in each encoding, encoded on first use.
+struct Inputs {
+    msgpack: Arc<Vec<u8>>,
+    json: Option<Vec<u8>>,
+}
+
+impl Inputs {
+    fn get(&mut self, encoding: Encoding, snapshot: &Snapshot) -> &[u8] {
+        match encoding {
+            Encoding::MessagePack => &self.msgpack,
+            Encoding::Json => self.json.get_or_insert_with(|| Encoding::Json.encode(snapshot)),
+        }
     }
 }
 

@@ -18,5 +18,5 @@ pub mod report;
 pub mod scenario;
 
 pub use model::SimBackend;
-pub use report::{simulate, Report, SimulateError};
+pub use report::{simulate, simulate_cached, Report, SimulateError};
 pub use scenario::{Scenario, ScenarioError};

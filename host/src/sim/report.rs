@@ -11,7 +11,8 @@ use crate::backend::BackendError;
 use crate::config::Config;
 use crate::guard::GuardStats;
 use crate::pipeline::Pipeline;
-use crate::policy::slots::{SlotError, SlotStats};
+use crate::policy::cache::CompileCache;
+use crate::policy::slots::{DecideTimes, SlotError, SlotStats};
 use crate::policy::PolicySet;
 use crate::MIB;
 
@@ -24,26 +25,59 @@ pub enum SimulateError {
     /// The simulated backend failed (a bug).
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A per-policy limit does not fit the scenario's quantum.
+    #[error("the config does not fit this scenario's quantum")]
+    Config(#[source] crate::config::ConfigError),
 }
 
 /// Runs `scenario` for `quanta` (or its own length) with the policy specs
 /// (`builtin:NAME` or paths; empty = the defaults).
 pub fn simulate(scenario: &Scenario, specs: &[String], config: &Config, quanta: Option<u64>) -> Result<Report, SimulateError> {
+    simulate_cached(scenario, specs, config, quanta, None)
+}
+
+/// [`simulate`], compiling policy files through `cache` (the command line
+/// passes the per-user cache: an 18 MB Python component compiles once, not
+/// at every run).
+pub fn simulate_cached(
+    scenario: &Scenario,
+    specs: &[String],
+    config: &Config,
+    quanta: Option<u64>,
+    cache: Option<std::sync::Arc<CompileCache>>,
+) -> Result<Report, SimulateError> {
+    let mut pipeline = pipeline(scenario, specs, config, cache)?;
+    for _ in 0..quanta.unwrap_or(scenario.quanta) {
+        pipeline.step()?;
+    }
+    Ok(Report::build(scenario, &pipeline))
+}
+
+/// The simulator pipeline `simulate` runs: the scenario's quantum and host
+/// reserve, the given policies (empty = the defaults).
+pub fn pipeline(
+    scenario: &Scenario,
+    specs: &[String],
+    config: &Config,
+    cache: Option<std::sync::Arc<CompileCache>>,
+) -> Result<Pipeline<SimBackend>, SimulateError> {
+    let config = scenario_config(scenario, config);
+    config.validate_policy_limits().map_err(SimulateError::Config)?;
+    let defaults = ["builtin:cpu".to_string(), "builtin:mem".to_string()];
+    let specs = if specs.is_empty() { &defaults[..] } else { specs };
+    let policies = PolicySet::new(&config.limits).with_cache(cache).with_specs(specs)?;
+    Ok(Pipeline::new(SimBackend::new(scenario.clone()), policies, config, false))
+}
+
+/// The config as a scenario runs it: its quantum, and its host reserve if
+/// it sets one.
+pub fn scenario_config(scenario: &Scenario, config: &Config) -> Config {
     let mut config = config.clone();
     config.quantum_ms = scenario.quantum_ms;
     if let Some(reserve) = scenario.host.reserve_mib {
         config.guard.host_reserve_mib = reserve;
     }
-    let policies = if specs.is_empty() {
-        PolicySet::defaults(&config.limits)?
-    } else {
-        PolicySet::from_specs(&config.limits, specs)?
-    };
-    let mut pipeline = Pipeline::new(SimBackend::new(scenario.clone()), policies, config, false);
-    for _ in 0..quanta.unwrap_or(scenario.quanta) {
-        pipeline.step()?;
-    }
-    Ok(Report::build(scenario, &pipeline))
+    config
 }
 
 /// CPU balance figures.
@@ -103,6 +137,9 @@ pub struct Report {
     pub slots: BTreeMap<String, SlotStats>,
     /// Guard counters.
     pub guard: GuardStats,
+    /// Per-slot decide times of each slot's own policy. The only figures
+    /// that differ run to run (everything else is deterministic).
+    pub timing: BTreeMap<String, DecideTimes>,
 }
 
 impl Report {
@@ -143,6 +180,7 @@ impl Report {
             },
             slots: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
             guard: pipeline.guard.stats().clone(),
+            timing: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.decide_times())).collect(),
         }
     }
 }
@@ -168,6 +206,10 @@ impl fmt::Display for Report {
             write!(f, "slot {name:<10} decided {}, fallback {}, failures {}", s.decided, s.fallbacks, failures)?;
             if failures > 0 {
                 write!(f, " {:?}", s.failures)?;
+            }
+            if let Some(t) = self.timing.get(name).filter(|t| t.calls > 0) {
+                let ms = |us: u64| us as f64 / 1000.0;
+                write!(f, "; decide median {:.3} ms, p99 {:.3} ms (deadline {} ms)", ms(t.median_us), ms(t.p99_us), t.deadline_us / 1000)?;
             }
             writeln!(f)?;
         }
