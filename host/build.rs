@@ -34,6 +34,7 @@ const ARTIFACTS: &[(&str, &str, bool)] = &[
     ("FIXTURE_COUNTER", "counter", true),
     ("FIXTURE_HOSTILE", "hostile", true),
     ("FIXTURE_SLOW", "slow", true),
+    ("FIXTURE_JSONTYPO", "jsontypo", true),
 ];
 
 fn main() {

@@ -1,6 +1,7 @@
 //! The one integration-test binary (ripgrep's layout): a module per topic,
 //! shared helpers in `util`.
 
+mod author_tools;
 mod cli;
 mod guard_table;
 mod hot_swap;

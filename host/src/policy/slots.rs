@@ -431,3 +431,45 @@ pub fn slot_name(spec: &str) -> String {
         _ => Path::new(spec).file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> Slot {
+        Slot::fallback_only("30-web.wasm")
+    }
+
+    #[test]
+    fn a_policy_near_its_deadline_is_warned_of_once_after_a_streak() {
+        let mut s = slot();
+        // 60 ms of a 100 ms deadline: over half. A fast call breaks the streak.
+        for _ in 0..SLOW_STREAK_QUANTA - 1 {
+            s.record_time("web", 60_000, 100);
+        }
+        s.record_time("web", 10_000, 100);
+        assert!(!s.warned_near_deadline(), "a broken streak does not warn");
+        for _ in 0..SLOW_STREAK_QUANTA {
+            s.record_time("web", 60_000, 100);
+        }
+        assert!(s.warned_near_deadline());
+        // Once: nothing more is collected for the warning afterwards.
+        for _ in 0..10 * SLOW_STREAK_QUANTA {
+            s.record_time("web", 90_000, 100);
+        }
+        assert!(s.slow_streak.is_empty());
+    }
+
+    #[test]
+    fn decide_times_are_a_bounded_ring_with_median_and_p99() {
+        let mut s = slot();
+        for i in 0..(TIMES_KEPT as u32 + 1000) {
+            s.record_time("web", i % 100, 100);
+        }
+        let t = s.decide_times();
+        assert_eq!(t.calls, TIMES_KEPT);
+        assert_eq!(t.max_us, 99);
+        assert!((45..=55).contains(&t.median_us) && (97..=99).contains(&t.p99_us), "{t:?}");
+        assert_eq!(s.times_us.len(), TIMES_KEPT, "bounded");
+    }
+}
