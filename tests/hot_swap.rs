@@ -166,7 +166,10 @@ fn a_burst_of_50_replacements_ends_with_the_last_and_settles() {
     }
     h.step_until("the last version (classic)", |h| h.slots() == one("10-p.wasm", "classic"));
     let settled = h.reloader.stats();
-    assert!(settled.scans <= 6, "debounced, not one reload per event: {settled:?}");
+    // 50 events; a few scans on the development VM. 12 leaves room for a
+    // loaded machine descheduling the writer past the 200 ms debounce, and
+    // still proves debouncing.
+    assert!(settled.scans <= 12, "debounced, not one reload per event: {settled:?}");
     for _ in 0..20 {
         h.step();
     }

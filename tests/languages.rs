@@ -197,3 +197,29 @@ fn every_example_runs_in_simulate() {
         assert_eq!(slot["fallbacks"], 0, "{}", run.context(&args));
     }
 }
+
+/// The SDK glue inside the real components: an exception in the policy
+/// becomes `err(..)` carrying its type, message and traceback (before the
+/// SDKs, a Python `KeyError` surfaced as a trap about
+/// `filesystem_preopens_get_directories`, and a JavaScript `Error` as
+/// `wasm trap`). `{}` is valid JSON without `host` or `domains`, so both
+/// policies throw.
+#[test]
+fn an_exception_in_a_python_or_javascript_policy_is_an_err_with_its_traceback() {
+    use vm_balancer::policy::{PolicyError, PolicySet};
+    for (lang, words) in [("python", ["KeyError", "Traceback (most recent call last)"]), ("javascript", ["TypeError", "@bundle.js:"])] {
+        let wasm = built(lang);
+        let mut policy = PolicySet::new(&crate::util::relaxed_limits()).load_spec(s(&wasm)).expect("loads");
+        assert_eq!(policy.encoding(), vm_balancer::policy::answer::Encoding::Json, "{lang} uses the JSON world");
+        match policy.decide(b"{}") {
+            Err(PolicyError::Refused { message, .. }) => {
+                for w in words {
+                    assert!(message.contains(w), "{lang}: {w:?} missing from the err: {message}");
+                }
+            }
+            other => panic!("{lang}: expected an err(..) with the exception, got {other:?}"),
+        }
+        // The instance survives its own err (no trap): the next call works.
+        assert_eq!(policy.instantiations(), 1, "{lang}: an err is not a trap");
+    }
+}
