@@ -58,7 +58,13 @@ fn policy_check_catches_a_mistake_that_only_tagged_vms_reveal_and_warns_of_unkno
     let args = ["--config", s(&config), "policy", "check", c::FIXTURE_JSONTYPO];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 1, "{}", run.context(&args));
-    for words in ["world    policy-json", "tagged guests", "FAILED", "action 0 (pin): missing field `cpus`", "warning  empty host: the answer has an unknown key `note`"] {
+    for words in [
+        "world    policy-json",
+        "tagged guests",
+        "FAILED",
+        "action 0 (pin): missing field `cpus`",
+        "warning  empty host: the answer has an unknown key `note`",
+    ] {
         assert!(run.stdout.contains(words), "missing {words:?}: {}", run.context(&args));
     }
     // The same through a scenario with a tagged VM, closed loop.
@@ -72,7 +78,11 @@ fn policy_check_catches_a_mistake_that_only_tagged_vms_reveal_and_warns_of_unkno
     let args = ["--config", s(&config), "policy", "check", "builtin:cpu", "--scenario", s(&all_on_one)];
     let run = vm_balancer(&args);
     assert_eq!(run.code, 0, "{}", run.context(&args));
-    assert!(run.stdout.contains("scenario all-on-one") && run.stdout.contains("fell back 0") && run.stdout.contains("\nok"), "{}", run.context(&args));
+    assert!(
+        run.stdout.contains("scenario all-on-one") && run.stdout.contains("fell back 0") && run.stdout.contains("\nok"),
+        "{}",
+        run.context(&args)
+    );
     assert!(run.stdout.contains("deadline 10000 ms (limits.decide_timeout_ms)"), "{}", run.context(&args));
 }
 
@@ -130,9 +140,10 @@ fn a_cache_directory_owned_by_someone_else_is_refused() {
     let home = tempfile::tempdir().unwrap();
     let dir = home.path().join("vm-balancer/compile-cache");
     std::fs::create_dir_all(&dir).unwrap();
-    // SAFETY: chown(2) on a path we created; a C string that outlives the call.
     let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-    assert_eq!(unsafe { libc::chown(path.as_ptr(), 65534, 65534) }, 0, "the tests run as root");
+    // SAFETY: chown(2) on a path we created; the C string outlives the call.
+    let rc = unsafe { libc::chown(path.as_ptr(), 65534, 65534) };
+    assert_eq!(rc, 0, "the tests run as root");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let e = vm_balancer::policy::cache::CompileCache::new(&dir, 1 << 20).unwrap_err().to_string();
     assert!(e.contains(&dir.display().to_string()) && e.contains("owned by another user"), "{e}");
@@ -199,7 +210,11 @@ fn debug_logs_are_about_vm_balancer_and_fallback_actions_say_so() {
     let args = ["--config", s(&config), "--log", "debug", "simulate", s(&sc), "--quanta", "2", "--policy", c::FIXTURE_ERR];
     let run = vm_balancer_cached(home.path(), &args);
     assert_eq!(run.code, 0, "{}", run.context(&args));
-    assert!(!run.stderr.contains("cranelift") && !run.stderr.contains("wasmtime::"), "third-party debug lines leaked: {} lines", run.stderr.lines().count());
+    assert!(
+        !run.stderr.contains("cranelift") && !run.stderr.contains("wasmtime::"),
+        "third-party debug lines leaked: {} lines",
+        run.stderr.lines().count()
+    );
     assert!(run.stderr.lines().count() < 200, "{} lines", run.stderr.lines().count());
     let fallback_lines: Vec<&str> = run.stderr.lines().filter(|l| l.contains("accepted") && l.contains("err.wasm")).collect();
     assert!(!fallback_lines.is_empty(), "{}", run.stderr);

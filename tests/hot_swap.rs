@@ -215,7 +215,9 @@ fn a_failing_policy_is_disabled_until_its_file_changes() {
     // after 40: it must be disabled after 3 failures (the default decides
     // meanwhile) and come back only when its file changes.
     let mut config = relaxed_config();
-    config.params.insert("counter".into(), toml::Value::Table([("trap_after_quantum".to_string(), toml::Value::Integer(40))].into_iter().collect()));
+    config
+        .params
+        .insert("counter".into(), toml::Value::Table([("trap_after_quantum".to_string(), toml::Value::Integer(40))].into_iter().collect()));
     let mut h = Harness::start_with(&[("10-p.wasm", Builtin::Cpu.wasm())], None, config);
     h.lenient = true;
     // A file that fails its trial is refused outright.
@@ -276,7 +278,8 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let config = state.path().join("config.toml");
-    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS)).unwrap();
+    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS))
+        .unwrap();
     let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");
     let args = |extra: &[&str]| {
         let mut a = vec![
@@ -295,7 +298,8 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&[])).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&[])).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {

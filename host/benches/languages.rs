@@ -38,10 +38,11 @@ fn root() -> PathBuf {
 fn snapshot(domains: u32) -> Snapshot {
     let mut b = SnapshotBuilder::new(32, 256 << 20).host_memory(128 << 20, 512 << 10);
     for i in 0..domains {
-        let d = DomainBuilder::new(&format!("vm-{i}"))
-            .vcpu(i % 4, 0.9)
-            .vcpu(i % 32, 0.1)
-            .memory_mib(4096, 2048, Some(if i % 3 == 0 { 100 } else { 1500 }));
+        let d = DomainBuilder::new(&format!("vm-{i}")).vcpu(i % 4, 0.9).vcpu(i % 32, 0.1).memory_mib(
+            4096,
+            2048,
+            Some(if i % 3 == 0 { 100 } else { 1500 }),
+        );
         b = b.domain(if i % 10 == 0 { d.tag("latency") } else { d });
     }
     b.build()

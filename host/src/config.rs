@@ -289,12 +289,15 @@ impl Config {
     pub fn validate_policy_limits(&self) -> Result<(), ConfigError> {
         let max_timeout_ms = (f64::from(self.quantum_ms) * MAX_POLICY_TIMEOUT_QUANTUM_FRACTION) as u64;
         for (name, own) in &self.limits.policy {
-            let bad = |key: &'static str, value: u64, why: String| {
-                Err(ConfigError::InvalidPolicyLimit { policy: name.clone(), key, value, why })
-            };
+            let bad =
+                |key: &'static str, value: u64, why: String| Err(ConfigError::InvalidPolicyLimit { policy: name.clone(), key, value, why });
             if let Some(ms) = own.decide_timeout_ms {
                 if ms == 0 || ms > max_timeout_ms {
-                    return bad("decide_timeout_ms", ms, format!("must be 1..={max_timeout_ms}: at most half the quantum ({} ms)", self.quantum_ms));
+                    return bad(
+                        "decide_timeout_ms",
+                        ms,
+                        format!("must be 1..={max_timeout_ms}: at most half the quantum ({} ms)", self.quantum_ms),
+                    );
                 }
             }
             if let Some(mib) = own.max_memory_mib {
@@ -350,7 +353,10 @@ mod tests {
 
     #[test]
     fn per_policy_limits_override_the_global_ones_for_that_slot_only() {
-        let c: Config = toml::from_str("[limits]\ndecide_timeout_ms = 50\n[limits.policy.\"30-web.wasm\"]\ndecide_timeout_ms = 400\nmax_memory_mib = 512\n").unwrap();
+        let c: Config = toml::from_str(
+            "[limits]\ndecide_timeout_ms = 50\n[limits.policy.\"30-web.wasm\"]\ndecide_timeout_ms = 400\nmax_memory_mib = 512\n",
+        )
+        .unwrap();
         c.validate().unwrap();
         let web = c.limits.for_slot("30-web.wasm");
         assert_eq!((web.timeout_ms, web.max_memory_bytes), (400, 512 << 20));

@@ -305,12 +305,15 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
     let info = policy.info().clone();
     println!("policy   {file}");
     println!("name     {} {}", info.name, info.version);
-    println!("manages  {}", match (info.cpu, info.memory) {
-        (true, true) => "cpu, memory",
-        (true, false) => "cpu",
-        (false, true) => "memory",
-        (false, false) => "nothing (declares neither cpu nor memory)",
-    });
+    println!(
+        "manages  {}",
+        match (info.cpu, info.memory) {
+            (true, true) => "cpu, memory",
+            (true, false) => "cpu",
+            (false, true) => "memory",
+            (false, false) => "nothing (declares neither cpu nor memory)",
+        }
+    );
     println!("world    {} ({} snapshot and answer)", policy.encoding().world(), policy.encoding().format());
     println!("imports  {}", if policy.imports().is_empty() { "(none)".to_string() } else { policy.imports().join(", ") });
     println!("exports  {}", policy.exports().join(", "));
@@ -328,7 +331,8 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
         CheckInput::Scenario(scenario, quanta) => {
             let mut set = set;
             set.push(vm_balancer::policy::Slot::new(&slot, policy));
-            let mut pipeline = vm_balancer::pipeline::Pipeline::new(vm_balancer::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
+            let mut pipeline =
+                vm_balancer::pipeline::Pipeline::new(vm_balancer::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
             let n = quanta.unwrap_or(scenario.quanta);
             let (mut actions, mut accepted) = (0usize, 0usize);
             for _ in 0..n {
@@ -374,7 +378,11 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
     }
     times.sort();
     if let (Some(median), Some(max)) = (times.get(times.len() / 2), times.last()) {
-        let over = if max.as_secs_f64() * 1000.0 * 2.0 > deadline_ms as f64 { "  <- over half the deadline: raise it for this policy or make it faster" } else { "" };
+        let over = if max.as_secs_f64() * 1000.0 * 2.0 > deadline_ms as f64 {
+            "  <- over half the deadline: raise it for this policy or make it faster"
+        } else {
+            ""
+        };
         println!("time     decide median {median:.2?}, slowest {max:.2?}; deadline {deadline_ms} ms ({deadline_from}){over}");
     }
     if failed > 0 {

@@ -52,7 +52,7 @@ impl Encoding {
     /// A MessagePack snapshot (what the daemon keeps for trial runs) in this
     /// encoding. `None` if the bytes do not decode (they always do when the
     /// daemon wrote them).
-    pub fn from_msgpack(self, msgpack: &[u8]) -> Option<Vec<u8>> {
+    pub fn reencode_msgpack(self, msgpack: &[u8]) -> Option<Vec<u8>> {
         match self {
             Encoding::MessagePack => Some(msgpack.to_vec()),
             Encoding::Json => {
@@ -118,7 +118,8 @@ fn explain(encoding: Encoding, bytes: &[u8]) -> Result<Vec<String>, String> {
     let Value::Object(top) = &value else {
         return Err(format!("the answer must be a map {{\"actions\": [...]}}, got {}", type_of(&value)));
     };
-    let mut warnings: Vec<String> = top.keys().filter(|k| *k != "actions").map(|k| format!("the answer has an unknown key `{k}` (ignored)")).collect();
+    let mut warnings: Vec<String> =
+        top.keys().filter(|k| *k != "actions").map(|k| format!("the answer has an unknown key `{k}` (ignored)")).collect();
     let Some(actions) = top.get("actions") else {
         return Err("the answer map has no `actions` key: return {\"actions\": [...]} (an empty list is fine)".into());
     };
@@ -222,10 +223,22 @@ mod tests {
             (r#"{"actions": [1]}"#, "action 0 must be a map"),
             (r#"{"actions": [{"domain": "a"}]}"#, "action 0 has no `kind`"),
             (r#"{"actions": [{"kind": "move"}]}"#, "action 0: unknown kind \"move\""),
-            (r#"{"actions": [{"kind":"set-memory","domain":"a","target_kib":1}, {"kind":"pin","domain":"a","vcpu":0,"cpu":[1]}]}"#, "action 1 (pin): missing field `cpus`"),
-            (r#"{"actions": [{"kind":"pin","domain":"a","vcpu":0.5,"cpus":[1]}]}"#, "action 0 (pin): field `vcpu` must be a non-negative integer"),
-            (r#"{"actions": [{"kind":"pin","domain":"a","vcpu":0,"cpus":[1.0]}]}"#, "field `cpus` must be a list of non-negative integer pCPU ids"),
-            (r#"{"actions": [{"kind":"set-memory","domain":"a","target_kib":"1024"}]}"#, "field `target_kib` must be a non-negative integer of KiB (not a float, not a string), got the string \"1024\""),
+            (
+                r#"{"actions": [{"kind":"set-memory","domain":"a","target_kib":1}, {"kind":"pin","domain":"a","vcpu":0,"cpu":[1]}]}"#,
+                "action 1 (pin): missing field `cpus`",
+            ),
+            (
+                r#"{"actions": [{"kind":"pin","domain":"a","vcpu":0.5,"cpus":[1]}]}"#,
+                "action 0 (pin): field `vcpu` must be a non-negative integer",
+            ),
+            (
+                r#"{"actions": [{"kind":"pin","domain":"a","vcpu":0,"cpus":[1.0]}]}"#,
+                "field `cpus` must be a list of non-negative integer pCPU ids",
+            ),
+            (
+                r#"{"actions": [{"kind":"set-memory","domain":"a","target_kib":"1024"}]}"#,
+                "field `target_kib` must be a non-negative integer of KiB (not a float, not a string), got the string \"1024\"",
+            ),
             (r#"{"actions": [{"kind":"set-memory","domain":"a","target_kib":1048576.0}]}"#, "got the number 1048576.0"),
         ];
         for (json, want) in cases {
@@ -258,15 +271,14 @@ mod tests {
     fn any_bytes_decode_or_fail_without_panicking() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let json = br#"{"actions":[{"kind":"pin","domain":"a","vcpu":0,"cpus":[1,2]},{"kind":"set-memory","domain":"b","target_kib":1024}]}"#.to_vec();
+        let json =
+            br#"{"actions":[{"kind":"pin","domain":"a","vcpu":0,"cpus":[1,2]},{"kind":"set-memory","domain":"b","target_kib":1024}]}"#
+                .to_vec();
         let packed = msgpack(&serde_json::from_slice(&json).unwrap());
         for round in 0..20_000 {
             for (encoding, seed) in [(Encoding::Json, &json), (Encoding::MessagePack, &packed)] {
-                let mut bytes = if round % 4 == 0 {
-                    (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect::<Vec<u8>>()
-                } else {
-                    seed.clone()
-                };
+                let mut bytes =
+                    if round % 4 == 0 { (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect::<Vec<u8>>() } else { seed.clone() };
                 for _ in 0..rng.gen_range(0..4) {
                     if bytes.is_empty() {
                         break;

@@ -293,7 +293,7 @@ impl Loader {
         let mut policy = self.sandbox.load_compiled(name, &source, component).map_err(|e| e.to_string())?;
         let snapshot = self.last_snapshot.lock().expect("snapshot lock").clone();
         let encoding = policy.encoding();
-        let trial = match snapshot.and_then(|bytes| encoding.from_msgpack(&bytes)) {
+        let trial = match snapshot.and_then(|bytes| encoding.reencode_msgpack(&bytes)) {
             Some(bytes) => bytes,
             None => encoding.encode(&super::samples::trial_snapshot()),
         };

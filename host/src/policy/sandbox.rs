@@ -332,7 +332,11 @@ impl Sandbox {
                 Err(json_error) => {
                     return Err(PolicyError::WrongWorld {
                         source_name: source_name.into(),
-                        detail: format!("as world `policy`: {}; as world `policy-json`: {}", error_chain(&pack_error), error_chain(&json_error)),
+                        detail: format!(
+                            "as world `policy`: {}; as world `policy-json`: {}",
+                            error_chain(&pack_error),
+                            error_chain(&json_error)
+                        ),
                     })
                 }
             },
@@ -353,12 +357,9 @@ impl Sandbox {
         };
         policy.info = policy.with_instance(|store, instance| match instance {
             Instance::MessagePack(i) => i.call_describe(store),
-            Instance::Json(i) => i.call_describe(store).map(|info| PolicyInfo {
-                name: info.name,
-                version: info.version,
-                cpu: info.cpu,
-                memory: info.memory,
-            }),
+            Instance::Json(i) => {
+                i.call_describe(store).map(|info| PolicyInfo { name: info.name, version: info.version, cpu: info.cpu, memory: info.memory })
+            }
         })?;
         Ok(policy)
     }
@@ -479,7 +480,8 @@ impl LoadedPolicy {
         if !self.strict {
             return super::answer::decode(self.encoding(), &bytes).map_err(|detail| self.undecodable(&bytes, detail));
         }
-        let (actions, warnings) = super::answer::decode_strict(self.encoding(), &bytes).map_err(|detail| self.undecodable(&bytes, detail))?;
+        let (actions, warnings) =
+            super::answer::decode_strict(self.encoding(), &bytes).map_err(|detail| self.undecodable(&bytes, detail))?;
         let room = MAX_WARNINGS.saturating_sub(self.warnings.len());
         self.warnings.extend(warnings.into_iter().take(room));
         Ok(actions)
@@ -528,10 +530,7 @@ impl LoadedPolicy {
 
     /// Calls into the instance (creating it if needed) under a fresh
     /// deadline; on a trap, drops the poisoned store and classifies the error.
-    fn with_instance<R>(
-        &mut self,
-        call: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<R>,
-    ) -> Result<R, PolicyError> {
+    fn with_instance<R>(&mut self, call: impl FnOnce(&mut Store<HostState>, &Instance) -> wasmtime::Result<R>) -> Result<R, PolicyError> {
         if self.live.is_none() {
             let mut store = Store::new(
                 engine(),

@@ -200,7 +200,11 @@ impl fmt::Display for Report {
         writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
         writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;
         writeln!(f, "  lowest host available        {} MiB ({} host OOM quanta)", m.lowest_host_available_mib, m.host_oom_events)?;
-        writeln!(f, "guard    {} accepted, {} clamped, {} rejected, {} dropped", self.guard.accepted, self.guard.clamped, self.guard.rejected, self.guard.dropped)?;
+        writeln!(
+            f,
+            "guard    {} accepted, {} clamped, {} rejected, {} dropped",
+            self.guard.accepted, self.guard.clamped, self.guard.rejected, self.guard.dropped
+        )?;
         for (name, s) in &self.slots {
             let failures: u64 = s.failures.values().sum();
             write!(f, "slot {name:<10} decided {}, fallback {}, failures {}", s.decided, s.fallbacks, failures)?;
