@@ -44,10 +44,10 @@ fn a_json_world_component_runs_in_the_pipeline() {
     for _ in 0..3 {
         p.step().unwrap();
     }
-    assert_eq!(p.policies.slots()[0].stats().decided, 3);
+    assert_eq!(p.policies().slots()[0].stats().decided, 3);
     let mut p = sim_pipeline(&scenario("latency"), &[c::FIXTURE_JSONTYPO], relaxed_config());
     p.step().unwrap();
-    let slot = &p.policies.slots()[0];
+    let slot = &p.policies().slots()[0];
     assert_eq!(slot.stats().failures.get("undecodable"), Some(&1), "{:?}", slot.stats());
     assert!(slot.last_failure().unwrap().contains("missing field `cpus`"), "{:?}", slot.last_failure());
 }
@@ -170,7 +170,7 @@ fn a_slow_policy_with_its_own_longer_deadline_is_not_disabled_but_is_under_the_g
         for _ in 0..4 {
             p.step().unwrap();
         }
-        let slot = &p.policies.slots()[0];
+        let slot = &p.policies().slots()[0];
         let stats = slot.stats().clone();
         if disabled {
             assert_eq!(stats.failures.get("timeout"), Some(&3), "{stats:?}");

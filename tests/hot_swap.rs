@@ -15,7 +15,7 @@ use vm_balancer::policy::builtin::Builtin;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::reload::Reloader;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::sim::SimBackend;
+use vm_balancer::backend::sim::SimBackend;
 
 use crate::util::{quiet_cpu, relaxed_config, scenario};
 
@@ -55,7 +55,7 @@ impl Harness {
     /// One quantum: apply ready plans at the boundary, then run it. No
     /// quantum may fall back unless `lenient`.
     fn step(&mut self) {
-        self.reloader.poll(&mut self.pipeline.policies);
+        self.reloader.poll(self.pipeline.policies_mut());
         let outcome = self.pipeline.step().expect("no quantum is lost");
         assert!(self.lenient || outcome.fallback_slots.is_empty(), "quantum {} fell back: {:?}", outcome.quantum, outcome.fallback_slots);
         std::thread::sleep(QUANTUM);
@@ -64,7 +64,7 @@ impl Harness {
     /// (slot name, policy name) of every slot.
     fn slots(&self) -> Vec<(String, String)> {
         self.pipeline
-            .policies
+            .policies()
             .slots()
             .iter()
             .map(|s| (s.name().to_string(), s.policy().map_or("-".into(), |p| p.info().name.clone())))
@@ -106,7 +106,7 @@ fn replacing_a_policy_takes_effect_without_missing_a_quantum() {
     // machine's speed (`cargo bench --bench reload`), not a property.
     let took = h.step_until("classic to take over", |h| h.slots() == one("10-cpu.wasm", "classic"));
     h.step();
-    let slot = &h.pipeline.policies.slots()[0];
+    let slot = &h.pipeline.policies().slots()[0];
     // The swap happened at the boundary of the quantum that `step_until`
     // ran last, so the new policy decided that one and the next.
     assert_eq!(slot.stats().decided, 2, "the new policy decided every quantum since the swap");
@@ -226,21 +226,21 @@ fn a_failing_policy_is_disabled_until_its_file_changes() {
     assert_eq!(h.slots(), one("10-p.wasm", "cpu-default"));
     rename_into(h.dir.path(), "10-p.wasm", &std::fs::read(c::FIXTURE_COUNTER).unwrap());
     h.step_until("the counter to load", |h| h.slots() == one("10-p.wasm", "counter"));
-    h.step_until("the counter to be disabled", |h| h.pipeline.policies.slots()[0].stats().disabled >= 1);
+    h.step_until("the counter to be disabled", |h| h.pipeline.policies().slots()[0].stats().disabled >= 1);
     let q = h.pipeline.quantum();
-    assert!(h.pipeline.policies.slots()[0].is_disabled(q), "disabled, not retried every quantum");
-    let stats = h.pipeline.policies.slots()[0].stats().clone();
+    assert!(h.pipeline.policies().slots()[0].is_disabled(q), "disabled, not retried every quantum");
+    let stats = h.pipeline.policies().slots()[0].stats().clone();
     assert_eq!(stats.failures.get("trap"), Some(&3), "{stats:?}");
     for _ in 0..3 {
         h.step();
     }
-    assert_eq!(h.pipeline.policies.slots()[0].stats().failures.get("trap"), Some(&3), "no retry during the backoff");
+    assert_eq!(h.pipeline.policies().slots()[0].stats().failures.get("trap"), Some(&3), "no retry during the backoff");
     // Changing the file brings a fresh slot.
     rename_into(h.dir.path(), "10-p.wasm", Builtin::Cpu.wasm());
     h.step_until("the fixed file", |h| h.slots() == one("10-p.wasm", "cpu-default"));
     h.step();
-    assert_eq!(h.pipeline.policies.slots()[0].stats().decided, 2, "fresh slot, deciding since the swap");
-    assert!(h.pipeline.policies.slots()[0].stats().failures.is_empty());
+    assert_eq!(h.pipeline.policies().slots()[0].stats().decided, 2, "fresh slot, deciding since the swap");
+    assert!(h.pipeline.policies().slots()[0].stats().failures.is_empty());
 }
 
 #[test]

@@ -84,11 +84,11 @@ fn python_keepfree_keeps_the_target_free_and_honours_overrides() {
     for _ in 0..30 {
         p.step().unwrap();
     }
-    assert_eq!(p.policies.slots()[0].stats().fallbacks, 0, "the Python policy decided every quantum itself");
+    assert_eq!(p.policies().slots()[0].stats().fallbacks, 0, "the Python policy decided every quantum itself");
     // Every guest of keep-free.toml uses a constant 1000 MiB.
     let used = 1000.0 * 1024.0;
     let free_pct = |vm: &str| {
-        let target = p.backend.target_kib(vm).unwrap() as f64;
+        let target = p.backend().target_kib(vm).unwrap() as f64;
         100.0 * (target - used) / target
     };
     for vm in ["web-0", "web-1", "web-2", "tight"] {
@@ -98,7 +98,7 @@ fn python_keepfree_keeps_the_target_free_and_honours_overrides() {
     }
     let db = free_pct("db-0");
     assert!((39.9..=50.0).contains(&db), "db-0 (override 40 %): {db:.1} % free");
-    let m = p.backend.metrics();
+    let m = p.backend().metrics();
     assert_eq!(m.pressure_events, 0);
     assert!(m.reclaimed_kib > 8000 * 1024 && m.given_kib > 200 * 1024, "{m:?}");
 }
@@ -117,8 +117,8 @@ fn javascript_latency_vms_end_up_alone_on_their_pcpus() {
     for _ in 0..10 {
         p.step().unwrap();
     }
-    assert_eq!(p.policies.slots()[0].stats().fallbacks, 0);
-    let placements = p.backend.placements();
+    assert_eq!(p.policies().slots()[0].stats().fallbacks, 0);
+    let placements = p.backend().placements();
     let latency = |d: &str| d == "rt" || d == "trading";
     let mut dedicated = BTreeSet::new();
     for (d, v, cpus) in placements.iter().filter(|(d, _, _)| latency(d)) {
@@ -147,8 +147,8 @@ fn c_hottest_improves_the_load_ratio() {
         for _ in 0..30 {
             p.step().unwrap();
         }
-        assert_eq!(p.policies.slots()[0].stats().fallbacks, 0);
-        let ratio = &p.backend.metrics().load_ratio;
+        assert_eq!(p.policies().slots()[0].stats().fallbacks, 0);
+        let ratio = &p.backend().metrics().load_ratio;
         let (first, last) = (ratio[0], *ratio.last().unwrap());
         assert!(last < first - 0.01, "{name}: load ratio {first:.2} -> {last:.2}: {ratio:?}");
         if name == "all-on-one" {
@@ -168,7 +168,7 @@ fn rust_template_checks_and_balances() {
     for _ in 0..10 {
         p.step().unwrap();
     }
-    let ratio = &p.backend.metrics().load_ratio;
+    let ratio = &p.backend().metrics().load_ratio;
     assert!(*ratio.last().unwrap() < 1.01, "{ratio:?}");
 }
 

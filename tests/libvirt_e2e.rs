@@ -372,23 +372,26 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
         a == 2 && b == 2
     });
     let balanced_after = t0.elapsed();
-    // Stays 2/2 (no flapping back to 3/1 or 4/0). A swap of two vCPUs keeps
-    // the split; it is counted and reported, not failed: the default policy
-    // may swap when host background load (other processes) shifts.
-    // A swap is two pin calls, so one sample may fall between them: only
-    // two off-balance samples in a row (0.5 s apart) count as leaving 2/2.
+    // Then it stays balanced without churn. 2/2 is the optimum only on a
+    // quiet host: the default policy counts host background load (other
+    // processes) per pCPU, so with a CPU burner next door (`.ci/stress`) 3/1
+    // can be the better split, and moving there is right. What must never
+    // happen is falling back to all four on one pCPU, or flapping: at most
+    // 8 vCPU moves in 8 s (a swap is two). That it holds 2/2 on a quiet host
+    // is shown deterministically by the simulator tests
+    // (`defaults_fix_all_on_one_in_one_quantum_and_never_flap`).
     let (_, _, mut layout) = split();
-    let (mut swaps, mut off) = (0, 0);
+    let (mut swaps, mut at_2_2) = (0, 0);
     for _ in 0..16 {
         std::thread::sleep(Duration::from_millis(500));
         let (a, b, now) = split();
-        off = if a == 2 && b == 2 { 0 } else { off + 1 };
-        assert!(off < 2, "split left 2/2 after balancing ({balanced_after:?}): {now:?}; log:\n{}", daemon.log());
+        assert!(a < 4 && b < 4, "all four vCPUs back on one pCPU after balancing ({balanced_after:?}): {now:?}; log:\n{}", daemon.log());
+        at_2_2 += usize::from(a == 2 && b == 2);
         swaps += now.iter().zip(&layout).filter(|(x, y)| x != y).count();
         layout = now;
     }
     assert!(swaps <= 8, "vCPUs kept moving after balancing ({swaps} moves in 8 s); log:\n{}", daemon.log());
-    eprintln!("e2e: cpu balanced 2/2 after {balanced_after:.1?}, stayed 2/2 for 8 s ({swaps} vCPU moves)");
+    eprintln!("e2e: cpu balanced 2/2 after {balanced_after:.1?}; then 2/2 in {at_2_2} of 16 samples over 8 s, {swaps} vCPU moves");
 
     // 5. Restore on SIGTERM: original pins (all on 0) and balloon targets.
     let mut daemon = daemon;

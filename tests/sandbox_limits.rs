@@ -135,13 +135,13 @@ fn every_failure_falls_back_and_the_loop_keeps_running() {
         for _ in 0..10 {
             p.step().expect("the loop survives every policy failure");
         }
-        let stats = p.policies.slots()[0].stats().clone();
+        let stats = p.policies().slots()[0].stats().clone();
         assert_eq!(stats.fallbacks, 10, "{kind}: every quantum decided by the fallback: {stats:?}");
         // 3 failures, disabled for 4 quanta, 1 retry failure, disabled for 8.
         assert_eq!(stats.failures.get(kind), Some(&4), "{kind}: {stats:?}");
         assert_eq!(stats.disabled, 2, "{kind}: {stats:?}");
         // The fallback balanced the CPUs anyway: 2 and 2.
-        let on_cpu0 = p.backend.placements().iter().filter(|(_, _, cpus)| cpus == &vec![0]).count();
+        let on_cpu0 = p.backend().placements().iter().filter(|(_, _, cpus)| cpus == &vec![0]).count();
         assert_eq!(on_cpu0, 2, "{kind}: fallback default cpu policy balanced the host");
     }
 }

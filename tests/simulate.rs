@@ -4,7 +4,7 @@
 
 use vm_balancer::components as c;
 use vm_balancer::config::{Config, GuardConfig};
-use vm_balancer::sim::{simulate, Report};
+use vm_balancer::simulate::{simulate, Report};
 
 use crate::util::{relaxed_config, scenario, sim_pipeline};
 
@@ -87,13 +87,13 @@ fn guard_holds_against_a_hostile_policy() {
     for _ in 0..40 {
         p.step().unwrap();
     }
-    let m = p.backend.metrics();
+    let m = p.backend().metrics();
     assert_eq!(m.pressure_events, 0, "the guest floor held against 'shrink to 0'");
     assert!(m.lowest_host_available_kib >= 4096 * 1024, "the host reserve held: {} KiB", m.lowest_host_available_kib);
-    assert_eq!(p.applier.stats().pins, 0, "every hostile pin was refused");
-    let g = p.guard.stats();
+    assert_eq!(p.applier().stats().pins, 0, "every hostile pin was refused");
+    let g = p.guard().stats();
     assert!(g.rejected > 100 && g.clamped > 0, "{g:?}");
-    assert_eq!(p.policies.slots()[0].stats().fallbacks, 0, "a hostile but well-formed policy is not a failure");
+    assert_eq!(p.policies().slots()[0].stats().fallbacks, 0, "a hostile but well-formed policy is not a failure");
 }
 
 #[test]

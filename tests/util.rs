@@ -7,7 +7,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_balancer::config::{Config, Limits};
 use vm_balancer::pipeline::Pipeline;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::sim::{Scenario, SimBackend};
+use vm_balancer::backend::sim::{Scenario, SimBackend};
 
 /// The repository root.
 pub fn root() -> PathBuf {

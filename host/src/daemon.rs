@@ -11,8 +11,9 @@
 //!   `--no-restore`) and `run` returns Ok, so the process exits 0. SIGHUP
 //!   re-reads the policies: the drop-in directory (through the same
 //!   validated, off-thread path as a file change) or the `--policy` files.
-//! - **Policies come from the drop-in directory** unless `--policy` is
-//!   given; plans made off the quantum thread are applied at the boundary.
+//! - **Policies come from a [`PolicySource`]**: the drop-in directory unless
+//!   `--policy` is given; plans made off the quantum thread are applied at
+//!   the boundary, through the same path as SIGHUP's.
 //! - **A policy never stops the daemon.** A file that cannot be loaded at
 //!   start becomes a fallback-only slot (the built-in defaults decide for
 //!   it); on SIGHUP, if any file fails, the previous slots are all kept.
@@ -27,12 +28,11 @@ use std::time::{Duration, Instant};
 
 use vm_balancer_sdk::{Outcome, Snapshot};
 
-use crate::backend::libvirt::{LibvirtBackend, LibvirtOptions};
+use crate::backend::libvirt::LibvirtOptions;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::pipeline::Pipeline;
-use crate::policy::slots::{slot_name, SlotError};
-use crate::policy::{PolicySet, Slot};
+use crate::policy::source::{PolicySource, SourceError};
 use crate::snapshot;
 
 /// Options of `vm-balancer run`.
@@ -66,21 +66,18 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// The built-in default policies could not be loaded.
-    #[error("cannot load the built-in default policies")]
-    Defaults(#[source] SlotError),
+    /// The policies could not be set up (defaults broken, unsafe directory).
+    #[error(transparent)]
+    Policies(#[from] SourceError),
     /// The backend failed (snapshot command only).
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// The policy directory is unsafe or unreadable.
-    #[error(transparent)]
-    PolicyDir(#[from] crate::policy::dir::DirError),
     /// The config does not fit the quantum given on the command line.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// A `sim:` scenario could not be loaded.
+    /// The backend could not be opened (a `sim:` scenario that does not load).
     #[error(transparent)]
-    Scenario(#[from] crate::sim::ScenarioError),
+    Open(#[from] crate::backend::OpenError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -98,66 +95,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} is out of range (10ms ..= 1h)"));
     }
     Ok(Duration::from_secs_f64(seconds))
-}
-
-/// Loads each spec into a slot, in order; a spec that fails becomes a
-/// fallback-only slot and is returned with its error.
-fn load_each(config: &Config, specs: &[String]) -> (PolicySet, Vec<(String, String)>) {
-    let mut set = PolicySet::new(&config.limits);
-    let mut failures = Vec::new();
-    for spec in specs {
-        let name = slot_name(spec);
-        match set.load_spec(spec) {
-            Ok(policy) => set.push(Slot::new(&name, policy)),
-            Err(error) => {
-                failures.push((spec.clone(), error_chain(&error)));
-                set.push(Slot::fallback_only(&name));
-            }
-        }
-    }
-    (set, failures)
-}
-
-/// The policy slots for `specs`; a spec that fails becomes a fallback-only
-/// slot (logged), so the daemon always starts.
-pub fn build_policies(config: &Config, specs: &[String]) -> Result<PolicySet, DaemonError> {
-    if specs.is_empty() {
-        return PolicySet::defaults(&config.limits).map_err(DaemonError::Defaults);
-    }
-    let (set, failures) = load_each(config, specs);
-    for (spec, error) in failures {
-        tracing::error!(slot = %slot_name(&spec), spec, error, "policy cannot be loaded; the built-in defaults decide for this slot");
-    }
-    Ok(set)
-}
-
-/// SIGHUP: rebuild every slot from its spec. If any spec fails, the whole
-/// old set is kept (slots are ordered and settle conflicts, so a partial
-/// reload would silently change which policy wins), and the failure is
-/// logged naming the spec.
-fn reload_policies(config: &Config, specs: &[String], old: PolicySet) -> PolicySet {
-    if specs.is_empty() {
-        tracing::info!("SIGHUP: running the built-in defaults; nothing to re-read");
-        return old;
-    }
-    let (fresh, failures) = load_each(config, specs);
-    if let Some((spec, error)) = failures.into_iter().next() {
-        tracing::error!(slot = %slot_name(&spec), spec, error, "SIGHUP: policy cannot be reloaded; keeping the previous policies");
-        return old;
-    }
-    tracing::info!(slots = fresh.slots().len(), "SIGHUP: policies reloaded");
-    fresh
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 struct Signals {
@@ -187,43 +124,23 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     backend_options.exclude = config.exclude.clone();
     backend_options.external_pin_hold = Duration::from_secs(config.guard.external_pin_hold_s);
     backend_options.read_only = options.dry_run;
-    let backend: Box<dyn Backend> = match options.connect.strip_prefix("sim:") {
-        // The simulator in real time: the daemon loop without a hypervisor.
-        Some(path) => Box::new(crate::sim::SimBackend::new(crate::sim::Scenario::load(std::path::Path::new(path))?)),
-        None => Box::new(LibvirtBackend::new(backend_options)),
-    };
-    let policies = build_policies(&config, &options.policies)?;
-    // With no --policy, the drop-in directory decides (hot-swapped); the
-    // embedded defaults run until its first plan is ready, and whenever it
-    // is empty or missing.
-    let reloader = if options.policies.is_empty() {
-        crate::policy::dir::scan(&options.policy_dir)?;
+    let backend = crate::backend::open(backend_options)?;
+    // The drop-in directory's files compile through the daemon's own cache.
+    let cache = if options.policies.is_empty() {
         let cache_dir = config.state_dir.join("compile-cache");
-        let cache = match crate::policy::cache::CompileCache::new(&cache_dir, config.compile_cache_max_mib * 1024 * 1024) {
+        match crate::policy::cache::CompileCache::new(&cache_dir, config.compile_cache_max_mib * 1024 * 1024) {
             Ok(cache) => Some(Arc::new(cache)),
             Err(error) => {
                 tracing::warn!(dir = %cache_dir.display(), %error, "no compile cache: policies are compiled at every load");
                 None
             }
-        };
-        let reloader = crate::policy::reload::Reloader::spawn(
-            &options.policy_dir,
-            &config.limits,
-            cache,
-            policies.last_snapshot(),
-            Duration::from_millis(config.reload_debounce_ms),
-        );
-        tracing::info!(dir = %options.policy_dir.display(), "watching the policy directory");
-        Some(reloader)
+        }
     } else {
         None
     };
+    let (source, policies) = PolicySource::start(&config, &options.policies, &options.policy_dir, cache)?;
     let mut pipeline = Pipeline::new(backend, policies, config.clone(), options.dry_run);
-    if let Some(reloader) = &reloader {
-        // Give a warm-cache start its policies from the first quantum; a
-        // cold compile (seconds for Python or JS) does not hold the loop.
-        reloader.wait_and_apply(&mut pipeline.policies, Duration::from_secs(2));
-    }
+    source.wait_first(pipeline.policies_mut(), Duration::from_secs(2));
     let mut next_tick = Instant::now();
     let mut done = 0u64;
     let mut fed_back = 0usize;
@@ -231,18 +148,9 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     while !signals.stop.load(Ordering::SeqCst) && options.quanta.is_none_or(|n| done < n) {
         if signals.hup.swap(false, Ordering::SeqCst) {
             tracing::info!("SIGHUP: re-reading policies");
-            match &reloader {
-                Some(reloader) => reloader.request(),
-                None => {
-                    let placeholder = PolicySet::new(&config.limits);
-                    let old = std::mem::replace(&mut pipeline.policies, placeholder);
-                    pipeline.policies = reload_policies(&config, &options.policies, old);
-                }
-            }
+            source.reload(pipeline.policies_mut());
         }
-        if let Some(reloader) = &reloader {
-            reloader.poll(&mut pipeline.policies);
-        }
+        source.poll(pipeline.policies_mut());
         let started = Instant::now();
         match pipeline.step() {
             Ok(outcome) => {
@@ -292,12 +200,12 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     }
     let why = if signals.stop.load(Ordering::SeqCst) { "signal" } else { "quanta reached" };
     if options.restore && !options.dry_run {
-        match pipeline.backend.restore() {
+        match pipeline.backend_mut().restore() {
             Ok(n) => tracing::info!(restored = n, "restored the original pins and balloon targets"),
             Err(error) => tracing::error!(%error, "restore failed"),
         }
     }
-    let stats = pipeline.applier.stats();
+    let stats = pipeline.applier().stats();
     tracing::info!(why, quanta = done, pins = stats.pins, memory = stats.memory, gone = stats.gone, failed = stats.failed, "vm-balancer stopped");
     Ok(())
 }
@@ -308,7 +216,7 @@ pub fn snapshot(config: &Config, uri: &str) -> Result<Snapshot, DaemonError> {
     let mut options = LibvirtOptions::new(uri);
     options.exclude = config.exclude.clone();
     options.read_only = true;
-    let mut backend = LibvirtBackend::connect(options)?;
+    let mut backend = crate::backend::libvirt::LibvirtBackend::connect(options)?;
     backend.collect()?;
     std::thread::sleep(Duration::from_millis(u64::from(config.quantum_ms)));
     let observation = backend.collect()?;
@@ -332,7 +240,8 @@ mod tests {
 
     #[test]
     fn a_bad_policy_file_becomes_a_fallback_slot() {
-        let set = build_policies(&Config::default(), &["/nonexistent/policy.wasm".into(), "builtin:mem".into()]).unwrap();
+        let specs = ["/nonexistent/policy.wasm".to_string(), "builtin:mem".to_string()];
+        let (_, set) = PolicySource::start(&Config::default(), &specs, std::path::Path::new("/nonexistent"), None).unwrap();
         assert_eq!(set.slots().len(), 2);
         assert!(set.slots()[0].policy().is_none());
         assert!(set.slots()[1].policy().is_some());

@@ -25,8 +25,8 @@ use std::collections::{HashMap, HashSet};
 use vm_balancer_sdk::{Action, Domain, Outcome, Snapshot, Verdict};
 
 use crate::config::GuardConfig;
-use crate::policy::Proposal;
-use crate::MIB;
+use crate::proposal::Proposal;
+use crate::KIB_PER_MIB;
 
 /// Counters of the guard's outcomes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -66,11 +66,16 @@ pub struct Guard {
     stats: GuardStats,
 }
 
+/// One action's check result.
 enum Check {
+    /// Apply it as asked.
     Accept(Action),
+    /// Apply this changed action, for this reason.
     Clamp(Action, String),
+    /// Do not apply it, for this reason (fed back as a verdict).
     Reject(String),
-    Drop,
+    /// It would change nothing (already so): dropped silently, no verdict.
+    NoChange,
 }
 
 impl Guard {
@@ -130,7 +135,7 @@ impl Guard {
                 },
             };
             let (outcome, applied, reason) = match result {
-                Check::Drop => {
+                Check::NoChange => {
                     self.stats.dropped += 1;
                     tracing::debug!(%slot, by, %action, "dropped: changes nothing");
                     continue;
@@ -192,7 +197,7 @@ impl Guard {
         let mut current = v.affinity.clone();
         current.sort_unstable();
         if wanted[..] == current[..] {
-            return Check::Drop;
+            return Check::NoChange;
         }
         let first_pin = v.pinned_to().is_none();
         if let Some(q) = self.last_pinned.get(&(d.name.clone(), vcpu)) {
@@ -235,7 +240,7 @@ impl Guard {
             let Some(used) = m.used_kib() else {
                 return Check::Reject(format!("domain {:?} reports no balloon stats: cannot shrink it safely", d.name));
             };
-            let floor = (self.config.guest_floor_mib * MIB).max(used + self.config.guest_margin_mib * MIB).min(m.max_kib);
+            let floor = (self.config.guest_floor_mib * KIB_PER_MIB).max(used + self.config.guest_margin_mib * KIB_PER_MIB).min(m.max_kib);
             if target < floor {
                 if floor >= current {
                     return Check::Reject(format!(
@@ -264,7 +269,7 @@ impl Guard {
             }
             let delta = target - current;
             if delta > *grow_budget_kib {
-                if *grow_budget_kib < MIB {
+                if *grow_budget_kib < KIB_PER_MIB {
                     return Check::Reject(format!(
                         "host OOM guard: giving {delta} KiB would take host available memory below the reserve {} KiB",
                         host.reserve_kib
@@ -276,7 +281,7 @@ impl Guard {
             *grow_budget_kib -= target - current;
         }
         if target == current {
-            return if why.is_empty() { Check::Drop } else { Check::Reject(why.join("; ")) };
+            return if why.is_empty() { Check::NoChange } else { Check::Reject(why.join("; ")) };
         }
         let action = Action::SetMemory { domain: d.name.clone(), target_kib: target, reason: String::new() };
         if why.is_empty() {

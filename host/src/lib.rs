@@ -11,8 +11,9 @@
 //! | guard | [`guard`] | host-side safety checks, independent of any policy |
 //! | apply | [`apply`] | accepted actions go to the backend |
 //!
-//! [`pipeline`] runs the stages in that order; [`sim`] is the offline
-//! simulator and its quality report.
+//! [`pipeline`] runs the stages in that order. [`backend::open`] picks the
+//! backend: libvirt, or the simulator ([`backend::sim`]), which
+//! [`simulate`] runs offline and reports on.
 //!
 //! Design decisions and why:
 //! - **A safety rejection is an outcome, not an error.** The guard returns
@@ -30,7 +31,8 @@ pub mod daemon;
 pub mod guard;
 pub mod pipeline;
 pub mod policy;
-pub mod sim;
+pub mod proposal;
+pub mod simulate;
 pub mod snapshot;
 
 pub use vm_balancer_sdk as sdk;
@@ -42,5 +44,18 @@ pub mod components {
     include!(concat!(env!("OUT_DIR"), "/components.rs"));
 }
 
-/// KiB in a MiB, for readable unit conversions.
-pub const MIB: u64 = 1024;
+/// KiB in a MiB, for readable unit conversions (`x_mib * KIB_PER_MIB`).
+pub const KIB_PER_MIB: u64 = 1024;
+
+/// An error and its sources, `: `-separated, for one log field. The one
+/// place the chain is walked (wasmtime's errors print theirs with `{:#}`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -12,7 +12,8 @@ use vm_balancer::config::Config;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::Snapshot;
-use vm_balancer::sim::{simulate_cached, Scenario};
+use vm_balancer::backend::sim::Scenario;
+use vm_balancer::simulate::simulate_cached;
 
 /// Balances KVM guests: each quantum, sandboxed WebAssembly policies decide
 /// vCPU pins and balloon targets, a host-side guard checks every action, and
@@ -240,7 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let snapshot = match connect.strip_prefix("sim:") {
                 Some(path) => {
                     let scenario = Scenario::load(std::path::Path::new(path))?;
-                    let mut pipeline = vm_balancer::sim::report::pipeline(&scenario, &[], &config, None)?;
+                    let mut pipeline = vm_balancer::simulate::pipeline(&scenario, &[], &config, None)?;
                     for _ in 0..quantum.unwrap_or(0) {
                         pipeline.step()?;
                     }
@@ -296,7 +297,7 @@ fn read_snapshot(path: &std::path::Path) -> Result<Snapshot> {
 fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> Result<ExitCode> {
     let mut config = config.clone();
     if let CheckInput::Scenario(scenario, _) = &input {
-        config = vm_balancer::sim::report::scenario_config(scenario, &config);
+        config = vm_balancer::simulate::scenario_config(scenario, &config);
     }
     config.validate_policy_limits()?;
     let set = PolicySet::new(&config.limits).with_cache(user_cache(&config));
@@ -332,12 +333,12 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
             let mut set = set;
             set.push(vm_balancer::policy::Slot::new(&slot, policy));
             let mut pipeline =
-                vm_balancer::pipeline::Pipeline::new(vm_balancer::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
+                vm_balancer::pipeline::Pipeline::new(vm_balancer::backend::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
             let n = quanta.unwrap_or(scenario.quanta);
             let (mut actions, mut accepted) = (0usize, 0usize);
             for _ in 0..n {
                 let outcome = pipeline.step()?;
-                let slot = &mut pipeline.policies.slots_mut()[0];
+                let slot = &mut pipeline.policies_mut().slots_mut()[0];
                 if !outcome.fallback_slots.is_empty() {
                     failed += 1;
                     if failed <= 5 {
@@ -352,14 +353,14 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
                 actions += outcome.proposed;
                 accepted += outcome.verdicts.iter().filter(|v| v.outcome != vm_balancer::sdk::Outcome::Rejected).count();
             }
-            let stats = pipeline.policies.slots()[0].stats().clone();
-            let t = pipeline.policies.slots()[0].decide_times();
+            let stats = pipeline.policies().slots()[0].stats().clone();
+            let t = pipeline.policies().slots()[0].decide_times();
             println!(
                 "scenario {} ({n} quanta): decided {}, fell back {}, {actions} action(s) proposed, {accepted} applied (or clamped), {} rejected by the guard",
                 scenario.name,
                 stats.decided,
                 stats.fallbacks,
-                pipeline.guard.stats().rejected
+                pipeline.guard().stats().rejected
             );
             times.push(std::time::Duration::from_micros(t.median_us));
             times.push(std::time::Duration::from_micros(t.max_us));

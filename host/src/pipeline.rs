@@ -8,6 +8,7 @@ use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::guard::{Checked, Guard};
 use crate::policy::PolicySet;
+use crate::proposal::Decided;
 use crate::snapshot;
 
 /// What one quantum did.
@@ -25,16 +26,15 @@ pub struct QuantumOutcome {
     pub fallback_slots: Vec<String>,
 }
 
-/// The daemon's pipeline over some backend.
+/// The daemon's pipeline over some backend. Its stages are private: each
+/// quantum goes through [`step`](Self::step) in order, and the accessors
+/// are for reading results (reports, tests) and for the policy source's
+/// swaps at quantum boundaries.
 pub struct Pipeline<B> {
-    /// The backend (libvirt or simulator).
-    pub backend: B,
-    /// The policy slots.
-    pub policies: PolicySet,
-    /// The guard.
-    pub guard: Guard,
-    /// The apply stage.
-    pub applier: Applier,
+    backend: B,
+    policies: PolicySet,
+    guard: Guard,
+    applier: Applier,
     config: Config,
     /// `[params]` converted once, not every quantum.
     params: std::collections::BTreeMap<String, vm_balancer_sdk::Param>,
@@ -57,6 +57,36 @@ impl<B: Backend> Pipeline<B> {
             feedback: Vec::new(),
             dry_run,
         }
+    }
+
+    /// The backend (the simulator's metrics, placements).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (restore on exit).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The policy slots.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// The policy slots, mutably: hot swaps between quanta.
+    pub fn policies_mut(&mut self) -> &mut PolicySet {
+        &mut self.policies
+    }
+
+    /// The guard (its counters).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// The apply stage (its counters).
+    pub fn applier(&self) -> &Applier {
+        &self.applier
     }
 
     /// The next quantum's number.
@@ -82,9 +112,8 @@ impl<B: Backend> Pipeline<B> {
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
         let observation = self.backend.collect()?;
         let snapshot = snapshot::assemble(observation, self.quantum, &self.config, &self.params, std::mem::take(&mut self.feedback));
-        let proposals = self.policies.decide(&snapshot);
+        let Decided { proposals, fell_back: fallback_slots } = self.policies.decide(&snapshot);
         let proposed = proposals.len();
-        let fallback_slots = self.policies.fell_back().to_vec();
         let checked: Checked = self.guard.check(&snapshot, proposals);
         self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();

@@ -7,7 +7,7 @@ use vm_balancer_sdk::{Param, Snapshot, Verdict, SCHEMA_VERSION};
 
 use crate::backend::Observation;
 use crate::config::Config;
-use crate::MIB;
+use crate::KIB_PER_MIB;
 
 /// Builds the snapshot for quantum `quantum`. `verdicts` are the guard's
 /// non-accepted verdicts from the previous quantum; `params` is the config's
@@ -20,7 +20,7 @@ pub fn assemble(
     verdicts: Vec<Verdict>,
 ) -> Snapshot {
     let Observation { mut host, domains } = observation;
-    host.memory.reserve_kib = config.guard.host_reserve_mib * MIB;
+    host.memory.reserve_kib = config.guard.host_reserve_mib * KIB_PER_MIB;
     for cpu in &mut host.cpus {
         cpu.reserved = config.guard.reserved_cpus.contains(&cpu.id);
     }

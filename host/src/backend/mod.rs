@@ -1,10 +1,11 @@
 //! Stage 1, **collect**: the one boundary between the daemon and a hypervisor.
 //!
 //! The trait is deliberately small and synchronous: one call to observe, two
-//! to act. The libvirt backend and the simulator implement it; nothing else
-//! in the daemon names either.
+//! to act. The libvirt backend and the simulator implement it; [`open`]
+//! picks one from a URI, and nothing else in the daemon names either.
 
 pub mod libvirt;
+pub mod sim;
 
 use vm_balancer_sdk::{Domain, Host};
 
@@ -88,6 +89,25 @@ pub trait Backend {
     fn restore(&mut self) -> Result<usize, BackendError> {
         Ok(0)
     }
+}
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A `sim:` scenario could not be loaded.
+    #[error(transparent)]
+    Scenario(#[from] sim::ScenarioError),
+}
+
+/// The backend for `options.uri`: `sim:SCENARIO.toml` is the simulator (in
+/// real time under `run`: the daemon loop without a hypervisor), anything
+/// else a libvirt URI, connected on first use (and reconnected after an
+/// outage) by the backend itself.
+pub fn open(options: libvirt::LibvirtOptions) -> Result<Box<dyn Backend>, OpenError> {
+    Ok(match options.uri.strip_prefix("sim:") {
+        Some(path) => Box::new(sim::SimBackend::new(sim::Scenario::load(std::path::Path::new(path))?)),
+        None => Box::new(libvirt::LibvirtBackend::new(options)),
+    })
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {

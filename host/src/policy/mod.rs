@@ -8,6 +8,8 @@
 //!   which are the fallback.
 //! - [`slots`]: the ordered set of policies the daemon runs, failure
 //!   counting, disabling with backoff.
+//! - [`source`]: where the policies come from (specs or the directory) and
+//!   the one reload path.
 //! - [`dir`], [`reload`], [`cache`]: the drop-in policy directory, hot swap
 //!   at quantum boundaries, and the compile cache.
 
@@ -19,6 +21,8 @@ pub mod reload;
 pub mod samples;
 pub mod sandbox;
 pub mod slots;
+pub mod source;
 
 pub use sandbox::{LoadedPolicy, PolicyError, Sandbox};
-pub use slots::{PolicySet, Proposal, Slot};
+pub use crate::proposal::{Decided, Proposal};
+pub use slots::{LastSnapshot, PolicySet, Slot};

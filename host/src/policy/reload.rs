@@ -32,12 +32,20 @@ use notify::{Event, EventKind, RecursiveMode, Watcher};
 
 use super::cache::CompileCache;
 use super::dir::{is_policy_name, scan};
-use super::sandbox::{LoadedPolicy, Sandbox};
-use super::slots::{PolicySet, Slot};
+use super::sandbox::{LoadedPolicy, PolicyError, Sandbox};
+use super::slots::{LastSnapshot, PolicySet, Slot};
 use crate::config::Limits;
 
-/// The most recent encoded snapshot, shared with the loader for trial runs.
-pub type LastSnapshot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+/// Why a policy file was refused; the file's previous version (if any) stays.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not a usable component (not wasm, wrong world, forbidden import...).
+    #[error(transparent)]
+    Refused(PolicyError),
+    /// It loaded, but its trial `decide` on the last snapshot failed.
+    #[error("trial decide failed: {0}")]
+    Trial(PolicyError),
+}
 
 /// What one slot of a plan is.
 pub enum Planned {
@@ -119,7 +127,7 @@ impl Reloader {
     pub fn poll(&self, set: &mut PolicySet) -> bool {
         let mut changed = false;
         while let Ok(plan) = self.plans.try_recv() {
-            set.apply_plan(plan);
+            apply_plan(set, plan);
             self.stats.lock().expect("stats lock").swaps += 1;
             changed = true;
         }
@@ -130,7 +138,7 @@ impl Reloader {
     pub fn wait_and_apply(&self, set: &mut PolicySet, timeout: Duration) -> bool {
         match self.plans.recv_timeout(timeout) {
             Ok(plan) => {
-                set.apply_plan(plan);
+                apply_plan(set, plan);
                 self.stats.lock().expect("stats lock").swaps += 1;
                 self.poll(set);
                 true
@@ -283,31 +291,29 @@ impl Loader {
         changed.then_some(Plan { slots })
     }
 
-    fn load(&self, name: &str, path: &Path, bytes: &[u8]) -> Result<LoadedPolicy, String> {
+    fn load(&self, name: &str, path: &Path, bytes: &[u8]) -> Result<LoadedPolicy, LoadError> {
         let source = path.display().to_string();
         let component = match &self.cache {
             Some(cache) => cache.component(&source, bytes),
             None => super::sandbox::compile(&source, bytes),
         }
-        .map_err(|e| e.to_string())?;
-        let mut policy = self.sandbox.load_compiled(name, &source, component).map_err(|e| e.to_string())?;
-        let snapshot = self.last_snapshot.lock().expect("snapshot lock").clone();
+        .map_err(LoadError::Refused)?;
+        let mut policy = self.sandbox.load_compiled(name, &source, component).map_err(LoadError::Refused)?;
         let encoding = policy.encoding();
-        let trial = match snapshot.and_then(|bytes| encoding.reencode_msgpack(&bytes)) {
+        let trial = match self.last_snapshot.latest().and_then(|bytes| encoding.reencode_msgpack(&bytes)) {
             Some(bytes) => bytes,
             None => encoding.encode(&super::samples::trial_snapshot()),
         };
-        policy.decide(&trial).map_err(|e| format!("trial decide failed: {e}"))?;
+        policy.decide(&trial).map_err(LoadError::Trial)?;
         Ok(policy)
     }
 }
 
-impl PolicySet {
-    /// Applies a plan: keeps named slots (with their instance, state and
-    /// failure counters), adds the new ones, drops the rest. An empty plan
-    /// means the embedded defaults.
-    pub fn apply_plan(&mut self, plan: Plan) {
-        let mut old: HashMap<String, Slot> = self.take_slots().into_iter().map(|s| (s.name().to_string(), s)).collect();
+/// Applies a plan to the set: keeps named slots (with their instance, state
+/// and failure counters), adds the new ones, drops the rest. An empty plan
+/// means the embedded defaults. The only way the running slots change.
+pub(super) fn apply_plan(set: &mut PolicySet, plan: Plan) {
+        let mut old: HashMap<String, Slot> = set.take_slots().into_iter().map(|s| (s.name().to_string(), s)).collect();
         let mut slots = Vec::new();
         for planned in plan.slots {
             match planned {
@@ -319,14 +325,13 @@ impl PolicySet {
             }
         }
         if slots.is_empty() {
-            match PolicySet::defaults(self.limits()) {
-                Ok(defaults) => slots = defaults.into_slots(),
+            match PolicySet::defaults(set.limits()) {
+                Ok(mut defaults) => slots = defaults.take_slots(),
                 Err(error) => tracing::error!(%error, "embedded defaults failed to load"),
             }
             tracing::info!("no policy files: the embedded defaults decide");
         }
         let names: Vec<&str> = slots.iter().map(|s| s.name()).collect();
         tracing::info!(slots = ?names, "policy slots swapped at the quantum boundary");
-        self.set_slots(slots);
-    }
+        set.set_slots(slots);
 }

@@ -391,8 +391,9 @@ fn import_allowed(name: &str) -> bool {
     name == "log" || ALLOWED_WASI.iter().any(|prefix| name.starts_with(prefix))
 }
 
+/// wasmtime's error with its causes, `: `-separated (its alternate form).
 fn error_chain(e: &wasmtime::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    format!("{e:#}")
 }
 
 /// A component, ready to instantiate, in the world it targets.

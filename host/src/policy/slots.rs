@@ -14,12 +14,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
 use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
 
 use super::answer::Encoding;
 use super::builtin::{Builtin, Fallback};
 use super::sandbox::{LoadedPolicy, PolicyError, Sandbox};
 use crate::config::Limits;
+use crate::proposal::{Decided, Proposal};
 
 /// Longest backoff, quanta.
 const MAX_BACKOFF_QUANTA: u64 = 3600;
@@ -45,17 +48,6 @@ pub struct DecideTimes {
     pub max_us: u64,
     /// The deadline it runs under, µs.
     pub deadline_us: u64,
-}
-
-/// An action and the slot that proposed it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Proposal {
-    /// Slot name.
-    pub slot: String,
-    /// The action.
-    pub action: Action,
-    /// True when the native fallback proposed it.
-    pub from_fallback: bool,
 }
 
 /// Counters of one slot.
@@ -279,9 +271,27 @@ pub struct PolicySet {
     sandbox: Sandbox,
     limits: Limits,
     slots: Vec<Slot>,
-    last_snapshot: super::reload::LastSnapshot,
-    fell_back: Vec<String>,
+    last_snapshot: LastSnapshot,
     cache: Option<Arc<super::cache::CompileCache>>,
+}
+
+/// The most recent encoded (MessagePack) snapshot, shared with the policy
+/// loader, whose trial runs of new files decide on what the running
+/// policies saw last. Written here, by [`PolicySet::decide`], once per
+/// quantum.
+#[derive(Clone, Debug, Default)]
+pub struct LastSnapshot(Arc<Mutex<Option<Arc<Vec<u8>>>>>);
+
+impl LastSnapshot {
+    /// Keeps `bytes` as the latest snapshot.
+    pub fn store(&self, bytes: Arc<Vec<u8>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+    }
+
+    /// The latest snapshot, if any quantum ran yet.
+    pub fn latest(&self) -> Option<Arc<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl PolicySet {
@@ -291,8 +301,7 @@ impl PolicySet {
             sandbox: Sandbox::new(limits),
             limits: limits.clone(),
             slots: Vec::new(),
-            last_snapshot: Default::default(),
-            fell_back: Vec::new(),
+            last_snapshot: LastSnapshot::default(),
             cache: None,
         }
     }
@@ -316,6 +325,24 @@ impl PolicySet {
             self.slots.push(Slot::new(&slot_name(spec), policy));
         }
         Ok(self)
+    }
+
+    /// Adds a slot for each spec, in order; a spec that cannot be loaded
+    /// becomes a fallback-only slot (the built-in defaults decide for it)
+    /// and is returned with its error, so a daemon always starts.
+    pub fn with_specs_lenient(mut self, specs: &[String]) -> (Self, Vec<(String, SlotError)>) {
+        let mut failures = Vec::new();
+        for spec in specs {
+            let name = slot_name(spec);
+            match self.load_spec(spec) {
+                Ok(policy) => self.slots.push(Slot::new(&name, policy)),
+                Err(error) => {
+                    failures.push((spec.clone(), error));
+                    self.slots.push(Slot::fallback_only(&name));
+                }
+            }
+        }
+        (self, failures)
     }
 
     /// Loads one spec into a policy without adding it.
@@ -365,47 +392,35 @@ impl PolicySet {
     }
 
     /// Where the last encoded snapshot is kept, for trial runs of new policies.
-    pub fn last_snapshot(&self) -> super::reload::LastSnapshot {
+    pub fn last_snapshot(&self) -> LastSnapshot {
         self.last_snapshot.clone()
     }
 
-    /// Slots whose last quantum was decided by the fallback (whether or not
-    /// it proposed anything).
-    pub fn fell_back(&self) -> &[String] {
-        &self.fell_back
-    }
-
-    /// Removes and returns the slots.
-    pub fn take_slots(&mut self) -> Vec<Slot> {
+    /// Removes and returns the slots (the reloader's plan replaces them).
+    pub(super) fn take_slots(&mut self) -> Vec<Slot> {
         std::mem::take(&mut self.slots)
     }
 
-    /// The slots, consuming the set.
-    pub fn into_slots(self) -> Vec<Slot> {
-        self.slots
-    }
-
-    /// Replaces the slots.
-    pub fn set_slots(&mut self, slots: Vec<Slot>) {
+    /// Replaces the slots (the reloader's plan).
+    pub(super) fn set_slots(&mut self, slots: Vec<Slot>) {
         self.slots = slots;
     }
 
     /// Runs every slot on the snapshot. The snapshot is encoded once per
     /// encoding in use (JSON only when a slot speaks it).
-    pub fn decide(&mut self, snapshot: &Snapshot) -> Vec<Proposal> {
+    pub fn decide(&mut self, snapshot: &Snapshot) -> Decided {
         let bytes = Arc::new(encode_snapshot(snapshot));
-        *self.last_snapshot.lock().expect("snapshot lock") = Some(bytes.clone());
+        self.last_snapshot.store(bytes.clone());
         let mut inputs = Inputs { msgpack: bytes, json: None };
-        let mut proposals = Vec::new();
-        self.fell_back.clear();
+        let mut decided = Decided::default();
         for slot in &mut self.slots {
             let (actions, from_fallback) = slot.decide(snapshot, &mut inputs, &self.limits);
             if from_fallback {
-                self.fell_back.push(slot.name.clone());
+                decided.fell_back.push(slot.name.clone());
             }
-            proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
+            decided.proposals.extend(actions.into_iter().map(|action| Proposal { slot: slot.name.clone(), action, from_fallback }));
         }
-        proposals
+        decided
     }
 }
 

@@ -1,5 +1,6 @@
-//! The offline simulator: a deterministic backend driven by a TOML scenario,
-//! and the quality report `vm-balancer simulate` prints.
+//! The simulator backend: a deterministic host driven by a TOML scenario.
+//! `vm-balancer simulate` ([`crate::simulate`]) runs policies on it and
+//! reports; `run --connect sim:X.toml` runs the daemon on it in real time.
 //!
 //! What it models, and why that is enough to rank policies:
 //! - vCPUs sharing a pCPU share its time fairly (max-min water-filling, what
@@ -14,9 +15,7 @@
 //! Same scenario, same seed, same policies: same report, bit for bit.
 
 pub mod model;
-pub mod report;
 pub mod scenario;
 
-pub use model::SimBackend;
-pub use report::{simulate, simulate_cached, Report, SimulateError};
+pub use model::{Metrics, SimBackend};
 pub use scenario::{Scenario, ScenarioError};

@@ -7,7 +7,7 @@ use vm_balancer_sdk::{Domain, DomainMemory, Host, HostCpu, HostMemory, Vcpu};
 
 use super::scenario::{Placement, Profile, Scenario};
 use crate::backend::{Backend, BackendError, Observation};
-use crate::MIB;
+use crate::KIB_PER_MIB;
 
 const URI: &str = "sim://";
 
@@ -86,12 +86,12 @@ impl SimBackend {
                     scale,
                     alive: false,
                     vcpus: Vec::new(),
-                    target_kib: spec.initial_mib.unwrap_or(spec.max_mib) * MIB,
+                    target_kib: spec.initial_mib.unwrap_or(spec.max_mib) * KIB_PER_MIB,
                     used_mib: 0.0,
                 });
             }
         }
-        let lowest = scenario.host.memory_mib * MIB;
+        let lowest = scenario.host.memory_mib * KIB_PER_MIB;
         SimBackend {
             scenario,
             rng,
@@ -269,7 +269,7 @@ impl Backend for SimBackend {
         // Memory: guests hold their balloon target on the host.
         let host = &self.scenario.host;
         let held_kib: u64 = self.vms.iter().filter(|vm| vm.alive).map(|vm| vm.target_kib).sum();
-        let capacity_kib = (host.memory_mib.saturating_sub(host.base_used_mib)) * MIB;
+        let capacity_kib = (host.memory_mib.saturating_sub(host.base_used_mib)) * KIB_PER_MIB;
         if held_kib > capacity_kib {
             self.metrics.host_oom_events += 1;
         }
@@ -279,11 +279,11 @@ impl Backend for SimBackend {
         let mut domains = Vec::new();
         for (i, vm) in self.vms.iter().enumerate().filter(|(_, vm)| vm.alive) {
             let spec = &self.scenario.vms[vm.spec];
-            let used_kib = (vm.used_mib * MIB as f64) as u64;
+            let used_kib = (vm.used_mib * KIB_PER_MIB as f64) as u64;
             let deficit_kib = used_kib.saturating_sub(vm.target_kib);
             if deficit_kib > 0 {
                 self.metrics.pressure_events += 1;
-                if deficit_kib > spec.swap_mib * MIB {
+                if deficit_kib > spec.swap_mib * KIB_PER_MIB {
                     self.metrics.oom_events += 1;
                 }
             }
@@ -306,13 +306,13 @@ impl Backend for SimBackend {
                     })
                     .collect(),
                 memory: DomainMemory {
-                    max_kib: spec.max_mib * MIB,
+                    max_kib: spec.max_mib * KIB_PER_MIB,
                     target_kib: vm.target_kib,
                     unused_kib: stats.then_some(free_kib),
                     available_kib: stats.then_some(vm.target_kib),
                     usable_kib: stats.then_some(free_kib),
                     rss_kib: Some(vm.target_kib),
-                    swap_in_kib: stats.then_some(deficit_kib.min(spec.swap_mib * MIB)),
+                    swap_in_kib: stats.then_some(deficit_kib.min(spec.swap_mib * KIB_PER_MIB)),
                     swap_out_kib: stats.then_some(0),
                     major_faults: stats.then_some(deficit_kib / 4),
                     autodeflate: false,
@@ -324,7 +324,7 @@ impl Backend for SimBackend {
                 cpus: (0..ncpu)
                     .map(|c| HostCpu { id: c as u32, online: true, reserved: false, usage: cpu_usage[c] as f32, node: 0 })
                     .collect(),
-                memory: HostMemory { total_kib: host.memory_mib * MIB, available_kib, reserve_kib: 0 },
+                memory: HostMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib, reserve_kib: 0 },
             },
             domains,
         };

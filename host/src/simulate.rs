@@ -1,12 +1,12 @@
-//! The quality report of a simulation run, and [`simulate`] which produces it.
+//! `vm-balancer simulate`: runs policies on the simulator backend
+//! ([`crate::backend::sim`]) and builds the quality report it prints.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
 
-use super::model::{Metrics, SimBackend};
-use super::scenario::Scenario;
+use crate::backend::sim::{Metrics, Scenario, SimBackend};
 use crate::backend::BackendError;
 use crate::config::Config;
 use crate::guard::GuardStats;
@@ -14,7 +14,7 @@ use crate::pipeline::Pipeline;
 use crate::policy::cache::CompileCache;
 use crate::policy::slots::{DecideTimes, SlotError, SlotStats};
 use crate::policy::PolicySet;
-use crate::MIB;
+use crate::KIB_PER_MIB;
 
 /// Errors of a simulation run.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +145,7 @@ pub struct Report {
 impl Report {
     /// Builds the report from a finished pipeline.
     pub fn build(scenario: &Scenario, pipeline: &Pipeline<SimBackend>) -> Report {
-        let m: &Metrics = pipeline.backend.metrics();
+        let m: &Metrics = pipeline.backend().metrics();
         let r = &m.load_ratio;
         let n = r.len().max(1);
         let tail = (n / 10).max(1);
@@ -157,7 +157,7 @@ impl Report {
         let unserved: f64 = m.unserved_cpu_s.iter().sum();
         Report {
             scenario: scenario.name.clone(),
-            policies: pipeline.policies.slots().iter().map(|s| s.name().to_string()).collect(),
+            policies: pipeline.policies().slots().iter().map(|s| s.name().to_string()).collect(),
             quanta: r.len() as u64,
             cpus: scenario.host.cpus,
             peak_vms: m.peak_vms,
@@ -173,14 +173,14 @@ impl Report {
             memory: MemoryReport {
                 pressure_events: m.pressure_events,
                 oom_events: m.oom_events,
-                reclaimed_mib: m.reclaimed_kib / MIB,
-                given_mib: m.given_kib / MIB,
-                lowest_host_available_mib: m.lowest_host_available_kib / MIB,
+                reclaimed_mib: m.reclaimed_kib / KIB_PER_MIB,
+                given_mib: m.given_kib / KIB_PER_MIB,
+                lowest_host_available_mib: m.lowest_host_available_kib / KIB_PER_MIB,
                 host_oom_events: m.host_oom_events,
             },
-            slots: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
-            guard: pipeline.guard.stats().clone(),
-            timing: pipeline.policies.slots().iter().map(|s| (s.name().to_string(), s.decide_times())).collect(),
+            slots: pipeline.policies().slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
+            guard: pipeline.guard().stats().clone(),
+            timing: pipeline.policies().slots().iter().map(|s| (s.name().to_string(), s.decide_times())).collect(),
         }
     }
 }
