@@ -17,7 +17,7 @@ use vm_balancer::policy::reload::Reloader;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::backend::sim::SimBackend;
 
-use crate::util::{quiet_cpu, relaxed_config, scenario};
+use crate::util::{quiet_cpu, relaxed_config, scenario, wait_until, Daemon};
 
 const QUANTUM: Duration = Duration::from_millis(50);
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -267,80 +267,45 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
 ///
 /// Event-driven, not timed: each step waits for the log line that proves the
 /// previous one happened (up to 120 s, far beyond the ~1 s it takes on the
-/// development VM, so a machine 3× slower with both cores busy passes), and
+/// development VM, so a machine 3x slower with both cores busy passes), and
 /// the daemon runs until it is told to stop.
 #[test]
 fn the_daemon_picks_up_a_dropped_in_policy() {
-    use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let _quiet = quiet_cpu();
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let config = state.path().join("config.toml");
-    std::fs::write(&config, format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS))
-        .unwrap();
+    let config = format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS);
     let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");
-    let args = |extra: &[&str]| {
-        let mut a = vec![
-            "--config".to_string(),
-            config.display().to_string(),
-            "--log".into(),
-            "info".into(),
-            "run".into(),
-            "--connect".into(),
-            format!("sim:{}", scenario.display()),
-            "--quantum".into(),
-            "100ms".into(),
-            "--policy-dir".into(),
-            dir.path().display().to_string(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&[])).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = String::new();
-    let mut wait_for = |what: &str, want: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    log.push_str(&line);
-                    log.push('\n');
-                    if want(&line) {
-                        return;
-                    }
-                }
-                Err(_) => panic!("no log line for {what} within 120 s; log so far:\n{log}"),
-            }
-        }
-    };
-    wait_for("the first quantum", &|l| l.contains("quantum summary"));
+    let connect = format!("sim:{}", scenario.display());
+    let policy_dir = dir.path().display().to_string();
+    let run = ["--connect", connect.as_str(), "--quantum", "100ms", "--policy-dir", policy_dir.as_str()];
+    let mut daemon = Daemon::start("hot-swap", "info", Some(&config), &run);
+    let minutes = Duration::from_secs(120);
+    let logged = |d: &Daemon, words: &[&str]| d.log().lines().any(|l| words.iter().all(|w| l.contains(w)));
+    wait_until("the first quantum", minutes, || logged(&daemon, &["quantum summary"]));
     rename_into(dir.path(), "50-classic.wasm", Builtin::Classic.wasm());
-    wait_for("the dropped-in policy to be validated", &|l| l.contains("policy loaded and validated") && l.contains("50-classic.wasm"));
-    wait_for("the swap", &|l| l.contains("policy slots swapped"));
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    wait_for("the SIGHUP rescan", &|l| l.contains("SIGHUP: re-reading policies"));
-    wait_for("a quantum after the rescan", &|l| l.contains("quantum summary"));
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    reader.join().unwrap();
-    let log: String = log + &rx.try_iter().map(|l| l + "\n").collect::<String>();
-    assert!(status.success(), "{status}: {log}");
+    wait_until("the dropped-in policy to be validated", minutes, || logged(&daemon, &["policy loaded and validated", "50-classic.wasm"]));
+    wait_until("the swap", minutes, || logged(&daemon, &["policy slots swapped"]));
+    daemon.signal(libc::SIGHUP);
+    wait_until("the SIGHUP rescan", minutes, || logged(&daemon, &["SIGHUP: re-reading policies"]));
+    let seen = daemon.summaries().len();
+    wait_until("a quantum after the rescan", minutes, || daemon.summaries().len() > seen);
+    daemon.signal(libc::SIGTERM);
+    daemon.assert_clean_exit(minutes);
+    let log = daemon.log();
     assert!(!log.contains("policy failed"), "{log}");
     assert!(std::fs::read_dir(state.path().join("compile-cache")).unwrap().count() >= 1, "the compile cache was used");
 
+    let config = state.path().join("config.toml");
+    std::fs::write(&config, format!("state_dir = {:?}\n", state.path())).unwrap();
+    let args = |extra: &[&str]| {
+        let mut a = vec!["--config".to_string(), config.display().to_string(), "run".into()];
+        a.extend(run.iter().map(|s| s.to_string()));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&["--quanta", "1"])).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -19,8 +19,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::util::wait_until;
 
 const URI: &str = "qemu:///system";
 const GUEST_DIR: &str = "/var/lib/vm-balancer/guest";
@@ -159,94 +161,15 @@ fn current_kib(name: &str) -> u64 {
     balloon(name).get("current").copied().unwrap_or(0)
 }
 
-/// Waits until `f` holds, or panics with `what`.
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// A running `vm-balancer run`, its log in a file; killed on drop.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
+/// `vm-balancer run --connect qemu:///system ARGS`, with apply-level logs.
+struct Daemon;
 
 impl Daemon {
-    fn start(tag: &str, args: &[&str], config: Option<&str>) -> Daemon {
-        let dir = std::env::temp_dir();
-        let log = dir.join(format!("vmbtest-{}-{tag}.log", std::process::id()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
-        cmd.env("NO_COLOR", "1").arg("--log").arg("info,vm_balancer::apply=debug");
-        if let Some(text) = config {
-            let path = dir.join(format!("vmbtest-{}-{tag}.toml", std::process::id()));
-            std::fs::write(&path, text).unwrap();
-            cmd.arg("--config").arg(path);
-        }
-        cmd.arg("run").arg("--connect").arg(URI).args(args);
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("cannot start vm-balancer");
-        Daemon { child, log }
+    fn start(tag: &str, args: &[&str], config: Option<&str>) -> crate::util::Daemon {
+        let mut run = vec!["--connect", URI];
+        run.extend_from_slice(args);
+        crate::util::Daemon::start(tag, "info,vm_balancer::apply=debug", config, &run)
     }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < timeout, "vm-balancer did not exit within {timeout:?}; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    /// The log, without ANSI colour codes.
-    fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    fn summaries(&self) -> Vec<String> {
-        self.log().lines().filter(|l| l.contains("quantum summary")).map(String::from).collect()
-    }
-
-    fn assert_clean_exit(&mut self, timeout: Duration) {
-        let status = self.wait(timeout);
-        let log = self.log();
-        assert!(status.success(), "vm-balancer exited with {status}; log:\n{log}");
-        assert!(!log.contains("panicked"), "vm-balancer panicked; log:\n{log}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A `key=value` field of a log line; a `[...]` value is taken whole.
@@ -367,7 +290,7 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
         (on("0"), on("1"), p)
     };
     let t0 = Instant::now();
-    wait_until("4 burning vCPUs split 2/2 over pCPUs 0 and 1", Duration::from_secs(20), || {
+    wait_until("4 burning vCPUs split 2/2 over pCPUs 0 and 1", Duration::from_secs(60), || {
         let (a, b, _) = split();
         a == 2 && b == 2
     });

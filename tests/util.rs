@@ -1,8 +1,9 @@
 //! Helpers shared by the test modules.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use vm_balancer::config::{Config, Limits};
 use vm_balancer::pipeline::Pipeline;
@@ -116,4 +117,104 @@ pub fn quiet_cpu() -> RwLockReadGuard<'static, ()> {
 /// For the e2e test: nothing timing-sensitive runs while held.
 pub fn busy_cpu() -> RwLockWriteGuard<'static, ()> {
     CPU.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits until `f` holds, or panics with `what` after `timeout`. Polls
+/// every 250 ms: tests wait for states, never for fixed times.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A running `vm-balancer --log FILTER [--config FILE] run ARGS`, its log in
+/// a file (read with [`log`](Self::log) at any time); killed on drop, so a
+/// failed test never leaves a daemon behind.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts it; `config` is the text of a config file, if any.
+    pub fn start(tag: &str, log_filter: &str, config: Option<&str>, run_args: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir();
+        let log = dir.join(format!("vmbtest-{}-{tag}.log", std::process::id()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+        cmd.env("NO_COLOR", "1").arg("--log").arg(log_filter);
+        if let Some(text) = config {
+            let path = dir.join(format!("vmbtest-{}-{tag}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        cmd.arg("run").args(run_args);
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("cannot start vm-balancer");
+        Daemon { child, log }
+    }
+
+    /// Waits for it to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < timeout, "vm-balancer did not exit within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends it a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// The log so far, without ANSI colour codes.
+    pub fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Its `quantum summary` lines so far.
+    pub fn summaries(&self) -> Vec<String> {
+        self.log().lines().filter(|l| l.contains("quantum summary")).map(String::from).collect()
+    }
+
+    /// Waits for it to exit, and checks it exited 0 without a panic.
+    pub fn assert_clean_exit(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        let log = self.log();
+        assert!(status.success(), "vm-balancer exited with {status}; log:\n{log}");
+        assert!(!log.contains("panicked"), "vm-balancer panicked; log:\n{log}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `text` without ANSI escape sequences.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
