@@ -41,7 +41,9 @@ fn roomy_limits() -> Limits {
     Limits { decide_timeout_ms: 10_000, max_memory_mib: 2048, max_output_kib: 65536, ..Limits::default() }
 }
 
-/// Where the time goes: the host's encode and a native decode of the snapshot.
+/// Where the time goes: the host's encode and a native decode of the snapshot,
+/// each beside rmp_serde's (`*-rmp-serde`, the same bytes through serde),
+/// so the case for the hand-written codec can be re-checked.
 fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("codec");
     group.sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(2));
@@ -49,8 +51,14 @@ fn codec(c: &mut Criterion) {
         let snap = snapshot(n);
         let bytes = encode_snapshot(&snap);
         group.bench_with_input(BenchmarkId::new("encode", n), &snap, |b, snap| b.iter(|| encode_snapshot(snap).len()));
+        group.bench_with_input(BenchmarkId::new("encode-rmp-serde", n), &snap, |b, snap| {
+            b.iter(|| rmp_serde::to_vec_named(snap).unwrap().len())
+        });
         group.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
             b.iter(|| vm_balancer::sdk::decode_snapshot(bytes).unwrap().domains.len())
+        });
+        group.bench_with_input(BenchmarkId::new("decode-rmp-serde", n), &bytes, |b, bytes| {
+            b.iter(|| rmp_serde::from_slice::<Snapshot>(bytes).unwrap().domains.len())
         });
         let mut reused = Snapshot::default();
         group.bench_with_input(BenchmarkId::new("decode-into", n), &bytes, |b, bytes| {

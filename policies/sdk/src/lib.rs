@@ -93,7 +93,7 @@ impl std::fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 /// Encodes a snapshot the way the daemon does (named MessagePack map; the
-/// same bytes as `rmp_serde::to_vec_named`, written faster: see `codec.rs`).
+/// same bytes as `rmp_serde::to_vec_named`, written faster: see the `codec` module).
 pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
     // Sized from the typical encoded size (about 60 bytes a vCPU, 50 a host
     // CPU, 200 a domain besides its vCPUs): growing a 350 KB buffer by
@@ -105,7 +105,7 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
 }
 
 /// Decodes a snapshot; unknown fields are ignored, missing required ones
-/// are an error naming them (see `codec.rs` for why this is not plain rmp_serde).
+/// are an error naming them (see the `codec` module for why this is not plain rmp_serde).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, CodecError> {
     let mut snapshot = Snapshot::default();
     decode_snapshot_into(bytes, &mut snapshot, Reads::ALL).map(|()| snapshot)
