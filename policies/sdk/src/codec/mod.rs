@@ -3,11 +3,14 @@
 //! Why not just `rmp_serde` (which the daemon still uses for the small,
 //! untrusted action lists, and which this module still uses for the small
 //! `verdicts` and `params`): the snapshot is the hot path. At 1,000 domains
-//! (350 KB, 4,000 vCPUs) rmp_serde took 0.19 ms to encode and 0.65 ms to
-//! decode, natively, of a 1 ms budget for the whole decide call, and more
-//! inside wasm: every value goes through serde's visitor machinery and every
-//! map key is UTF-8 validated. Here the host CPUs and domains are read and
-//! written field by field, in place (0.11 ms each way at 1,000 domains):
+//! (350 KB, 4,000 vCPUs) rmp_serde takes about 2.7x as long to encode and
+//! 3-5x as long to decode as this module, natively, of a 1 ms budget for the
+//! whole decide call, and more inside wasm: every value goes through serde's
+//! visitor machinery and every map key is UTF-8 validated. (`cargo bench
+//! --bench decide -- codec` runs rmp_serde beside this module, so the reason
+//! can be re-checked: 0.37 vs 0.14 ms to encode, 0.72 vs 0.14-0.24 ms to
+//! decode, at 1,000 domains on the development VM.) Here the host CPUs and
+//! domains are read and written field by field, in place:
 //! - the snapshot is decoded into last quantum's, reusing its memory, and a
 //!   name or UUID equal to last quantum's is neither checked nor copied;
 //! - parts a policy does not read ([`Reads`](crate::Reads)) are skipped, not stored;
