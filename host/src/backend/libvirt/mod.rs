@@ -133,8 +133,8 @@ pub struct LibvirtBackend {
     flags_unsupported: bool,
 }
 
-fn hypervisor(uri: &str, operation: &'static str, error: &VirError) -> BackendError {
-    BackendError::Hypervisor { uri: uri.to_string(), operation, message: error.message().to_string() }
+fn hypervisor(uri: &str, operation: &'static str, error: VirError) -> BackendError {
+    BackendError::Hypervisor { uri: uri.to_string(), operation, source: error }
 }
 
 fn unsupported_flags(error: &VirError) -> bool {
@@ -191,11 +191,7 @@ impl LibvirtBackend {
         if self.conn.is_none() {
             let now = Instant::now();
             if now < self.next_connect {
-                return Err(BackendError::Hypervisor {
-                    uri: self.options.uri.clone(),
-                    operation: "reconnect",
-                    message: format!("not connected; next attempt in {:.1?}", self.next_connect - now),
-                });
+                return Err(BackendError::NotConnected { uri: self.options.uri.clone(), retry_in: self.next_connect - now });
             }
             self.calls += 1;
             match Connect::open(Some(&self.options.uri)) {
@@ -220,7 +216,7 @@ impl LibvirtBackend {
                     }
                     self.next_connect = now + self.backoff;
                     self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                    return Err(hypervisor(&self.options.uri, "connect", &error));
+                    return Err(hypervisor(&self.options.uri, "connect", error));
                 }
             }
         }
@@ -396,7 +392,7 @@ impl LibvirtBackend {
         stats.map_err(|error| {
             let uri = self.options.uri.clone();
             self.check_alive();
-            hypervisor(&uri, "bulk domain stats", &error)
+            hypervisor(&uri, "bulk domain stats", error)
         })
     }
 
@@ -418,7 +414,7 @@ impl LibvirtBackend {
             (Err(error), Some(_)) if is_gone(&error) => Err(BackendError::DomainGone { domain: domain.to_string() }),
             (Err(error), Some(_)) => {
                 self.check_alive();
-                Err(hypervisor(&uri, "domain lookup", &error))
+                Err(hypervisor(&uri, "domain lookup", error))
             }
         }
     }
@@ -600,6 +596,14 @@ mod tests {
         let mut b = LibvirtBackend::new(LibvirtOptions::new("test:///nonexistent/path.xml"));
         let e = b.collect().unwrap_err();
         assert!(e.to_string().contains("test:///nonexistent"), "{e}");
+        // `new` tried once already, so this is the backoff; the attempt after
+        // it fails with libvirt's error as the source.
+        let BackendError::NotConnected { retry_in, .. } = e else { panic!("{e:?}") };
+        std::thread::sleep(retry_in);
+        let e = b.collect().unwrap_err();
+        assert!(e.to_string().contains("test:///nonexistent"), "{e}");
+        let BackendError::Hypervisor { operation: "connect", source, .. } = &e else { panic!("{e:?}") };
+        assert!(!source.message().is_empty(), "{e:?}");
         let e = b.collect().unwrap_err();
         assert!(e.to_string().contains("next attempt"), "{e}");
     }
