@@ -61,7 +61,7 @@ impl Applier {
                 }
                 Err(error) => {
                     self.stats.failed += 1;
-                    tracing::warn!(%error, "backend refused an action");
+                    tracing::warn!(error = &error as &dyn std::error::Error, "backend refused an action");
                 }
             }
         }

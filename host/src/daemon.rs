@@ -172,10 +172,12 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
                 fed_back = clamped + rejected;
             }
             Err(error) => {
+                // Recorded as an error, not its Display: the log then shows
+                // its sources too (libvirt's own message).
                 if failing {
-                    tracing::debug!(%error, "quantum skipped: no observation");
+                    tracing::debug!(error = &error as &dyn std::error::Error, "quantum skipped: no observation");
                 } else {
-                    tracing::warn!(%error, "quantum skipped: no observation (the loop carries on)");
+                    tracing::warn!(error = &error as &dyn std::error::Error, "quantum skipped: no observation (the loop carries on)");
                 }
                 failing = true;
             }
@@ -202,7 +204,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     if options.restore && !options.dry_run {
         match pipeline.backend_mut().restore() {
             Ok(n) => tracing::info!(restored = n, "restored the original pins and balloon targets"),
-            Err(error) => tracing::error!(%error, "restore failed"),
+            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "restore failed"),
         }
     }
     let stats = pipeline.applier().stats();

@@ -65,14 +65,25 @@ pub enum BackendError {
         message: String,
     },
     /// Talking to the hypervisor failed (connection lost, call refused).
-    #[error("hypervisor at {uri} failed during {operation}: {message}")]
+    /// libvirt's message and code are the source, not repeated here.
+    #[error("hypervisor at {uri} failed during {operation}")]
     Hypervisor {
         /// Connection URI.
         uri: String,
         /// What was being done.
         operation: &'static str,
-        /// The hypervisor's message.
-        message: String,
+        /// libvirt's error.
+        #[source]
+        source: virt::error::Error,
+    },
+    /// The connection is down and the reconnect backoff has not run out:
+    /// no call was made, so there is no libvirt error to carry.
+    #[error("hypervisor at {uri} failed during reconnect: not connected; next attempt in {retry_in:.1?}")]
+    NotConnected {
+        /// Connection URI.
+        uri: String,
+        /// Time left until the next connection attempt.
+        retry_in: std::time::Duration,
     },
 }
 

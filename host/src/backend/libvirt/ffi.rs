@@ -1,0 +1,267 @@
+//! Every raw libvirt call of the backend, behind safe functions.
+//!
+//! The `virt` crate covers most of what the backend needs, but not the bulk
+//! stats call (it does not free the records), nor the node CPU map, node CPU
+//! and memory stats, or `virDomainGetVcpus` with caller-sized buffers. Those
+//! go through `virt::sys` here and nowhere else, the way Firecracker keeps
+//! its ioctls in `kvm-ioctls`: the rest of the backend holds owned Rust
+//! values and cannot get a pointer's lifetime or a buffer's length wrong.
+//!
+//! Rules kept in this file:
+//! - one unsafe operation per `unsafe` block, each with its `// SAFETY:`
+//!   argument;
+//! - libvirt's error is read (`virGetLastError`) right after the call that
+//!   failed, before any other libvirt call can replace it;
+//! - memory libvirt hands over is owned by a Rust value at once and freed
+//!   exactly once ([`StatsList`]'s drop, or `free` before returning).
+
+use virt::connect::Connect;
+use virt::domain::Domain as VirDomain;
+use virt::error::Error as VirError;
+use virt::sys;
+
+/// Flags of a live-only change (`virDomainPinVcpuFlags`,
+/// `virDomainSetMemoryStatsPeriod`).
+pub(super) const AFFECT_LIVE: sys::virDomainModificationImpact = sys::VIR_DOMAIN_AFFECT_LIVE;
+
+/// Flags of a live-only balloon target (`virDomainSetMemoryFlags`).
+pub(super) const MEM_LIVE: sys::virDomainMemoryModFlags = sys::VIR_DOMAIN_MEM_LIVE;
+
+/// Owns the record list of one `virConnectGetAllDomainStats` call and frees
+/// it on drop (`virt` would leak it), even when parsing bails out early.
+pub(super) struct StatsList {
+    ptr: *mut sys::virDomainStatsRecordPtr,
+    len: usize,
+}
+
+/// The groups the backend asks for: run state, total CPU, per-vCPU counters
+/// and the balloon (which carries the guest's memory figures).
+const STATS_GROUPS: sys::virDomainStatsTypes =
+    sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BALLOON;
+
+/// Every active domain's stats in one round trip.
+pub(super) fn all_domain_stats(conn: &Connect) -> Result<StatsList, VirError> {
+    let mut ptr: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: `conn` is an open connection, borrowed for the call; on success
+    // libvirt stores a NULL-terminated array of `n` records in `ptr`, which
+    // the returned StatsList owns.
+    let n =
+        unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), STATS_GROUPS, &mut ptr, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE) };
+    if n < 0 {
+        return Err(VirError::last_error());
+    }
+    Ok(StatsList { ptr, len: n as usize })
+}
+
+impl StatsList {
+    /// The records, in libvirt's order, borrowed from the list.
+    pub(super) fn records(&self) -> impl ExactSizeIterator<Item = StatsRecord<'_>> {
+        let records: &[sys::virDomainStatsRecordPtr] = if self.ptr.is_null() || self.len == 0 {
+            &[]
+        } else {
+            // SAFETY: libvirt returned `len` valid record pointers in an array
+            // at `ptr` (NULL-terminated, so `len` entries are in bounds); the
+            // array lives until `drop` frees it, which the borrow of `self`
+            // outlives.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        };
+        records.iter().map(|&ptr| {
+            // SAFETY: each pointer of the array is a valid record, alive (and
+            // not written by libvirt) while the list is, which the returned
+            // borrow cannot outlive.
+            StatsRecord { record: unsafe { &*ptr } }
+        })
+    }
+}
+
+impl Drop for StatsList {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr` came from virConnectGetAllDomainStats and is freed
+            // exactly once, here; the domain handles taken from its records
+            // hold references of their own (virDomainRef).
+            unsafe { sys::virDomainStatsRecordListFree(self.ptr) };
+        }
+    }
+}
+
+/// One domain's record, valid while its [`StatsList`] is.
+pub(super) struct StatsRecord<'a> {
+    record: &'a sys::virDomainStatsRecord,
+}
+
+impl<'a> StatsRecord<'a> {
+    /// An owned handle of the record's domain, usable after the list is
+    /// freed: it holds one more reference, dropped with the handle.
+    pub(super) fn domain(&self) -> VirDomain {
+        let dom = self.record.dom;
+        // SAFETY: `dom` is the record's valid domain pointer; the reference
+        // taken here is the one the returned handle releases on drop.
+        unsafe { sys::virDomainRef(dom) };
+        // SAFETY: `dom` is valid and referenced once for this handle (above).
+        unsafe { VirDomain::from_ptr(dom) }
+    }
+
+    /// The record's numeric typed parameters as (field, value); other types
+    /// (strings, doubles, booleans) are skipped, the backend reads none.
+    pub(super) fn numbers(&self) -> impl Iterator<Item = (String, i128)> + 'a {
+        let (params, nparams) = (self.record.params, self.record.nparams);
+        let params: &'a [sys::virTypedParameter] = if params.is_null() || nparams <= 0 {
+            &[]
+        } else {
+            // SAFETY: the record holds `nparams` initialised typed parameters
+            // at `params`, freed only with the list, which `'a` outlives.
+            unsafe { std::slice::from_raw_parts(params, nparams as usize) }
+        };
+        params.iter().filter_map(typed_number)
+    }
+}
+
+/// A numeric typed parameter's (field, value), widened to `i128` so that
+/// every libvirt integer type fits.
+fn typed_number(p: &sys::virTypedParameter) -> Option<(String, i128)> {
+    let value = match p.type_ as u32 {
+        // SAFETY: `type_` says the union holds `i`.
+        sys::VIR_TYPED_PARAM_INT => i128::from(unsafe { p.value.i }),
+        // SAFETY: `type_` says the union holds `ui`.
+        sys::VIR_TYPED_PARAM_UINT => i128::from(unsafe { p.value.ui }),
+        // SAFETY: `type_` says the union holds `l`.
+        sys::VIR_TYPED_PARAM_LLONG => i128::from(unsafe { p.value.l }),
+        // SAFETY: `type_` says the union holds `ul`.
+        sys::VIR_TYPED_PARAM_ULLONG => i128::from(unsafe { p.value.ul }),
+        _ => return None,
+    };
+    Some((field_name(&p.field), value))
+}
+
+/// A fixed-size C field name up to its NUL (or the whole array if libvirt
+/// left none), read without trusting the terminator.
+fn field_name(field: &[libc::c_char]) -> String {
+    let bytes: Vec<u8> = field.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The host's CPUs as libvirt's node CPU map (`true` = online), or `None`
+/// when the driver has no map (the caller falls back to node info).
+pub(super) fn node_cpu_map(conn: &Connect) -> Option<Vec<bool>> {
+    let mut map: *mut libc::c_uchar = std::ptr::null_mut();
+    let mut online: libc::c_uint = 0;
+    // SAFETY: `conn` is an open connection, borrowed for the call; on success
+    // libvirt stores a malloc'd bitmap of `(n + 7) / 8` bytes in `map`.
+    let n = unsafe { sys::virNodeGetCPUMap(conn.as_ptr(), &mut map, &mut online, 0) };
+    if map.is_null() {
+        return None;
+    }
+    let cpus = (n > 0).then(|| {
+        let n = n as usize;
+        // SAFETY: the bitmap has (n + 7) / 8 bytes (see above) and is freed
+        // only below, after this copy.
+        let bytes = unsafe { std::slice::from_raw_parts(map, n.div_ceil(8)) };
+        (0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect()
+    });
+    // SAFETY: `map` was allocated by libvirt with malloc, and is freed once.
+    unsafe { libc::free(map.cast()) };
+    cpus
+}
+
+/// One host CPU's cumulative times as (field, ns): `kernel`, `user`,
+/// `idle`, `iowait` and whatever else the driver reports.
+pub(super) fn node_cpu_stats(conn: &Connect, cpu: u32) -> Option<Vec<(String, u64)>> {
+    let mut params = [sys::virNodeCPUStats { field: [0; 80], value: 0 }; 8];
+    let mut n: libc::c_int = params.len() as libc::c_int;
+    // SAFETY: `conn` is an open connection, borrowed for the call; `params`
+    // has room for `n` entries, as the call is told.
+    let rc = unsafe { sys::virNodeGetCPUStats(conn.as_ptr(), cpu as libc::c_int, params.as_mut_ptr(), &mut n, 0) };
+    if rc < 0 {
+        return None;
+    }
+    Some(params.iter().take(n.max(0) as usize).map(|p| (field_name(&p.field), p.value)).collect())
+}
+
+/// The host's memory over all NUMA cells as (field, KiB): `total`, `free`,
+/// `buffers`, `cached`; `None` on drivers without node memory stats.
+pub(super) fn node_memory_stats(conn: &Connect) -> Option<Vec<(String, u64)>> {
+    let mut params = [sys::virNodeMemoryStats { field: [0; 80], value: 0 }; 8];
+    let mut n: libc::c_int = params.len() as libc::c_int;
+    // SAFETY: `conn` is an open connection, borrowed for the call; `params`
+    // has room for `n` entries, as the call is told.
+    let rc = unsafe { sys::virNodeGetMemoryStats(conn.as_ptr(), sys::VIR_NODE_MEMORY_STATS_ALL_CELLS, params.as_mut_ptr(), &mut n, 0) };
+    if rc != 0 {
+        return None;
+    }
+    Some(params.iter().take(n.max(0) as usize).map(|p| (field_name(&p.field), p.value)).collect())
+}
+
+/// Where one vCPU runs, from `virDomainGetVcpus`.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct VcpuInfo {
+    /// vCPU number.
+    pub number: u32,
+    /// The pCPU it runs on, if the driver knows.
+    pub cpu: Option<u32>,
+    /// Its live affinity.
+    pub affinity: Vec<u32>,
+}
+
+/// Placement of up to `nvcpus` vCPUs, with affinity maps of `maplen` bytes
+/// (the host's CPU count rounded up to bytes).
+pub(super) fn domain_vcpus(dom: &VirDomain, nvcpus: usize, maplen: usize) -> Result<Vec<VcpuInfo>, VirError> {
+    let mut info = vec![sys::virVcpuInfo { number: 0, state: 0, cpuTime: 0, cpu: -1 }; nvcpus];
+    let mut maps = vec![0u8; nvcpus * maplen];
+    // SAFETY: `info` has room for `nvcpus` entries and `maps` for `nvcpus`
+    // maps of `maplen` bytes, as the call is told; `dom` is a valid handle,
+    // borrowed for the call.
+    let got =
+        unsafe { sys::virDomainGetVcpus(dom.as_ptr(), info.as_mut_ptr(), nvcpus as libc::c_int, maps.as_mut_ptr(), maplen as libc::c_int) };
+    if got < 0 {
+        return Err(VirError::last_error());
+    }
+    Ok(info
+        .iter()
+        .take(got as usize)
+        .enumerate()
+        .map(|(i, v)| VcpuInfo {
+            number: v.number,
+            cpu: u32::try_from(v.cpu).ok(),
+            affinity: cpus_of_map(&maps[i * maplen..(i + 1) * maplen]),
+        })
+        .collect())
+}
+
+/// libvirt's cpumap of `cpus`: bit `c % 8` of byte `c / 8`, at least
+/// `maplen` bytes (longer if a CPU lies beyond them).
+pub(super) fn cpumap(cpus: &[u32], maplen: usize) -> Vec<u8> {
+    let mut map = vec![0u8; maplen.max(cpus.iter().map(|c| *c as usize / 8 + 1).max().unwrap_or(1))];
+    for cpu in cpus {
+        map[*cpu as usize / 8] |= 1 << (cpu % 8);
+    }
+    map
+}
+
+/// The CPUs set in a libvirt cpumap, ascending.
+fn cpus_of_map(map: &[u8]) -> Vec<u32> {
+    (0..map.len() * 8).filter(|c| map[c / 8] & (1 << (c % 8)) != 0).map(|c| c as u32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpumaps_round_trip_and_grow_for_far_cpus() {
+        assert_eq!(cpumap(&[0, 3, 9], 1), [0b1001, 0b10]);
+        assert_eq!(cpumap(&[1], 2), [0b10, 0]);
+        assert_eq!(cpumap(&[], 0), [0]);
+        assert_eq!(cpus_of_map(&cpumap(&[0, 3, 9], 4)), [0, 3, 9]);
+    }
+
+    #[test]
+    fn field_names_stop_at_nul_or_the_array_end() {
+        let mut field = [0 as libc::c_char; 8];
+        for (f, b) in field.iter_mut().zip(b"user") {
+            *f = *b as libc::c_char;
+        }
+        assert_eq!(field_name(&field), "user");
+        assert_eq!(field_name(&[b'a' as libc::c_char; 3]), "aaa");
+    }
+}
