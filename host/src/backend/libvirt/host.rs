@@ -130,8 +130,11 @@ fn parse_proc_stat(text: &str, ncpus: usize) -> Vec<CpuTimes> {
     let mut out = vec![CpuTimes::default(); ncpus];
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("cpu") else { continue };
-        let mut parts = rest.split_whitespace();
-        let Some(Ok(id)) = parts.next().map(str::parse::<usize>) else { continue };
+        // `cpuN ...`: the id follows "cpu" directly. The aggregate line is
+        // `cpu  ...`: its first figure is a tick count, never an id.
+        let Some((id, fields)) = rest.split_once(char::is_whitespace) else { continue };
+        let Ok(id) = id.parse::<usize>() else { continue };
+        let parts = fields.split_whitespace();
         // user nice system idle iowait irq softirq steal (USER_HZ ticks).
         let v: Vec<u64> = parts.take(8).filter_map(|p| p.parse().ok()).collect();
         if v.len() < 5 || id >= out.len() {
@@ -198,6 +201,10 @@ mod tests {
         let text = "cpu  123456 0 10 80 0 0 0 0 0 0\ncpu0 5 1 4 40 10 0 0 0 0 0\ncpu1 1 2 3 4\ncpu7 1 1 1 1 1\nintr 1 2\n";
         // cpu1 has too few fields, cpu7 is beyond the host's CPUs.
         assert_eq!(parse_proc_stat(text, 2), [CpuTimes { busy: 10, total: 60 }, CpuTimes::default()]);
+        // Just after boot the aggregate line's first tick count can be a
+        // valid CPU number: it is still not CPU 1.
+        let booting = "cpu  1 0 10 80 0 0 0 0 0 0\ncpu0 5 1 4 40 10 0 0 0 0 0\n";
+        assert_eq!(parse_proc_stat(booting, 2), [CpuTimes { busy: 10, total: 60 }, CpuTimes::default()]);
     }
 
     #[test]

@@ -148,8 +148,23 @@ fn is_gone(error: &VirError) -> bool {
 impl LibvirtBackend {
     /// A backend for `options`; connects now, or on the first `collect`.
     pub fn new(options: LibvirtOptions) -> Self {
+        let mut backend = LibvirtBackend::unconnected(options);
+        let _ = backend.ensure_connected();
+        backend
+    }
+
+    /// Connects, or fails with libvirt's reason, naming the URI (the first
+    /// attempt is this one, so its error is the real cause, not "next
+    /// attempt in 1 s").
+    pub fn connect(options: LibvirtOptions) -> Result<Self, BackendError> {
+        let mut backend = LibvirtBackend::unconnected(options);
+        backend.ensure_connected()?;
+        Ok(backend)
+    }
+
+    fn unconnected(options: LibvirtOptions) -> Self {
         virt::error::clear_error_callback();
-        let mut backend = LibvirtBackend {
+        LibvirtBackend {
             options,
             conn: None,
             next_connect: Instant::now(),
@@ -161,16 +176,7 @@ impl LibvirtBackend {
             calls: 0,
             last_collect: Duration::ZERO,
             flags_unsupported: false,
-        };
-        let _ = backend.ensure_connected();
-        backend
-    }
-
-    /// Connects, or fails naming the URI.
-    pub fn connect(options: LibvirtOptions) -> Result<Self, BackendError> {
-        let mut backend = LibvirtBackend::new(options);
-        backend.ensure_connected()?;
-        Ok(backend)
+        }
     }
 
     /// libvirt calls made so far (the benchmark's figure).
