@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use vm_balancer_sdk::{Param, Snapshot, Verdict, SCHEMA_VERSION};
+use vm_balancer_sdk::{Host, HostCpu, HostMemory, Param, Snapshot, Verdict, SCHEMA_VERSION};
 
 use crate::backend::Observation;
 use crate::config::Config;
@@ -19,11 +19,19 @@ pub fn assemble(
     params: &BTreeMap<String, Param>,
     verdicts: Vec<Verdict>,
 ) -> Snapshot {
-    let Observation { mut host, domains } = observation;
-    host.memory.reserve_kib = config.guard.host_reserve_mib * KIB_PER_MIB;
-    for cpu in &mut host.cpus {
-        cpu.reserved = config.guard.reserved_cpus.contains(&cpu.id);
-    }
+    let Observation { host, domains } = observation;
+    let host = Host {
+        cpus: host
+            .cpus
+            .into_iter()
+            .map(|c| HostCpu { id: c.id, online: c.online, reserved: config.guard.reserved_cpus.contains(&c.id), usage: c.usage, node: c.node })
+            .collect(),
+        memory: HostMemory {
+            total_kib: host.memory.total_kib,
+            available_kib: host.memory.available_kib,
+            reserve_kib: config.guard.host_reserve_mib * KIB_PER_MIB,
+        },
+    };
     Snapshot {
         schema_version: SCHEMA_VERSION,
         quantum,

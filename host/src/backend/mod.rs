@@ -7,16 +7,48 @@
 pub mod libvirt;
 pub mod sim;
 
-use vm_balancer_sdk::{Domain, Host};
+use vm_balancer_sdk::Domain;
 
-/// What a backend saw over the quantum that just ended. Reserve, reserved
-/// CPUs and params are added by the snapshot stage from the config.
+/// What a backend saw over the quantum that just ended. The reserve,
+/// reserved CPUs and params are the config's, added by the snapshot stage:
+/// a backend has no field for them, so it cannot fill them wrongly.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
     /// Host CPUs and memory.
-    pub host: Host,
+    pub host: ObservedHost,
     /// Managed domains (the backend leaves out the ones excluded by config).
     pub domains: Vec<Domain>,
+}
+
+/// The host as a backend sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservedHost {
+    /// Every host CPU.
+    pub cpus: Vec<ObservedCpu>,
+    /// Physical memory.
+    pub memory: ObservedMemory,
+}
+
+/// One host CPU.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservedCpu {
+    /// Kernel CPU number.
+    pub id: u32,
+    /// Online.
+    pub online: bool,
+    /// Busy fraction over the last quantum, all causes, 0.0-1.0.
+    pub usage: f32,
+    /// NUMA node.
+    pub node: u32,
+}
+
+/// Host memory, KiB.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObservedMemory {
+    /// Physical memory.
+    pub total_kib: u64,
+    /// What the host can still hand out (MemAvailable).
+    pub available_kib: u64,
 }
 
 /// Errors from a backend; each names the domain, vCPU or value involved.

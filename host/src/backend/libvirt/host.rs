@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use virt::connect::Connect;
-use vm_balancer_sdk::{Host, HostCpu, HostMemory};
+use crate::backend::{ObservedCpu, ObservedHost, ObservedMemory};
 
 use super::ffi;
 
@@ -47,7 +47,7 @@ impl HostState {
 
     /// Host CPUs (with usage since the last call) and memory. `local` reads
     /// `/proc`; otherwise `conn` (none: zero figures).
-    pub(super) fn observe(&mut self, conn: Option<&Connect>, local: bool, calls: &mut u64) -> Host {
+    pub(super) fn observe(&mut self, conn: Option<&Connect>, local: bool, calls: &mut u64) -> ObservedHost {
         let times = self.cpu_times(conn, local, calls);
         let usage: Vec<f32> = match (&self.prev_times, &times) {
             (Some(prev), Some(now)) if prev.len() == now.len() => cpu_usage(prev, now),
@@ -58,15 +58,14 @@ impl HostState {
             .cpus
             .iter()
             .enumerate()
-            .map(|(i, (id, online))| HostCpu {
+            .map(|(i, (id, online))| ObservedCpu {
                 id: *id,
                 online: *online,
-                reserved: false,
                 usage: usage.get(i).copied().unwrap_or(0.0),
                 node: 0,
             })
             .collect();
-        Host { cpus, memory: memory(conn, local, calls) }
+        ObservedHost { cpus, memory: memory(conn, local, calls) }
     }
 
     fn cpu_times(&self, conn: Option<&Connect>, local: bool, calls: &mut u64) -> Option<Vec<CpuTimes>> {
@@ -164,32 +163,32 @@ fn times_of_node_stats(stats: &[(String, u64)]) -> CpuTimes {
 
 /// Host memory: `/proc/meminfo` when local (falling back to libvirt if it
 /// cannot be read), else node memory stats, else node info and free memory.
-fn memory(conn: Option<&Connect>, local: bool, calls: &mut u64) -> HostMemory {
+fn memory(conn: Option<&Connect>, local: bool, calls: &mut u64) -> ObservedMemory {
     if local {
         if let Some(memory) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_meminfo(&text)) {
             return memory;
         }
     }
-    let Some(conn) = conn else { return HostMemory::default() };
+    let Some(conn) = conn else { return ObservedMemory::default() };
     *calls += 1;
     if let Some(stats) = ffi::node_memory_stats(conn) {
         let m: HashMap<String, u64> = stats.into_iter().collect();
         let total = m.get("total").copied().unwrap_or(0);
         let avail = ["free", "buffers", "cached"].iter().filter_map(|k| m.get(*k)).sum();
-        return HostMemory { total_kib: total, available_kib: avail, reserve_kib: 0 };
+        return ObservedMemory { total_kib: total, available_kib: avail };
     }
     // Drivers without node memory stats (the test driver).
     *calls += 2;
     let total = conn.get_node_info().map(|i| i.memory).unwrap_or(0);
     let free = conn.get_free_memory().map(|b| b / 1024).unwrap_or(0);
-    HostMemory { total_kib: total, available_kib: free, reserve_kib: 0 }
+    ObservedMemory { total_kib: total, available_kib: free }
 }
 
 /// `MemTotal` and `MemAvailable` of `/proc/meminfo`, KiB.
-fn parse_meminfo(text: &str) -> Option<HostMemory> {
+fn parse_meminfo(text: &str) -> Option<ObservedMemory> {
     let field =
         |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    Some(HostMemory { total_kib: field("MemTotal:")?, available_kib: field("MemAvailable:")?, reserve_kib: 0 })
+    Some(ObservedMemory { total_kib: field("MemTotal:")?, available_kib: field("MemAvailable:")? })
 }
 
 #[cfg(test)]
@@ -224,7 +223,7 @@ mod tests {
     #[test]
     fn meminfo_needs_total_and_available() {
         let text = "MemTotal:       16318480 kB\nMemFree:         1000 kB\nMemAvailable:    8000000 kB\n";
-        assert_eq!(parse_meminfo(text), Some(HostMemory { total_kib: 16318480, available_kib: 8000000, reserve_kib: 0 }));
+        assert_eq!(parse_meminfo(text), Some(ObservedMemory { total_kib: 16318480, available_kib: 8000000 }));
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
     }
 }

@@ -3,10 +3,10 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use vm_balancer_sdk::{Domain, DomainMemory, Host, HostCpu, HostMemory, Vcpu};
+use vm_balancer_sdk::{Domain, DomainMemory, Vcpu};
 
 use super::scenario::{Placement, Profile, Scenario};
-use crate::backend::{Backend, BackendError, Observation};
+use crate::backend::{Backend, BackendError, Observation, ObservedCpu, ObservedHost, ObservedMemory};
 use crate::KIB_PER_MIB;
 
 const URI: &str = "sim://";
@@ -320,11 +320,11 @@ impl Backend for SimBackend {
             });
         }
         let observation = Observation {
-            host: Host {
+            host: ObservedHost {
                 cpus: (0..ncpu)
-                    .map(|c| HostCpu { id: c as u32, online: true, reserved: false, usage: cpu_usage[c] as f32, node: 0 })
+                    .map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: 0 })
                     .collect(),
-                memory: HostMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib, reserve_kib: 0 },
+                memory: ObservedMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib },
             },
             domains,
         };
