@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vm_balancer::backend::sim::SimBackend;
 use vm_balancer::components as c;
 use vm_balancer::config::Config;
 use vm_balancer::pipeline::Pipeline;
@@ -15,7 +16,6 @@ use vm_balancer::policy::builtin::Builtin;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::reload::Reloader;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::backend::sim::SimBackend;
 
 use crate::util::{quiet_cpu, relaxed_config, scenario, wait_until, Daemon};
 

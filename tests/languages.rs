@@ -178,7 +178,10 @@ fn the_guide_shows_the_rust_template_as_it_is() {
     let guide = std::fs::read_to_string(root().join("policies/README.md")).unwrap();
     let src = std::fs::read_to_string(root().join("examples/policies/rust/src/lib.rs")).unwrap();
     let body: String = src.lines().filter(|l| !l.starts_with("//!")).map(|l| format!("{l}\n")).collect();
-    assert!(guide.contains(&format!("```rust\n{body}```")), "policies/README.md's Rust block differs from examples/policies/rust/src/lib.rs");
+    assert!(
+        guide.contains(&format!("```rust\n{body}```")),
+        "policies/README.md's Rust block differs from examples/policies/rust/src/lib.rs"
+    );
 }
 
 /// The CLI runs each example end to end (`simulate --policy FILE --json`).

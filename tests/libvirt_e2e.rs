@@ -214,9 +214,7 @@ fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
     // The administrator moves adm0's vCPU to the other pCPU by hand.
     let theirs = if pins(&names[0]) == ["0"] { "1" } else { "0" };
     virsh_ok(&["vcpupin", &names[0], "0", theirs, "--live"]);
-    wait_until("the daemon to notice the hand-made pin", Duration::from_secs(20), || {
-        daemon.log().contains("re-pinned by someone else")
-    });
+    wait_until("the daemon to notice the hand-made pin", Duration::from_secs(20), || daemon.log().contains("re-pinned by someone else"));
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(pins(&names[0]), [theirs], "the daemon fought the administrator's pin; log:\n{}", daemon.log());
 
@@ -244,7 +242,12 @@ fn scenario_admin_pin_and_libvirtd_restart(guests: &Guests) {
     wait_until("the daemon to reconnect and see the guests again", Duration::from_secs(60), || {
         let log = daemon.log();
         log.contains("reconnected to libvirt")
-            && log.lines().rev().find(|l| l.contains("quantum summary")).and_then(|l| field(l, "domains")).is_some_and(|d| d.parse::<usize>().is_ok_and(|d| d >= 2))
+            && log
+                .lines()
+                .rev()
+                .find(|l| l.contains("quantum summary"))
+                .and_then(|l| field(l, "domains"))
+                .is_some_and(|d| d.parse::<usize>().is_ok_and(|d| d >= 2))
     });
     assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon died with libvirtd; log:\n{}", daemon.log());
     let log = daemon.log();
@@ -267,9 +270,7 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
         guests.wait_console(&format!("cpu{i}"), "vmb: burn started", Duration::from_secs(60));
     }
     // Guests boot at their max memory; wait until the balloon reached 256 MiB.
-    wait_until("balloons inflated to 256 MiB after boot", Duration::from_secs(60), || {
-        names.iter().all(|n| current_kib(n) == 256 * MIB)
-    });
+    wait_until("balloons inflated to 256 MiB after boot", Duration::from_secs(60), || names.iter().all(|n| current_kib(n) == 256 * MIB));
     let all_on_zero = || names.iter().all(|n| pins(n) == ["0"]);
     assert!(all_on_zero(), "setup: every vCPU pinned to pCPU 0");
     let targets: Vec<u64> = names.iter().map(|n| current_kib(n)).collect();
@@ -376,12 +377,16 @@ fn scenario_memory(guests: &Guests) {
     wait_until("greedy's balloon at 256 MiB", Duration::from_secs(60), || current_kib(&greedy) == 256 * MIB);
     let before = current_kib(&greedy);
     let config = "[guard]\nhost_reserve_mib = 100000000\n";
-    let mut daemon = Daemon::start("reserve", &["--quantum", "1s", "--quanta", "6", "--policy", vm_balancer::components::FIXTURE_HOSTILE], Some(config));
+    let mut daemon =
+        Daemon::start("reserve", &["--quantum", "1s", "--quanta", "6", "--policy", vm_balancer::components::FIXTURE_HOSTILE], Some(config));
     let start = Instant::now();
     while daemon.child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(40) {
         for name in [&greedy, &idle] {
             let b = balloon(name);
-            assert!(b.get("current").copied().unwrap_or(0) <= before.max(256 * MIB) + MIB, "memory was given despite the reserve: {name} {b:?}");
+            assert!(
+                b.get("current").copied().unwrap_or(0) <= before.max(256 * MIB) + MIB,
+                "memory was given despite the reserve: {name} {b:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -389,7 +394,10 @@ fn scenario_memory(guests: &Guests) {
     let log = daemon.log();
     let rejected_growth = log
         .lines()
-        .filter(|l| l.contains("rejected by the guard") && l.contains(&format!("set-memory {greedy} -> {}", u64::MAX)) || l.contains("rejected by the guard") && l.contains("reserve"))
+        .filter(|l| {
+            l.contains("rejected by the guard") && l.contains(&format!("set-memory {greedy} -> {}", u64::MAX))
+                || l.contains("rejected by the guard") && l.contains("reserve")
+        })
         .count();
     assert!(rejected_growth > 0, "no growth rejection in the log:\n{log}");
     let fed_back = daemon.summaries().iter().filter_map(|l| field(l, "verdicts_in_snapshot")?.parse::<usize>().ok()).max().unwrap_or(0);

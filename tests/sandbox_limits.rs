@@ -62,7 +62,10 @@ fn garbage_output_is_undecodable() {
 #[test]
 fn huge_output_is_refused() {
     let e = decide_err(&relaxed_limits(), c::FIXTURE_HUGE);
-    assert!(matches!(e, PolicyError::OutputTooLarge { size_bytes, limit_bytes, .. } if size_bytes == 24 << 20 && limit_bytes == 4 << 20), "{e}");
+    assert!(
+        matches!(e, PolicyError::OutputTooLarge { size_bytes, limit_bytes, .. } if size_bytes == 24 << 20 && limit_bytes == 4 << 20),
+        "{e}"
+    );
 }
 
 #[test]

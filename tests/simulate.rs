@@ -82,7 +82,8 @@ fn same_scenario_same_report() {
 #[test]
 fn guard_holds_against_a_hostile_policy() {
     let sc = scenario("idle-reclaim");
-    let config = Config { guard: GuardConfig { reserved_cpus: vec![0], host_reserve_mib: 4096, ..GuardConfig::default() }, ..relaxed_config() };
+    let config =
+        Config { guard: GuardConfig { reserved_cpus: vec![0], host_reserve_mib: 4096, ..GuardConfig::default() }, ..relaxed_config() };
     let mut p = sim_pipeline(&sc, &[c::FIXTURE_HOSTILE], config);
     for _ in 0..40 {
         p.step().unwrap();

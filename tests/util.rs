@@ -5,10 +5,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use vm_balancer::backend::sim::{Scenario, SimBackend};
 use vm_balancer::config::{Config, Limits};
 use vm_balancer::pipeline::Pipeline;
 use vm_balancer::policy::PolicySet;
-use vm_balancer::backend::sim::{Scenario, SimBackend};
 
 /// The repository root.
 pub fn root() -> PathBuf {

@@ -78,7 +78,12 @@ fn main() {
             })
             .collect(),
     );
-    println!("collect  {GUESTS} idle guests: median {:.1} ms, {} libvirt calls per quantum (virsh domstats of all: {:.1} ms)", median(times), median(calls), virsh_ms);
+    println!(
+        "collect  {GUESTS} idle guests: median {:.1} ms, {} libvirt calls per quantum (virsh domstats of all: {:.1} ms)",
+        median(times),
+        median(calls),
+        virsh_ms
+    );
 
     let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
@@ -95,7 +100,10 @@ fn main() {
     assert_eq!(pid, child.id() as i32, "wait4 failed");
     // SAFETY: wait4 succeeded, so it wrote the rusage.
     let usage = unsafe { usage.assume_init() };
-    let cpu_s = usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6 + usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6;
+    let cpu_s = usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6;
     println!(
         "daemon   {run_s} s at 1 s quantum, {GUESTS} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
         100.0 * cpu_s / run_s as f64,

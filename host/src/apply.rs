@@ -42,9 +42,7 @@ impl Applier {
             }
             let result = match action {
                 Action::Pin { domain, vcpu, cpus, .. } => backend.pin_vcpu(domain, *vcpu, cpus).map(|()| self.stats.pins += 1),
-                Action::SetMemory { domain, target_kib, .. } => {
-                    backend.set_memory(domain, *target_kib).map(|()| self.stats.memory += 1)
-                }
+                Action::SetMemory { domain, target_kib, .. } => backend.set_memory(domain, *target_kib).map(|()| self.stats.memory += 1),
             };
             match result {
                 Ok(()) => {

@@ -208,7 +208,15 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
         }
     }
     let stats = pipeline.applier().stats();
-    tracing::info!(why, quanta = done, pins = stats.pins, memory = stats.memory, gone = stats.gone, failed = stats.failed, "vm-balancer stopped");
+    tracing::info!(
+        why,
+        quanta = done,
+        pins = stats.pins,
+        memory = stats.memory,
+        gone = stats.gone,
+        failed = stats.failed,
+        "vm-balancer stopped"
+    );
     Ok(())
 }
 

@@ -126,7 +126,8 @@ impl Guard {
                 Action::SetMemory { domain, target_kib, .. } => match domains.get(domain.as_str()) {
                     None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
-                        let check = self.check_memory(d, *target_kib, memory_by.get(d.name.as_str()), host_short, host, &mut grow_budget_kib);
+                        let check =
+                            self.check_memory(d, *target_kib, memory_by.get(d.name.as_str()), host_short, host, &mut grow_budget_kib);
                         if matches!(check, Check::Accept(_) | Check::Clamp(..)) {
                             memory_by.insert(d.name.as_str(), slot.clone());
                         }

@@ -8,11 +8,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
+use vm_balancer::backend::sim::Scenario;
 use vm_balancer::config::Config;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::Snapshot;
-use vm_balancer::backend::sim::Scenario;
 use vm_balancer::simulate::simulate_cached;
 
 /// Balances KVM guests: each quantum, sandboxed WebAssembly policies decide
@@ -332,8 +332,12 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
         CheckInput::Scenario(scenario, quanta) => {
             let mut set = set;
             set.push(vm_balancer::policy::Slot::new(&slot, policy));
-            let mut pipeline =
-                vm_balancer::pipeline::Pipeline::new(vm_balancer::backend::sim::SimBackend::new(scenario.clone()), set, config.clone(), false);
+            let mut pipeline = vm_balancer::pipeline::Pipeline::new(
+                vm_balancer::backend::sim::SimBackend::new(scenario.clone()),
+                set,
+                config.clone(),
+                false,
+            );
             let n = quanta.unwrap_or(scenario.quanta);
             let (mut actions, mut accepted) = (0usize, 0usize);
             for _ in 0..n {

@@ -117,13 +117,8 @@ impl<B: Backend> Pipeline<B> {
         let checked: Checked = self.guard.check(&snapshot, proposals);
         self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();
-        let outcome = QuantumOutcome {
-            quantum: self.quantum,
-            domains: snapshot.domains.len(),
-            proposed,
-            verdicts: checked.verdicts,
-            fallback_slots,
-        };
+        let outcome =
+            QuantumOutcome { quantum: self.quantum, domains: snapshot.domains.len(), proposed, verdicts: checked.verdicts, fallback_slots };
         self.quantum += 1;
         Ok(outcome)
     }

@@ -24,7 +24,13 @@ pub fn assemble(
         cpus: host
             .cpus
             .into_iter()
-            .map(|c| HostCpu { id: c.id, online: c.online, reserved: config.guard.reserved_cpus.contains(&c.id), usage: c.usage, node: c.node })
+            .map(|c| HostCpu {
+                id: c.id,
+                online: c.online,
+                reserved: config.guard.reserved_cpus.contains(&c.id),
+                usage: c.usage,
+                node: c.node,
+            })
             .collect(),
         memory: HostMemory {
             total_kib: host.memory.total_kib,
@@ -32,13 +38,5 @@ pub fn assemble(
             reserve_kib: config.guard.host_reserve_mib * KIB_PER_MIB,
         },
     };
-    Snapshot {
-        schema_version: SCHEMA_VERSION,
-        quantum,
-        quantum_ms: config.quantum_ms,
-        host,
-        domains,
-        verdicts,
-        params: params.clone(),
-    }
+    Snapshot { schema_version: SCHEMA_VERSION, quantum, quantum_ms: config.quantum_ms, host, domains, verdicts, params: params.clone() }
 }

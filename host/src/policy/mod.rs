@@ -23,6 +23,6 @@ pub mod sandbox;
 pub mod slots;
 pub mod source;
 
-pub use sandbox::{LoadedPolicy, PolicyError, Sandbox};
 pub use crate::proposal::{Decided, Proposal};
+pub use sandbox::{LoadedPolicy, PolicyError, Sandbox};
 pub use slots::{LastSnapshot, PolicySet, Slot};

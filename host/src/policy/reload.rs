@@ -313,25 +313,25 @@ impl Loader {
 /// and failure counters), adds the new ones, drops the rest. An empty plan
 /// means the embedded defaults. The only way the running slots change.
 pub(super) fn apply_plan(set: &mut PolicySet, plan: Plan) {
-        let mut old: HashMap<String, Slot> = set.take_slots().into_iter().map(|s| (s.name().to_string(), s)).collect();
-        let mut slots = Vec::new();
-        for planned in plan.slots {
-            match planned {
-                Planned::Keep(name) => match old.remove(&name) {
-                    Some(slot) => slots.push(slot),
-                    None => tracing::warn!(slot = %name, "planned to keep a slot that is not running; skipped"),
-                },
-                Planned::Load(name, policy) => slots.push(Slot::new(&name, *policy)),
-            }
+    let mut old: HashMap<String, Slot> = set.take_slots().into_iter().map(|s| (s.name().to_string(), s)).collect();
+    let mut slots = Vec::new();
+    for planned in plan.slots {
+        match planned {
+            Planned::Keep(name) => match old.remove(&name) {
+                Some(slot) => slots.push(slot),
+                None => tracing::warn!(slot = %name, "planned to keep a slot that is not running; skipped"),
+            },
+            Planned::Load(name, policy) => slots.push(Slot::new(&name, *policy)),
         }
-        if slots.is_empty() {
-            match PolicySet::defaults(set.limits()) {
-                Ok(mut defaults) => slots = defaults.take_slots(),
-                Err(error) => tracing::error!(%error, "embedded defaults failed to load"),
-            }
-            tracing::info!("no policy files: the embedded defaults decide");
+    }
+    if slots.is_empty() {
+        match PolicySet::defaults(set.limits()) {
+            Ok(mut defaults) => slots = defaults.take_slots(),
+            Err(error) => tracing::error!(%error, "embedded defaults failed to load"),
         }
-        let names: Vec<&str> = slots.iter().map(|s| s.name()).collect();
-        tracing::info!(slots = ?names, "policy slots swapped at the quantum boundary");
-        set.set_slots(slots);
+        tracing::info!("no policy files: the embedded defaults decide");
+    }
+    let names: Vec<&str> = slots.iter().map(|s| s.name()).collect();
+    tracing::info!(slots = ?names, "policy slots swapped at the quantum boundary");
+    set.set_slots(slots);
 }

@@ -46,8 +46,7 @@ impl PolicySource {
         }
         super::dir::scan(dir)?;
         let set = PolicySet::defaults(&config.limits).map_err(SourceError::Defaults)?;
-        let reloader =
-            Reloader::spawn(dir, &config.limits, cache, set.last_snapshot(), Duration::from_millis(config.reload_debounce_ms));
+        let reloader = Reloader::spawn(dir, &config.limits, cache, set.last_snapshot(), Duration::from_millis(config.reload_debounce_ms));
         tracing::info!(dir = %dir.display(), "watching the policy directory");
         Ok((PolicySource::Dir(reloader), set))
     }

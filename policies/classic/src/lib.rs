@@ -45,10 +45,9 @@ fn cpu(snap: &Snapshot) -> Vec<Action> {
         }
     }
     let cpus: Vec<_> = snap.usable_cpus().collect();
-    let (Some(busiest), Some(freest)) = (
-        cpus.iter().max_by(|a, b| a.usage.total_cmp(&b.usage)),
-        cpus.iter().min_by(|a, b| a.usage.total_cmp(&b.usage)),
-    ) else {
+    let (Some(busiest), Some(freest)) =
+        (cpus.iter().max_by(|a, b| a.usage.total_cmp(&b.usage)), cpus.iter().min_by(|a, b| a.usage.total_cmp(&b.usage)))
+    else {
         return actions;
     };
     if busiest.id == freest.id || busiest.usage <= CPU_THRESHOLD || freest.usage >= CPU_THRESHOLD {

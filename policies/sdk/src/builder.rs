@@ -92,14 +92,7 @@ impl SnapshotBuilder {
     pub fn build(mut self) -> Snapshot {
         if !self.explicit_cpu_usage {
             for cpu in &mut self.snapshot.host.cpus {
-                let used: f32 = self
-                    .snapshot
-                    .domains
-                    .iter()
-                    .flat_map(|d| &d.vcpus)
-                    .filter(|v| v.cpu == cpu.id)
-                    .map(|v| v.usage)
-                    .sum();
+                let used: f32 = self.snapshot.domains.iter().flat_map(|d| &d.vcpus).filter(|v| v.cpu == cpu.id).map(|v| v.usage).sum();
                 cpu.usage = used.min(1.0);
             }
         }

@@ -190,7 +190,7 @@ macro_rules! export_policy {
                     })
                 }
             }
-            $crate::bindings::__export_policy_world!(__VmbExport with_types_in $crate::bindings);
+    $crate::bindings::__export_policy_world!(__VmbExport with_types_in $crate::bindings);
         };
         // Natively there is nothing to export; naming the type keeps it "used".
         #[cfg(not(target_arch = "wasm32"))]

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
-use virt::connect::Connect;
 use crate::backend::{ObservedCpu, ObservedHost, ObservedMemory};
+use virt::connect::Connect;
 
 use super::ffi;
 
@@ -58,12 +58,7 @@ impl HostState {
             .cpus
             .iter()
             .enumerate()
-            .map(|(i, (id, online))| ObservedCpu {
-                id: *id,
-                online: *online,
-                usage: usage.get(i).copied().unwrap_or(0.0),
-                node: 0,
-            })
+            .map(|(i, (id, online))| ObservedCpu { id: *id, online: *online, usage: usage.get(i).copied().unwrap_or(0.0), node: 0 })
             .collect();
         ObservedHost { cpus, memory: memory(conn, local, calls) }
     }

@@ -92,14 +92,7 @@ impl SimBackend {
             }
         }
         let lowest = scenario.host.memory_mib * KIB_PER_MIB;
-        SimBackend {
-            scenario,
-            rng,
-            t: 0,
-            vms,
-            next_cpu: 0,
-            metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() },
-        }
+        SimBackend { scenario, rng, t: 0, vms, next_cpu: 0, metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() } }
     }
 
     /// What was measured so far.
@@ -190,10 +183,7 @@ impl SimBackend {
     }
 
     fn vm_mut(&mut self, domain: &str) -> Result<&mut SimVm, BackendError> {
-        self.vms
-            .iter_mut()
-            .find(|vm| vm.alive && vm.name == domain)
-            .ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
+        self.vms.iter_mut().find(|vm| vm.alive && vm.name == domain).ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
     }
 }
 
@@ -321,9 +311,7 @@ impl Backend for SimBackend {
         }
         let observation = Observation {
             host: ObservedHost {
-                cpus: (0..ncpu)
-                    .map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: 0 })
-                    .collect(),
+                cpus: (0..ncpu).map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: 0 }).collect(),
                 memory: ObservedMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib },
             },
             domains,
@@ -343,10 +331,7 @@ impl Backend for SimBackend {
             });
         }
         let vm = self.vm_mut(domain)?;
-        let v = vm
-            .vcpus
-            .get_mut(vcpu as usize)
-            .ok_or_else(|| BackendError::NoSuchVcpu { domain: domain.into(), vcpu })?;
+        let v = vm.vcpus.get_mut(vcpu as usize).ok_or_else(|| BackendError::NoSuchVcpu { domain: domain.into(), vcpu })?;
         if v.affinity != cpus {
             v.affinity = cpus.to_vec();
             if let Some(last) = self.metrics.pin_changes.last_mut() {
