@@ -32,6 +32,12 @@ if ! command -v cargo >/dev/null 2>&1; then
     done
 fi
 command -v rustup >/dev/null 2>&1 || { echo "[setup] ERROR: rustup not found; install Rust with rustup first" >&2; exit 1; }
+# rustfmt and clippy: CI's guardrails (.ci/run). Part of rustup's default
+# profile; added here when a minimal toolchain lacks them.
+components=$(rustup component list --installed)
+for component in rustfmt clippy; do
+    grep -q "^$component-" <<<"$components" || { log "adding Rust component $component"; rustup component add "$component"; }
+done
 installed=$(rustup target list --installed)
 for target in wasm32-unknown-unknown wasm32-wasip2; do
     grep -qx "$target" <<<"$installed" || { log "adding Rust target $target"; rustup target add "$target"; }
