@@ -298,25 +298,41 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
     let balanced_after = t0.elapsed();
     // Then it stays balanced without churn. 2/2 is the optimum only on a
     // quiet host: the default policy counts host background load (other
-    // processes) per pCPU, so with a CPU burner next door (`.ci/stress`) 3/1
-    // can be the better split, and moving there is right. What must never
-    // happen is falling back to all four on one pCPU, or flapping: at most
-    // 8 vCPU moves in 8 s (a swap is two). That it holds 2/2 on a quiet host
-    // is shown deterministically by the simulator tests
+    // processes) per pCPU, so with CPU burners next door (`.ci/stress`) 3/1
+    // can be the better split, and the background moves as the burners do.
+    // What must hold whatever the neighbours do: never all four back on one
+    // pCPU, and no vCPU re-pinned within the guard's cooldown (2 quanta),
+    // read from the daemon's own log. That it holds 2/2 without a move on a
+    // quiet host is shown deterministically by the simulator tests
     // (`defaults_fix_all_on_one_in_one_quantum_and_never_flap`).
     let (_, _, mut layout) = split();
-    let (mut swaps, mut at_2_2) = (0, 0);
+    let (mut moves, mut at_2_2) = (0, 0);
     for _ in 0..16 {
         std::thread::sleep(Duration::from_millis(500));
         let (a, b, now) = split();
         assert!(a < 4 && b < 4, "all four vCPUs back on one pCPU after balancing ({balanced_after:?}): {now:?}; log:\n{}", daemon.log());
         at_2_2 += usize::from(a == 2 && b == 2);
-        swaps += now.iter().zip(&layout).filter(|(x, y)| x != y).count();
+        moves += now.iter().zip(&layout).filter(|(x, y)| x != y).count();
         layout = now;
     }
-    assert!(swaps <= 8, "vCPUs kept moving after balancing ({swaps} moves in 8 s); log:\n{}", daemon.log());
-    eprintln!("e2e: cpu balanced 2/2 after {balanced_after:.1?}; then 2/2 in {at_2_2} of 16 samples over 8 s, {swaps} vCPU moves");
-
+    let log = daemon.log();
+    let mut quantum = 0usize;
+    let mut last_pin: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines() {
+        if line.contains("quantum summary") {
+            quantum += 1;
+        } else if let Some(rest) = line.split("applied action=pin ").nth(1) {
+            let key: String = rest.split(" -> ").next().unwrap_or_default().to_string();
+            if let Some(before) = last_pin.insert(key.clone(), quantum) {
+                assert!(
+                    quantum - before >= 2,
+                    "{key} re-pinned {} quantum(s) after its last pin (cooldown 2); log:\n{log}",
+                    quantum - before
+                );
+            }
+        }
+    }
+    eprintln!("e2e: cpu balanced 2/2 after {balanced_after:.1?}; then 2/2 in {at_2_2} of 16 samples over 8 s, {moves} vCPU moves");
     // 5. Restore on SIGTERM: original pins (all on 0) and balloon targets.
     let mut daemon = daemon;
     daemon.signal(libc::SIGTERM);

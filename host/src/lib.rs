@@ -28,6 +28,7 @@ pub mod apply;
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod ffi;
 pub mod guard;
 pub mod pipeline;
 pub mod policy;

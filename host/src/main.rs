@@ -140,13 +140,9 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
-        // Report commands die quietly when their reader goes away
-        // (`vm-balancer simulate ... | head`), like other Unix tools. The
-        // daemon keeps Rust's default (SIGPIPE ignored): a closed log pipe
-        // must not kill it mid-quantum.
-        // SAFETY: called before any thread is spawned; resetting a signal
-        // disposition to its default has no other precondition.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // Report commands die quietly when their reader goes away (the
+        // daemon keeps SIGPIPE ignored: see `ffi::restore_default_sigpipe`).
+        vm_balancer::ffi::restore_default_sigpipe();
     }
     init_logging(cli.log.as_deref());
     match run(cli) {

@@ -52,8 +52,7 @@ impl CompileCache {
         {
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             let meta = std::fs::symlink_metadata(dir)?;
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let euid = unsafe { libc::geteuid() };
+            let euid = crate::ffi::effective_uid();
             if meta.file_type().is_symlink() || meta.uid() != euid {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
@@ -111,13 +110,8 @@ impl CompileCache {
         super::sandbox::check_header(source_name, bytes)?;
         let entry = self.entry(bytes);
         if entry.exists() {
-            // SAFETY: `deserialize_file` trusts the file to be a compiled
-            // artifact from this engine. The cache directory is created 0700
-            // by this daemon, entries are only ever written by `store` below
-            // from `Component::serialize`, and the engine settings are part of
-            // the file name; wasmtime additionally checks the version and
-            // settings in the header and errors (never UB) on a mismatch.
-            match unsafe { Component::deserialize_file(engine(), &entry) } {
+            // The trust argument is in `ffi::deserialize_cached_component`.
+            match crate::ffi::deserialize_cached_component(engine(), &entry) {
                 Ok(component) => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(source = source_name, entry = %entry.display(), "compile cache hit");

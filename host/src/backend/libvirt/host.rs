@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::backend::{ObservedCpu, ObservedHost, ObservedMemory};
 use virt::connect::Connect;
 
-use super::ffi;
+use crate::ffi;
 
 /// Cumulative host CPU times of one CPU (busy, total), in the source's unit
 /// (USER_HZ ticks from `/proc/stat`, ns from libvirt): only ratios are used.

@@ -52,17 +52,17 @@
 //! - `mod.rs` (this file): [`LibvirtBackend`], the connection and its
 //!   reconnect backoff, and the [`Backend`] impl — the libvirt calls and
 //!   their order;
-//! - `ffi.rs`: every call into `virt::sys`, behind safe functions (the bulk
-//!   stats list that frees itself, typed parameters, the node CPU map, node
-//!   CPU and memory stats, `virDomainGetVcpus`), so that nothing else
-//!   handles a raw pointer;
+//! - `crate::ffi` (`host/src/ffi.rs`, the daemon's one home of `unsafe`):
+//!   every call into `virt::sys`, behind safe functions (the bulk stats list
+//!   that frees itself, typed parameters, the node CPU map, node CPU and
+//!   memory stats, `virDomainGetVcpus`), so that nothing else handles a raw
+//!   pointer;
 //! - `state.rs`: what is remembered of each domain between quanta (previous
 //!   samples, originals for restore, external-pin holds, a balloon in
 //!   flight) and the delta maths, as pure methods tested without libvirt;
 //! - `host.rs`: host CPU and memory figures, from `/proc` or libvirt;
 //! - `xml.rs`: the scan of a domain's XML (opt-out, tags, autodeflate).
 
-mod ffi;
 mod host;
 mod state;
 mod xml;
@@ -74,12 +74,12 @@ use virt::connect::Connect;
 use virt::domain::Domain as VirDomain;
 use virt::error::{Error as VirError, ErrorNumber};
 
-use self::ffi::StatsList;
 use self::host::HostState;
 use self::state::{AuditEvent, DomainSample, Domains, KnownDomain, Placement};
 pub use self::xml::{parse_domain_xml, DomainXml, METADATA_URI};
 use super::{Backend, BackendError, Observation};
 use crate::config::Exclude;
+use crate::ffi::{self, StatsList};
 
 /// Longest reconnect backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -1,4 +1,7 @@
-//! Every raw libvirt call of the backend, behind safe functions.
+//! Every `unsafe` of the daemon, behind safe functions: the raw libvirt
+//! calls of the backend, and three libc/wasmtime calls (the effective uid,
+//! SIGPIPE's disposition, loading a compiled component from the cache).
+//! `grep unsafe host/src` finds this file only.
 //!
 //! The `virt` crate covers most of what the backend needs, but not the bulk
 //! stats call (it does not free the records), nor the node CPU map, node CPU
@@ -22,14 +25,14 @@ use virt::sys;
 
 /// Flags of a live-only change (`virDomainPinVcpuFlags`,
 /// `virDomainSetMemoryStatsPeriod`).
-pub(super) const AFFECT_LIVE: sys::virDomainModificationImpact = sys::VIR_DOMAIN_AFFECT_LIVE;
+pub(crate) const AFFECT_LIVE: sys::virDomainModificationImpact = sys::VIR_DOMAIN_AFFECT_LIVE;
 
 /// Flags of a live-only balloon target (`virDomainSetMemoryFlags`).
-pub(super) const MEM_LIVE: sys::virDomainMemoryModFlags = sys::VIR_DOMAIN_MEM_LIVE;
+pub(crate) const MEM_LIVE: sys::virDomainMemoryModFlags = sys::VIR_DOMAIN_MEM_LIVE;
 
 /// Owns the record list of one `virConnectGetAllDomainStats` call and frees
 /// it on drop (`virt` would leak it), even when parsing bails out early.
-pub(super) struct StatsList {
+pub(crate) struct StatsList {
     ptr: *mut sys::virDomainStatsRecordPtr,
     len: usize,
 }
@@ -40,7 +43,7 @@ const STATS_GROUPS: sys::virDomainStatsTypes =
     sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BALLOON;
 
 /// Every active domain's stats in one round trip.
-pub(super) fn all_domain_stats(conn: &Connect) -> Result<StatsList, VirError> {
+pub(crate) fn all_domain_stats(conn: &Connect) -> Result<StatsList, VirError> {
     let mut ptr: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: `conn` is an open connection, borrowed for the call; on success
     // libvirt stores a NULL-terminated array of `n` records in `ptr`, which
@@ -55,7 +58,7 @@ pub(super) fn all_domain_stats(conn: &Connect) -> Result<StatsList, VirError> {
 
 impl StatsList {
     /// The records, in libvirt's order, borrowed from the list.
-    pub(super) fn records(&self) -> impl ExactSizeIterator<Item = StatsRecord<'_>> {
+    pub(crate) fn records(&self) -> impl ExactSizeIterator<Item = StatsRecord<'_>> {
         let records: &[sys::virDomainStatsRecordPtr] = if self.ptr.is_null() || self.len == 0 {
             &[]
         } else {
@@ -86,14 +89,14 @@ impl Drop for StatsList {
 }
 
 /// One domain's record, valid while its [`StatsList`] is.
-pub(super) struct StatsRecord<'a> {
+pub(crate) struct StatsRecord<'a> {
     record: &'a sys::virDomainStatsRecord,
 }
 
 impl<'a> StatsRecord<'a> {
     /// An owned handle of the record's domain, usable after the list is
     /// freed: it holds one more reference, dropped with the handle.
-    pub(super) fn domain(&self) -> VirDomain {
+    pub(crate) fn domain(&self) -> VirDomain {
         let dom = self.record.dom;
         // SAFETY: `dom` is the record's valid domain pointer; the reference
         // taken here is the one the returned handle releases on drop.
@@ -104,7 +107,7 @@ impl<'a> StatsRecord<'a> {
 
     /// The record's numeric typed parameters as (field, value); other types
     /// (strings, doubles, booleans) are skipped, the backend reads none.
-    pub(super) fn numbers(&self) -> impl Iterator<Item = (String, i128)> + 'a {
+    pub(crate) fn numbers(&self) -> impl Iterator<Item = (String, i128)> + 'a {
         let (params, nparams) = (self.record.params, self.record.nparams);
         let params: &'a [sys::virTypedParameter] = if params.is_null() || nparams <= 0 {
             &[]
@@ -143,7 +146,7 @@ fn field_name(field: &[libc::c_char]) -> String {
 
 /// The host's CPUs as libvirt's node CPU map (`true` = online), or `None`
 /// when the driver has no map (the caller falls back to node info).
-pub(super) fn node_cpu_map(conn: &Connect) -> Option<Vec<bool>> {
+pub(crate) fn node_cpu_map(conn: &Connect) -> Option<Vec<bool>> {
     let mut map: *mut libc::c_uchar = std::ptr::null_mut();
     let mut online: libc::c_uint = 0;
     // SAFETY: `conn` is an open connection, borrowed for the call; on success
@@ -166,7 +169,7 @@ pub(super) fn node_cpu_map(conn: &Connect) -> Option<Vec<bool>> {
 
 /// One host CPU's cumulative times as (field, ns): `kernel`, `user`,
 /// `idle`, `iowait` and whatever else the driver reports.
-pub(super) fn node_cpu_stats(conn: &Connect, cpu: u32) -> Option<Vec<(String, u64)>> {
+pub(crate) fn node_cpu_stats(conn: &Connect, cpu: u32) -> Option<Vec<(String, u64)>> {
     let mut params = [sys::virNodeCPUStats { field: [0; 80], value: 0 }; 8];
     let mut n: libc::c_int = params.len() as libc::c_int;
     // SAFETY: `conn` is an open connection, borrowed for the call; `params`
@@ -180,7 +183,7 @@ pub(super) fn node_cpu_stats(conn: &Connect, cpu: u32) -> Option<Vec<(String, u6
 
 /// The host's memory over all NUMA cells as (field, KiB): `total`, `free`,
 /// `buffers`, `cached`; `None` on drivers without node memory stats.
-pub(super) fn node_memory_stats(conn: &Connect) -> Option<Vec<(String, u64)>> {
+pub(crate) fn node_memory_stats(conn: &Connect) -> Option<Vec<(String, u64)>> {
     let mut params = [sys::virNodeMemoryStats { field: [0; 80], value: 0 }; 8];
     let mut n: libc::c_int = params.len() as libc::c_int;
     // SAFETY: `conn` is an open connection, borrowed for the call; `params`
@@ -194,7 +197,7 @@ pub(super) fn node_memory_stats(conn: &Connect) -> Option<Vec<(String, u64)>> {
 
 /// Where one vCPU runs, from `virDomainGetVcpus`.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct VcpuInfo {
+pub(crate) struct VcpuInfo {
     /// vCPU number.
     pub number: u32,
     /// The pCPU it runs on, if the driver knows.
@@ -205,7 +208,7 @@ pub(super) struct VcpuInfo {
 
 /// Placement of up to `nvcpus` vCPUs, with affinity maps of `maplen` bytes
 /// (the host's CPU count rounded up to bytes).
-pub(super) fn domain_vcpus(dom: &VirDomain, nvcpus: usize, maplen: usize) -> Result<Vec<VcpuInfo>, VirError> {
+pub(crate) fn domain_vcpus(dom: &VirDomain, nvcpus: usize, maplen: usize) -> Result<Vec<VcpuInfo>, VirError> {
     let mut info = vec![sys::virVcpuInfo { number: 0, state: 0, cpuTime: 0, cpu: -1 }; nvcpus];
     let mut maps = vec![0u8; nvcpus * maplen];
     // SAFETY: `info` has room for `nvcpus` entries and `maps` for `nvcpus`
@@ -230,7 +233,7 @@ pub(super) fn domain_vcpus(dom: &VirDomain, nvcpus: usize, maplen: usize) -> Res
 
 /// libvirt's cpumap of `cpus`: bit `c % 8` of byte `c / 8`, at least
 /// `maplen` bytes (longer if a CPU lies beyond them).
-pub(super) fn cpumap(cpus: &[u32], maplen: usize) -> Vec<u8> {
+pub(crate) fn cpumap(cpus: &[u32], maplen: usize) -> Vec<u8> {
     let mut map = vec![0u8; maplen.max(cpus.iter().map(|c| *c as usize / 8 + 1).max().unwrap_or(1))];
     for cpu in cpus {
         map[*cpu as usize / 8] |= 1 << (cpu % 8);
@@ -264,4 +267,39 @@ mod tests {
         assert_eq!(field_name(&field), "user");
         assert_eq!(field_name(&[b'a' as libc::c_char; 3]), "aaa");
     }
+}
+
+/// The effective uid of this process (the compile cache refuses a
+/// directory owned by anyone else).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Puts SIGPIPE back to its default (die quietly), as Unix tools do when
+/// their reader goes away (`vm-balancer simulate ... | head`). For the
+/// report commands only: the daemon keeps Rust's default (ignored), so a
+/// closed log pipe cannot kill it mid-quantum.
+pub fn restore_default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL only changes this process's disposition
+    // of SIGPIPE; it has no memory effects and no other precondition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// A compiled component from a compile-cache entry.
+///
+/// `Component::deserialize_file` is unsafe because it runs the file's native
+/// code as is. Its only caller is [`crate::policy::cache::CompileCache`],
+/// whose directory is refused unless it is owned by this uid and not a
+/// symlink, is kept 0700, and whose entries are written only by itself from
+/// `Component::serialize`, named by content hash and engine settings; wasmtime
+/// also checks the version and settings in the header and errors (never UB)
+/// on a mismatch.
+pub(crate) fn deserialize_cached_component(
+    engine: &wasmtime::Engine,
+    entry: &std::path::Path,
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: see above: the entry is the cache's own, in a directory only
+    // this uid can write.
+    unsafe { wasmtime::component::Component::deserialize_file(engine, entry) }
 }
