@@ -246,29 +246,6 @@ fn cpus_of_map(map: &[u8]) -> Vec<u32> {
     (0..map.len() * 8).filter(|c| map[c / 8] & (1 << (c % 8)) != 0).map(|c| c as u32).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpumaps_round_trip_and_grow_for_far_cpus() {
-        assert_eq!(cpumap(&[0, 3, 9], 1), [0b1001, 0b10]);
-        assert_eq!(cpumap(&[1], 2), [0b10, 0]);
-        assert_eq!(cpumap(&[], 0), [0]);
-        assert_eq!(cpus_of_map(&cpumap(&[0, 3, 9], 4)), [0, 3, 9]);
-    }
-
-    #[test]
-    fn field_names_stop_at_nul_or_the_array_end() {
-        let mut field = [0 as libc::c_char; 8];
-        for (f, b) in field.iter_mut().zip(b"user") {
-            *f = *b as libc::c_char;
-        }
-        assert_eq!(field_name(&field), "user");
-        assert_eq!(field_name(&[b'a' as libc::c_char; 3]), "aaa");
-    }
-}
-
 /// The effective uid of this process (the compile cache refuses a
 /// directory owned by anyone else).
 pub fn effective_uid() -> u32 {
@@ -302,4 +279,27 @@ pub(crate) fn deserialize_cached_component(
     // SAFETY: see above: the entry is the cache's own, in a directory only
     // this uid can write.
     unsafe { wasmtime::component::Component::deserialize_file(engine, entry) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpumaps_round_trip_and_grow_for_far_cpus() {
+        assert_eq!(cpumap(&[0, 3, 9], 1), [0b1001, 0b10]);
+        assert_eq!(cpumap(&[1], 2), [0b10, 0]);
+        assert_eq!(cpumap(&[], 0), [0]);
+        assert_eq!(cpus_of_map(&cpumap(&[0, 3, 9], 4)), [0, 3, 9]);
+    }
+
+    #[test]
+    fn field_names_stop_at_nul_or_the_array_end() {
+        let mut field = [0 as libc::c_char; 8];
+        for (f, b) in field.iter_mut().zip(b"user") {
+            *f = *b as libc::c_char;
+        }
+        assert_eq!(field_name(&field), "user");
+        assert_eq!(field_name(&[b'a' as libc::c_char; 3]), "aaa");
+    }
 }
