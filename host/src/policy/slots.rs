@@ -12,9 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
 
