@@ -763,7 +763,9 @@ impl<'de> Reader<'de> {
                         _ => u32::from_be_bytes(self.be()?) as usize,
                     };
                     let ext = usize::from(matches!(marker, 0xc7..=0xc9));
-                    self.take(len + ext)?;
+                    // Saturating: on wasm32 an ext32 of length 0xffffffff + 1
+                    // would wrap to 0 and skip nothing; saturated, `take` fails.
+                    self.take(len.saturating_add(ext))?;
                 }
                 SKIP_ITEMS => {
                     // Arrays (per item 1) and maps (2): count inline or in `size` bytes.
