@@ -136,9 +136,17 @@ impl CompileCache {
 
     fn store(&self, entry: &Path, component: &Component) -> std::io::Result<()> {
         let bytes = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
-        let tmp = entry.with_extension("tmp");
+        // A temporary name of this process and call alone: two processes
+        // sharing a cache (two `simulate` runs of one file) must never write
+        // into the same file, or a torn entry could be renamed into place.
+        static STORES: AtomicU64 = AtomicU64::new(0);
+        let n = STORES.fetch_add(1, Ordering::Relaxed);
+        let tmp = entry.with_extension(format!("tmp.{}.{n}", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, entry)?;
+        if let Err(error) = std::fs::rename(&tmp, entry) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(error);
+        }
         self.evict()
     }
 
