@@ -3,8 +3,6 @@
 //! per-user compile cache of the offline commands, per-policy limits, the
 //! log filter, and fallback actions labelled as such.
 
-use std::process::Command;
-
 use vm_balancer::components as c;
 use vm_balancer::config::{Limits, PolicyLimits};
 use vm_balancer::policy::answer::Encoding;
@@ -15,12 +13,7 @@ use crate::util::{relaxed_config, relaxed_config_file, relaxed_limits, root, s, 
 
 /// The binary with a private per-user cache (`XDG_CACHE_HOME`).
 fn vm_balancer_cached(cache_home: &std::path::Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).env("XDG_CACHE_HOME", cache_home).output().expect("binary runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    crate::util::vm_balancer_with_env(args, &[("XDG_CACHE_HOME", cache_home.as_os_str())])
 }
 
 #[test]

@@ -75,7 +75,17 @@ pub struct Run {
 /// Runs the built binary; on any later assertion failure, the message
 /// carries the command and both streams (see [`Run::context`]).
 pub fn vm_balancer(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args).output().expect("binary runs");
+    vm_balancer_with_env(args, &[])
+}
+
+/// [`vm_balancer`] with extra environment variables.
+pub fn vm_balancer_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+    cmd.args(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = cmd.output().expect("binary runs");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -126,18 +126,11 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     backend_options.read_only = options.dry_run;
     let backend = crate::backend::open(backend_options)?;
     // The drop-in directory's files compile through the daemon's own cache.
-    let cache = if options.policies.is_empty() {
-        let cache_dir = config.state_dir.join("compile-cache");
-        match crate::policy::cache::CompileCache::new(&cache_dir, config.compile_cache_max_mib * 1024 * 1024) {
-            Ok(cache) => Some(Arc::new(cache)),
-            Err(error) => {
-                tracing::warn!(dir = %cache_dir.display(), %error, "no compile cache: policies are compiled at every load");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let cache = options
+        .policies
+        .is_empty()
+        .then(|| crate::policy::cache::CompileCache::open_or_warn(&config.state_dir.join("compile-cache"), config.compile_cache_max_mib))
+        .flatten();
     let (source, policies) = PolicySource::start(&config, &options.policies, &options.policy_dir, cache)?;
     let mut pipeline = Pipeline::new(backend, policies, config.clone(), options.dry_run);
     source.wait_first(pipeline.policies_mut(), Duration::from_secs(2));

@@ -256,17 +256,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The per-user compile cache for offline commands; `None` (and a debug
-/// line) when there is no home directory or it is refused.
+/// The per-user compile cache of the offline commands, if there is a home.
 fn user_cache(config: &Config) -> Option<Arc<CompileCache>> {
-    let dir = CompileCache::user_dir()?;
-    match CompileCache::new(&dir, config.compile_cache_max_mib * 1024 * 1024) {
-        Ok(cache) => Some(Arc::new(cache)),
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "no compile cache: every run compiles the policy");
-            None
-        }
-    }
+    CompileCache::open_or_warn(&CompileCache::user_dir()?, config.compile_cache_max_mib)
 }
 
 /// What `policy check` runs a policy on.
@@ -322,18 +314,16 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
         "limits.decide_timeout_ms".to_string()
     };
     let mut failed = 0;
+    // Decide times: every call's for snapshots; the slot's own (median,
+    // slowest) for a scenario.
     let mut times = Vec::new();
+    let mut summary = None;
     let mut warnings = std::collections::BTreeMap::<String, u64>::new();
     match input {
         CheckInput::Scenario(scenario, quanta) => {
             let mut set = set;
             set.push(vm_balancer::policy::Slot::new(&slot, policy));
-            let mut pipeline = vm_balancer::pipeline::Pipeline::new(
-                vm_balancer::backend::sim::SimBackend::new(scenario.clone()),
-                set,
-                config.clone(),
-                false,
-            );
+            let mut pipeline = vm_balancer::simulate::pipeline_with(&scenario, &config, set);
             let n = quanta.unwrap_or(scenario.quanta);
             let (mut actions, mut accepted) = (0usize, 0usize);
             for _ in 0..n {
@@ -362,8 +352,7 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
                 stats.fallbacks,
                 pipeline.guard().stats().rejected
             );
-            times.push(std::time::Duration::from_micros(t.median_us));
-            times.push(std::time::Duration::from_micros(t.max_us));
+            summary = Some((std::time::Duration::from_micros(t.median_us), std::time::Duration::from_micros(t.max_us)));
         }
         CheckInput::Snapshot(snapshot, path) => {
             failed += run_one(&mut policy, &path.display().to_string(), &snapshot, repeat, &mut times, &mut warnings);
@@ -378,7 +367,8 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
         println!("warning  {warning}{}", if *count > 1 { format!(" ({count} times)") } else { String::new() });
     }
     times.sort();
-    if let (Some(median), Some(max)) = (times.get(times.len() / 2), times.last()) {
+    let summary = summary.or_else(|| Some((*times.get(times.len() / 2)?, *times.last()?)));
+    if let Some((median, max)) = summary {
         let over = if max.as_secs_f64() * 1000.0 * 2.0 > deadline_ms as f64 {
             "  <- over half the deadline: raise it for this policy or make it faster"
         } else {

@@ -66,7 +66,13 @@ pub fn pipeline(
     let defaults = ["builtin:cpu".to_string(), "builtin:mem".to_string()];
     let specs = if specs.is_empty() { &defaults[..] } else { specs };
     let policies = PolicySet::new(&config.limits).with_cache(cache).with_specs(specs)?;
-    Ok(Pipeline::new(SimBackend::new(scenario.clone()), policies, config, false))
+    Ok(pipeline_with(scenario, &config, policies))
+}
+
+/// The simulator pipeline over `scenario` running `policies` (`policy check
+/// --scenario` brings its own, strict, policy).
+pub fn pipeline_with(scenario: &Scenario, config: &Config, policies: PolicySet) -> Pipeline<SimBackend> {
+    Pipeline::new(SimBackend::new(scenario.clone()), policies, scenario_config(scenario, config), false)
 }
 
 /// The config as a scenario runs it: its quantum, and its host reserve if

@@ -72,6 +72,19 @@ impl CompileCache {
         Ok(CompileCache { dir: dir.to_path_buf(), max_bytes, engine_tag, stats: CacheStats::default() })
     }
 
+    /// [`new`](Self::new) for the daemon and the offline commands: a cache
+    /// that cannot be opened (unwritable, refused owner) is a warning and no
+    /// cache, never a reason not to run; policies then compile at each load.
+    pub fn open_or_warn(dir: &Path, max_mib: u64) -> Option<std::sync::Arc<Self>> {
+        match CompileCache::new(dir, max_mib * 1024 * 1024) {
+            Ok(cache) => Some(std::sync::Arc::new(cache)),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "no compile cache: policies are compiled at every load");
+                None
+            }
+        }
+    }
+
     /// The per-user cache the offline commands (`simulate`, `policy check`)
     /// use: `$XDG_CACHE_HOME/vm-balancer/compile-cache`, else
     /// `~/.cache/vm-balancer/compile-cache`; `None` without either

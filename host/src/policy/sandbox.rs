@@ -32,7 +32,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 pub use super::answer::Encoding;
-pub use crate::config::SlotLimits as SandboxLimits;
+use crate::config::SlotLimits;
 
 /// Host bindings generated from `wit/policy.wit`, world `policy` (MessagePack).
 mod bindings {
@@ -188,7 +188,7 @@ impl PolicyError {
 }
 
 /// Epoch ticks of a deadline: +1 because the current tick is already partly over.
-fn deadline_ticks(limits: &SandboxLimits) -> u64 {
+fn deadline_ticks(limits: &SlotLimits) -> u64 {
     limits.timeout_ms.div_ceil(TICK_MS) + 1
 }
 
@@ -304,7 +304,7 @@ impl Sandbox {
     }
 
     /// The limits of the policy in slot `slot`.
-    pub fn limits_for(&self, slot: &str) -> SandboxLimits {
+    pub fn limits_for(&self, slot: &str) -> SlotLimits {
         self.limits.for_slot(slot)
     }
 
@@ -414,7 +414,7 @@ pub struct LoadedPolicy {
     slot: Arc<str>,
     source_name: String,
     pre: Pre,
-    limits: SandboxLimits,
+    limits: SlotLimits,
     live: Option<(Store<HostState>, Instance)>,
     imports: Vec<String>,
     exports: Vec<String>,
@@ -464,7 +464,7 @@ impl LoadedPolicy {
     }
 
     /// The limits it runs under (its own override, or `[limits]`).
-    pub fn limits(&self) -> SandboxLimits {
+    pub fn limits(&self) -> SlotLimits {
         self.limits
     }
 
@@ -506,25 +506,25 @@ impl LoadedPolicy {
 
     /// The raw answer, size-checked.
     fn call_decide(&mut self, snapshot: &[u8]) -> Result<Vec<u8>, PolicyError> {
-        let slot = self.slot.to_string();
         let limit = self.limits.max_output_bytes;
         let started = Instant::now();
+        // The JSON world's input is borrowed as text, not copied: this runs
+        // every quantum on snapshots of hundreds of KB.
         let text = match self.encoding() {
             Encoding::MessagePack => None,
-            Encoding::Json => Some(
-                std::str::from_utf8(snapshot)
-                    .map_err(|e| PolicyError::WrongInput { slot: slot.clone(), detail: format!("JSON world, input not UTF-8: {e}") })?
-                    .to_string(),
-            ),
+            Encoding::Json => Some(std::str::from_utf8(snapshot).map_err(|e| PolicyError::WrongInput {
+                slot: self.slot.to_string(),
+                detail: format!("JSON world, input not UTF-8: {e}"),
+            })?),
         };
         let answer = self.with_instance(|store, instance| match instance {
             Instance::MessagePack(i) => i.call_decide(store, snapshot),
-            Instance::Json(i) => i.call_decide(store, text.as_deref().unwrap_or_default()).map(|r| r.map(String::into_bytes)),
+            Instance::Json(i) => i.call_decide(store, text.unwrap_or_default()).map(|r| r.map(String::into_bytes)),
         });
         self.last_decide = started.elapsed();
-        let bytes = answer?.map_err(|message| PolicyError::Refused { slot: slot.clone(), message })?;
+        let bytes = answer?.map_err(|message| PolicyError::Refused { slot: self.slot.to_string(), message })?;
         if bytes.len() > limit {
-            return Err(PolicyError::OutputTooLarge { slot, size_bytes: bytes.len(), limit_bytes: limit });
+            return Err(PolicyError::OutputTooLarge { slot: self.slot.to_string(), size_bytes: bytes.len(), limit_bytes: limit });
         }
         Ok(bytes)
     }

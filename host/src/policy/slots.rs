@@ -131,7 +131,7 @@ impl Slot {
     /// Records one call's time; warns once when the policy has used more
     /// than half its deadline [`SLOW_STREAK_QUANTA`] times in a row, so an
     /// operator hears of it before it starts timing out.
-    fn record_time(&mut self, policy_name: &str, took_us: u32, deadline_ms: u64) {
+    fn record_time(&mut self, took_us: u32, deadline_ms: u64) {
         if self.times_us.len() < TIMES_KEPT {
             self.times_us.push(took_us);
         } else {
@@ -152,7 +152,7 @@ impl Slot {
             recent.sort_unstable();
             tracing::warn!(
                 slot = %self.name,
-                policy = policy_name,
+                policy = self.policy.as_ref().map_or("", |p| p.info().name.as_str()),
                 median_ms = f64::from(recent[recent.len() / 2]) / 1000.0,
                 deadline_ms,
                 quanta = SLOW_STREAK_QUANTA,
@@ -200,8 +200,8 @@ impl Slot {
         };
         let result = policy.decide(inputs.get(policy.encoding(), snapshot));
         let took_us = policy.last_decide().as_micros().min(u128::from(u32::MAX)) as u32;
-        let (deadline_ms, policy_name) = (policy.limits().timeout_ms, policy.info().name.clone());
-        self.record_time(&policy_name, took_us, deadline_ms);
+        let deadline_ms = policy.limits().timeout_ms;
+        self.record_time(took_us, deadline_ms);
         let policy = self.policy.as_mut().expect("checked above");
         match result {
             Ok(actions) => {
@@ -458,17 +458,17 @@ mod tests {
         let mut s = slot();
         // 60 ms of a 100 ms deadline: over half. A fast call breaks the streak.
         for _ in 0..SLOW_STREAK_QUANTA - 1 {
-            s.record_time("web", 60_000, 100);
+            s.record_time(60_000, 100);
         }
-        s.record_time("web", 10_000, 100);
+        s.record_time(10_000, 100);
         assert!(!s.warned_near_deadline(), "a broken streak does not warn");
         for _ in 0..SLOW_STREAK_QUANTA {
-            s.record_time("web", 60_000, 100);
+            s.record_time(60_000, 100);
         }
         assert!(s.warned_near_deadline());
         // Once: nothing more is collected for the warning afterwards.
         for _ in 0..10 * SLOW_STREAK_QUANTA {
-            s.record_time("web", 90_000, 100);
+            s.record_time(90_000, 100);
         }
         assert!(s.slow_streak.is_empty());
     }
@@ -477,7 +477,7 @@ mod tests {
     fn decide_times_are_a_bounded_ring_with_median_and_p99() {
         let mut s = slot();
         for i in 0..(TIMES_KEPT as u32 + 1000) {
-            s.record_time("web", i % 100, 100);
+            s.record_time(i % 100, 100);
         }
         let t = s.decide_times();
         assert_eq!(t.calls, TIMES_KEPT);

@@ -20,7 +20,8 @@ use crate::config::Config;
 
 /// The policies' origin.
 pub enum PolicySource {
-    /// A fixed list of files or builtins.
+    /// A fixed list of files or builtins (never empty: no specs means the
+    /// directory).
     Specs(Vec<String>),
     /// The watched drop-in directory.
     Dir(Reloader),
@@ -73,9 +74,6 @@ impl PolicySource {
     pub fn reload(&self, set: &mut PolicySet) {
         match self {
             PolicySource::Dir(reloader) => reloader.request(),
-            PolicySource::Specs(specs) if specs.is_empty() => {
-                tracing::info!("SIGHUP: running the built-in defaults; nothing to re-read");
-            }
             PolicySource::Specs(specs) => {
                 let mut loaded = Vec::new();
                 for spec in specs {
