@@ -16,6 +16,9 @@ fn host() -> Snapshot {
         .reserve_cpu(3)
         .domain(DomainBuilder::new("web").vcpu(0, 0.5).vcpu(1, 0.5).memory_mib(2048, 1024, Some(600)))
         .domain(DomainBuilder::new("nostats").vcpu(0, 0.1).memory_mib(1024, 1024, None))
+        .domain(DomainBuilder::new("stale").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).memory_age(6000))
+        .domain(DomainBuilder::new("fresh-enough").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).memory_age(2000))
+        .domain(DomainBuilder::new("hung").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).not_answering(3000))
         .build();
     s.host.cpus[2].online = false;
     s
@@ -73,6 +76,29 @@ fn memory_rules() {
         ),
     ];
     run(rows, GuardConfig::default());
+}
+
+/// Issue 11: figures that did not come in time never shrink a guest, and a
+/// domain whose monitor does not answer gets no action (libvirt would block).
+#[test]
+fn stale_figures_and_hung_domains() {
+    let rows: Vec<Row> = vec![
+        ("shrink on stale figures", vec![("a", mem("stale", 1000))], vec![Some((Outcome::Rejected, "6000 ms old (stale after 5000 ms)"))]),
+        ("grow on stale figures passes", vec![("a", mem("stale", 1100))], vec![Some((Outcome::Accepted, "t"))]),
+        ("figures within the bound", vec![("a", mem("fresh-enough", 1000))], vec![Some((Outcome::Accepted, "t"))]),
+        (
+            "no pin on a hung domain",
+            vec![("a", Action::pin("hung", 0, vec![1], "t"))],
+            vec![Some((Outcome::Rejected, "not answered for 3000 ms"))],
+        ),
+        ("no grow of a hung domain", vec![("a", mem("hung", 1100))], vec![Some((Outcome::Rejected, "not answered"))]),
+        ("no shrink of a hung domain", vec![("a", mem("hung", 1000))], vec![Some((Outcome::Rejected, "not answered"))]),
+    ];
+    run(rows, GuardConfig::default());
+    // The bound is the config's.
+    let rows: Vec<Row> =
+        vec![("stricter bound", vec![("a", mem("fresh-enough", 1000))], vec![Some((Outcome::Rejected, "stale after 1999 ms"))])];
+    run(rows, GuardConfig { stale_after_ms: 1999, ..GuardConfig::default() });
 }
 
 #[test]

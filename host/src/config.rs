@@ -75,6 +75,11 @@ pub struct Config {
     pub compile_cache_max_mib: u64,
     /// Quiet time after the last filesystem event before a rescan, ms.
     pub reload_debounce_ms: u64,
+    /// Deadline of one quantum's collection, ms; unset: half the quantum.
+    /// Why: one hung guest (a stopped QEMU, a monitor stuck on a job) must
+    /// not stop the balancing of every other guest. What has not come in by
+    /// then is reported stale, and the guard never shrinks on stale figures.
+    pub collect_deadline_ms: Option<u32>,
 }
 
 impl Default for Config {
@@ -89,6 +94,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/vm-balancer"),
             compile_cache_max_mib: 512,
             reload_debounce_ms: 200,
+            collect_deadline_ms: None,
         }
     }
 }
@@ -193,6 +199,11 @@ pub struct GuardConfig {
     /// Seconds a vCPU that somebody else re-pinned is left alone (the
     /// daemon does not fight an administrator's `virsh vcpupin`).
     pub external_pin_hold_s: u64,
+    /// Guest memory figures older than this (ms) are stale: the guard never
+    /// shrinks a guest on them. The balloon driver reports every second
+    /// (stats period 1 s, `balloon.last-update` has 1 s resolution), so a
+    /// healthy guest's figures are 0-2 s old.
+    pub stale_after_ms: u64,
 }
 
 impl Default for GuardConfig {
@@ -207,6 +218,7 @@ impl Default for GuardConfig {
             max_pins_per_quantum: 256,
             pin_cooldown_quanta: 2,
             external_pin_hold_s: 300,
+            stale_after_ms: 5000,
         }
     }
 }
@@ -276,6 +288,14 @@ impl Config {
             return bad("limits.max_consecutive_failures", "0".into(), "must be at least 1");
         }
         self.validate_policy_limits()?;
+        self.validate_collect_deadline()?;
+        if self.guard.stale_after_ms < 2000 {
+            return bad(
+                "guard.stale_after_ms",
+                self.guard.stale_after_ms.to_string(),
+                "must be at least 2000: guest figures are reported once a second, with 1 s resolution",
+            );
+        }
         for (key, pct) in [("guard.max_shrink_pct", self.guard.max_shrink_pct), ("guard.max_grow_pct", self.guard.max_grow_pct)] {
             if !(0.0..=100.0).contains(&pct) {
                 return bad(key, pct.to_string(), "must be a percentage, 0..=100");
@@ -312,6 +332,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks `collect_deadline_ms` against the quantum (again by `run`
+    /// after `--quantum` changed it): collection, decisions and actions
+    /// share one quantum.
+    pub fn validate_collect_deadline(&self) -> Result<(), ConfigError> {
+        match self.collect_deadline_ms {
+            Some(ms) if ms == 0 || ms > self.quantum_ms => Err(ConfigError::Invalid {
+                key: "collect_deadline_ms",
+                value: ms.to_string(),
+                why: "must be 1..=quantum_ms (unset: half the quantum)",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The deadline of one quantum's collection.
+    pub fn collect_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.collect_deadline_ms.unwrap_or(self.quantum_ms / 2).max(1)))
     }
 
     /// The `[params]` table as policy parameters.

@@ -31,6 +31,7 @@ use vm_balancer_sdk::{Outcome, Snapshot};
 use crate::backend::libvirt::LibvirtOptions;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
+use crate::persist::StateDir;
 use crate::pipeline::Pipeline;
 use crate::policy::source::{PolicySource, SourceError};
 use crate::snapshot;
@@ -78,6 +79,9 @@ pub enum DaemonError {
     /// The backend could not be opened (a `sim:` scenario that does not load).
     #[error(transparent)]
     Open(#[from] crate::backend::OpenError),
+    /// The state dir is unsafe, or another daemon holds its lock.
+    #[error(transparent)]
+    State(#[from] crate::persist::StateError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -120,10 +124,23 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     // A per-policy deadline is bounded by the quantum, which --quantum may
     // just have shortened.
     config.validate_policy_limits()?;
+    config.validate_collect_deadline()?;
     let mut backend_options = LibvirtOptions::new(&options.connect);
     backend_options.exclude = config.exclude.clone();
     backend_options.external_pin_hold = Duration::from_secs(config.guard.external_pin_hold_s);
     backend_options.read_only = options.dry_run;
+    backend_options.collect_deadline = config.collect_deadline();
+    // A real hypervisor gets one daemon, and its originals survive a crash
+    // (a dry run changes nothing, and the simulator has nothing to keep).
+    let _lock = match options.connect.starts_with("sim:") || options.dry_run {
+        true => None,
+        false => {
+            let state = StateDir::open(&config.state_dir)?;
+            let lock = state.lock(&options.connect)?;
+            backend_options.originals = Some(state.originals(&options.connect));
+            Some(lock)
+        }
+    };
     let backend = crate::backend::open(backend_options)?;
     // The drop-in directory's files compile through the daemon's own cache.
     let cache = options
@@ -219,11 +236,29 @@ pub fn snapshot(config: &Config, uri: &str) -> Result<Snapshot, DaemonError> {
     let mut options = LibvirtOptions::new(uri);
     options.exclude = config.exclude.clone();
     options.read_only = true;
+    options.collect_deadline = config.collect_deadline();
     let mut backend = crate::backend::libvirt::LibvirtBackend::connect(options)?;
     backend.collect()?;
     std::thread::sleep(Duration::from_millis(u64::from(config.quantum_ms)));
     let observation = backend.collect()?;
     Ok(snapshot::assemble(observation, 0, config, &config.policy_params(), Vec::new()))
+}
+
+/// `vm-balancer restore`: puts every domain an earlier daemon changed back
+/// to the originals it stored, without running (after a crash, or after a
+/// hung guest kept a SIGTERM's restore from reaching it). Refused while a
+/// daemon runs for `uri`: its own SIGTERM restores.
+pub fn restore(config: &Config, uri: &str) -> Result<usize, DaemonError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let _lock = state.lock(uri)?;
+    let mut options = LibvirtOptions::new(uri);
+    options.exclude = config.exclude.clone();
+    options.collect_deadline = config.collect_deadline();
+    options.originals = Some(state.originals(uri));
+    options.restore_only = true;
+    let mut backend = crate::backend::libvirt::LibvirtBackend::connect(options)?;
+    backend.collect()?;
+    Ok(backend.restore()?)
 }
 
 #[cfg(test)]

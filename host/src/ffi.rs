@@ -42,14 +42,23 @@ pub(crate) struct StatsList {
 const STATS_GROUPS: sys::virDomainStatsTypes =
     sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BALLOON;
 
-/// Every active domain's stats in one round trip.
+/// Active domains only, and NOWAIT (libvirt ≥ 4.5): a domain whose job lock
+/// is held (its monitor busy with a call that has not returned) reports what
+/// needs no monitor (state, vCPU times, balloon size) instead of blocking
+/// the whole call, and every other domain with it, for up to 30 s.
+const STATS_FLAGS: sys::virConnectGetAllDomainStatsFlags =
+    sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT;
+
+/// Every active domain's stats in one round trip. A domain whose monitor
+/// hangs while its job lock is free still blocks this call (NOWAIT only
+/// skips a held lock), so the backend makes it on a thread of its own, with
+/// a deadline.
 pub(crate) fn all_domain_stats(conn: &Connect) -> Result<StatsList, VirError> {
     let mut ptr: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: `conn` is an open connection, borrowed for the call; on success
     // libvirt stores a NULL-terminated array of `n` records in `ptr`, which
     // the returned StatsList owns.
-    let n =
-        unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), STATS_GROUPS, &mut ptr, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE) };
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), STATS_GROUPS, &mut ptr, STATS_FLAGS) };
     if n < 0 {
         return Err(VirError::last_error());
     }
@@ -229,6 +238,24 @@ pub(crate) fn domain_vcpus(dom: &VirDomain, nvcpus: usize, maplen: usize) -> Res
             affinity: cpus_of_map(&maps[i * maplen..(i + 1) * maplen]),
         })
         .collect())
+}
+
+/// How long a domain's monitor has been busy with one call, from
+/// `virDomainGetControlInfo`, which needs neither the job lock nor the
+/// monitor, so it answers at once for a hung QEMU. `None`: the monitor is
+/// free (or in the middle of a background job, which answers queries).
+pub(crate) fn monitor_busy_for(dom: &VirDomain) -> Result<Option<std::time::Duration>, VirError> {
+    let mut info = sys::virDomainControlInfo { state: 0, details: 0, stateTime: 0 };
+    // SAFETY: `dom` is a valid handle, borrowed for the call; `info` is a
+    // plain struct the call fills.
+    let rc = unsafe { sys::virDomainGetControlInfo(dom.as_ptr(), &mut info, 0) };
+    if rc < 0 {
+        return Err(VirError::last_error());
+    }
+    Ok(match info.state {
+        sys::VIR_DOMAIN_CONTROL_OCCUPIED | sys::VIR_DOMAIN_CONTROL_ERROR => Some(std::time::Duration::from_millis(info.stateTime)),
+        _ => None,
+    })
 }
 
 /// libvirt's cpumap of `cpus`: bit `c % 8` of byte `c / 8`, at least

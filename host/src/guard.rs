@@ -4,6 +4,9 @@
 //! policies in the next snapshot.
 //!
 //! Rules, in the order they are checked:
+//! - **A domain that is not answering** (its monitor busy with a call that
+//!   has not returned, `not_answering_ms > 0`) gets no action at all: libvirt
+//!   would block on it (30 s for the job lock), and the daemon with it.
 //! - **Conflicts** are settled by slot order: the first slot to act on a vCPU
 //!   (or on a domain's memory) this quantum wins; later ones are rejected.
 //! - **Pins**: the domain must be managed and present, the vCPU in range, the
@@ -13,7 +16,8 @@
 //!   `max_pins_per_quantum` pins pass per quantum.
 //! - **Balloon targets**: clamped to the domain's max; never below the guest
 //!   floor `max(guest_floor_mib, used + guest_margin_mib)`; shrinking a guest
-//!   without balloon stats is refused (its use is unknown); each step is
+//!   without balloon stats, or whose stats are older than `stale_after_ms`,
+//!   is refused (its use is unknown, or was); each step is
 //!   clamped to `max_shrink_pct` / `max_grow_pct` of the guest's max.
 //! - **Host OOM guard**: memory given this quantum may not take host
 //!   available memory below the reserve; when the host is already below it,
@@ -111,6 +115,14 @@ impl Guard {
             // the built-in default's pin never reads as the author's.
             let by = if from_fallback { "built-in fallback" } else { "policy" };
             let result = match &action {
+                Action::Pin { domain, .. } | Action::SetMemory { domain, .. }
+                    if domains.get(domain.as_str()).is_some_and(|d| d.not_answering_ms > 0) =>
+                {
+                    Check::Reject(format!(
+                        "domain {domain:?} has not answered for {} ms (its monitor is busy): any change would block in libvirt",
+                        domains[domain.as_str()].not_answering_ms
+                    ))
+                }
                 Action::Pin { domain, vcpu, cpus, .. } => match domains.get(domain.as_str()) {
                     None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
@@ -241,6 +253,12 @@ impl Guard {
             let Some(used) = m.used_kib() else {
                 return Check::Reject(format!("domain {:?} reports no balloon stats: cannot shrink it safely", d.name));
             };
+            if m.age_ms > self.config.stale_after_ms {
+                return Check::Reject(format!(
+                    "domain {:?} memory figures are {} ms old (stale after {} ms): cannot shrink it safely",
+                    d.name, m.age_ms, self.config.stale_after_ms
+                ));
+            }
             let floor = (self.config.guest_floor_mib * KIB_PER_MIB).max(used + self.config.guest_margin_mib * KIB_PER_MIB).min(m.max_kib);
             if target < floor {
                 if floor >= current {

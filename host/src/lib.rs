@@ -30,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod ffi;
 pub mod guard;
+pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod proposal;

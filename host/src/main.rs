@@ -101,6 +101,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put every pin and balloon target back to what it was before a
+    /// daemon first changed it, from the originals the daemon keeps in its
+    /// state dir (after a crash or SIGKILL, or for a guest that was hung at
+    /// the daemon's exit). Refused while a daemon runs for the same URI.
+    Restore {
+        /// libvirt URI.
+        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
+        connect: String,
+    },
     /// Inspect and test policy components.
     Policy {
         #[command(subcommand)]
@@ -231,6 +240,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
             let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir };
             vm_balancer::daemon::run(config, options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { connect } => {
+            let restored = vm_balancer::daemon::restore(&config, &connect)?;
+            println!("restored {restored} pin(s) and balloon target(s) on {connect}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot { connect, quantum, json } => {

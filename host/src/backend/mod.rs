@@ -108,6 +108,37 @@ pub enum BackendError {
         #[source]
         source: virt::error::Error,
     },
+    /// The domain's monitor is busy with a call that has not returned (a
+    /// hung or stopped QEMU): an action would block on its job lock.
+    #[error("domain {domain:?} is not answering (its monitor is busy); no action is sent to it until it answers")]
+    NotAnswering {
+        /// Domain name.
+        domain: String,
+    },
+    /// Neither stats call of a collection returned within the deadline.
+    #[error("collecting from {uri} took longer than the deadline of {deadline:?} (collect_deadline_ms): no figures this quantum")]
+    CollectTimeout {
+        /// Connection URI.
+        uri: String,
+        /// The deadline.
+        deadline: std::time::Duration,
+    },
+    /// Too many stats calls are still stuck in libvirt to start another.
+    #[error("{stuck} stats calls to {uri} have not returned (hung guests?); no new call until one does")]
+    CollectStuck {
+        /// Connection URI.
+        uri: String,
+        /// Calls still running.
+        stuck: usize,
+    },
+    /// The thread of a stats call could not be started, or died.
+    #[error("stats thread for {uri} failed: {message}")]
+    CollectThread {
+        /// Connection URI.
+        uri: String,
+        /// What happened.
+        message: String,
+    },
     /// The connection is down and the reconnect backoff has not run out:
     /// no call was made, so there is no libvirt error to carry.
     #[error("hypervisor at {uri} failed during reconnect: not connected; next attempt in {retry_in:.1?}")]

@@ -116,8 +116,21 @@ impl DomainBuilder {
                 tags: Vec::new(),
                 vcpus: Vec::new(),
                 memory: DomainMemory { max_kib: 1024 * MIB, target_kib: 1024 * MIB, ..DomainMemory::default() },
+                not_answering_ms: 0,
             },
         }
+    }
+
+    /// Marks the domain as not answering for `ms` (a hung monitor).
+    pub fn not_answering(mut self, ms: u64) -> Self {
+        self.domain.not_answering_ms = ms;
+        self
+    }
+
+    /// Ages the guest-reported memory figures by `ms`.
+    pub fn memory_age(mut self, ms: u64) -> Self {
+        self.domain.memory.age_ms = ms;
+        self
     }
 
     /// Adds a vCPU pinned to `cpu` that used `usage` of it.

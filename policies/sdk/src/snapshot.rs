@@ -90,6 +90,18 @@ pub struct Domain {
     pub vcpus: Vec<Vcpu>,
     /// Balloon and guest memory figures.
     pub memory: DomainMemory,
+    /// 0 while the domain answers. Otherwise for how long, in milliseconds,
+    /// its hypervisor monitor has been busy with a call that has not
+    /// returned (a hung or SIGSTOPped QEMU): any change to it would block
+    /// in libvirt, so the guard rejects every action on it. Its CPU figures
+    /// are still fresh (they come from the host kernel); its guest memory
+    /// figures are the last ones known (see [`DomainMemory::age_ms`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_answering_ms: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// One virtual CPU.
@@ -144,6 +156,14 @@ pub struct DomainMemory {
     /// (`<memballoon autodeflate='on'>`).
     #[serde(default)]
     pub autodeflate: bool,
+    /// How old the guest-reported figures (`unused_kib`, `available_kib`,
+    /// `usable_kib`) are, in milliseconds: 0 when fresh this quantum. They
+    /// age when the guest's balloon driver stops reporting
+    /// (`balloon.last-update` stands still) or the domain does not answer.
+    /// The guard never shrinks a guest whose figures are older than
+    /// `guard.stale_after_ms`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub age_ms: u64,
 }
 
 impl DomainMemory {

@@ -67,7 +67,9 @@ mod host;
 mod state;
 mod xml;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
@@ -79,10 +81,21 @@ use self::state::{AuditEvent, DomainSample, Domains, KnownDomain, Placement};
 pub use self::xml::{parse_domain_xml, DomainXml, METADATA_URI};
 use super::{Backend, BackendError, Observation};
 use crate::config::Exclude;
-use crate::ffi::{self, StatsList};
+use crate::ffi;
+use crate::persist::Originals;
 
-/// Longest reconnect backoff.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest reconnect backoff: attempts (each logged) come at 1, 2, 4, 8,
+/// 16, 32 s, then every minute.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Stats calls left running past their deadline (each holds a libvirtd
+/// worker thread and one request slot of its connection) beyond which no
+/// new call is made: a host where that many guests hang at once gets
+/// quanta without data, logged, rather than piling up threads.
+const MAX_STUCK_CALLS: usize = 8;
+
+/// One domain of a stats call: its handle and its counters.
+type Record = (VirDomain, DomainSample);
 
 /// How the backend connects and behaves.
 #[derive(Clone, Debug)]
@@ -100,6 +113,17 @@ pub struct LibvirtOptions {
     /// Observe only: no first-sight pins, no stats period, no actions
     /// (`--dry-run` and `vm-balancer snapshot`).
     pub read_only: bool,
+    /// Deadline of one collection (config `collect_deadline_ms`, by default
+    /// half the quantum). A stats call that has not returned by half of it
+    /// is left running on its thread and retried once, on a fresh
+    /// connection (see the module docs).
+    pub collect_deadline: Duration,
+    /// Where each domain's originals are kept across daemon processes (the
+    /// state dir); `None`: in memory only.
+    pub originals: Option<crate::persist::OriginalsFile>,
+    /// `vm-balancer restore`: discovery changes nothing (no pins, no stats
+    /// period), and `restore` puts back what the originals file holds.
+    pub restore_only: bool,
 }
 
 impl LibvirtOptions {
@@ -112,6 +136,9 @@ impl LibvirtOptions {
             external_pin_hold: Duration::from_secs(300),
             stats_period_s: 1,
             read_only: false,
+            collect_deadline: Duration::from_millis(500),
+            originals: None,
+            restore_only: false,
         }
     }
 }
@@ -131,6 +158,20 @@ pub struct LibvirtBackend {
     last_collect: Duration,
     /// The driver refuses AFFECT_LIVE (test driver): use AFFECT_CURRENT.
     flags_unsupported: bool,
+    /// Stats calls still running past their deadline (on their threads).
+    stuck_calls: Arc<AtomicUsize>,
+    /// Domains whose monitor does not answer, by UUID, with their name (a
+    /// line is logged when one goes quiet, and again when it answers).
+    not_answering: HashMap<String, String>,
+    /// Connection attempts that failed since the last success.
+    failed_connects: u32,
+    /// Originals stored by an earlier daemon, not yet matched to a domain
+    /// seen by this one (by UUID); emptied after the first collection.
+    stored: Originals,
+    /// What the originals file holds now.
+    saved: Originals,
+    /// Known domains changed in a way the originals file must reflect.
+    store_dirty: bool,
 }
 
 fn hypervisor(uri: &str, operation: &'static str, error: VirError) -> BackendError {
@@ -164,6 +205,19 @@ impl LibvirtBackend {
 
     fn unconnected(options: LibvirtOptions) -> Self {
         virt::error::clear_error_callback();
+        let stored = match &options.originals {
+            Some(file) if !options.read_only => file.load().unwrap_or_else(|error| {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "ignoring the stored originals; they are learned again from the live domains"
+                );
+                Originals::new()
+            }),
+            _ => Originals::new(),
+        };
+        if !stored.is_empty() {
+            tracing::info!(domains = stored.len(), "originals of an earlier run found; those domains restore to them");
+        }
         LibvirtBackend {
             options,
             conn: None,
@@ -176,6 +230,49 @@ impl LibvirtBackend {
             calls: 0,
             last_collect: Duration::ZERO,
             flags_unsupported: false,
+            stuck_calls: Arc::new(AtomicUsize::new(0)),
+            not_answering: HashMap::new(),
+            failed_connects: 0,
+            stored,
+            saved: Originals::new(),
+            store_dirty: false,
+        }
+    }
+
+    /// Changes nothing on the hypervisor at discovery (`--dry-run`,
+    /// `snapshot`, `restore`).
+    fn hands_off(&self) -> bool {
+        self.options.read_only || self.options.restore_only
+    }
+
+    /// Writes the originals of every known domain if they changed. A
+    /// domain that did not answer keeps its stored entry (it is not known
+    /// yet, or it is, unchanged).
+    fn save_originals(&mut self) {
+        let Some(file) = self.options.originals.clone() else { return };
+        if self.options.read_only || !self.store_dirty {
+            return;
+        }
+        self.store_dirty = false;
+        let mut now: Originals = self.stored.clone();
+        for uuid in self.domains.uuids() {
+            let Some(d) = self.domains.get(&uuid) else { continue };
+            if d.excluded {
+                continue;
+            }
+            let entry = d.stored();
+            if !entry.vcpus.is_empty() || entry.target_kib.is_some() {
+                now.insert(uuid, entry);
+            }
+        }
+        if now != self.saved {
+            match file.save(&now) {
+                Ok(()) => self.saved = now,
+                Err(error) => tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot save the originals; a restart after a crash may not restore them"
+                ),
+            }
         }
     }
 
@@ -203,22 +300,29 @@ impl LibvirtBackend {
             match Connect::open(Some(&self.options.uri)) {
                 Ok(conn) => {
                     if self.outage_logged {
-                        tracing::warn!(uri = %self.options.uri, "reconnected to libvirt");
+                        tracing::warn!(uri = %self.options.uri, failed_attempts = self.failed_connects, "reconnected to libvirt");
                     } else {
                         tracing::info!(uri = %self.options.uri, "connected to libvirt");
                     }
                     self.outage_logged = false;
+                    self.failed_connects = 0;
                     self.backoff = Duration::from_secs(1);
                     self.host.connected(&conn, &mut self.calls);
                     self.domains.forget_samples();
                     self.conn = Some(conn);
                 }
                 Err(error) => {
-                    if !self.outage_logged {
-                        tracing::error!(uri = %self.options.uri, %error, "cannot connect to libvirt; retrying with backoff");
-                        self.outage_logged = true;
+                    // Every attempt is logged: they come at a falling rate
+                    // (the backoff), so an outage is never silent and never
+                    // floods the log.
+                    self.failed_connects += 1;
+                    let level_error = !self.outage_logged;
+                    self.outage_logged = true;
+                    let (uri, attempt, next_s) = (&self.options.uri, self.failed_connects, self.backoff.as_secs());
+                    if level_error {
+                        tracing::error!(%uri, attempt, next_attempt_in_s = next_s, %error, "cannot connect to libvirt; retrying with backoff");
                     } else {
-                        tracing::debug!(uri = %self.options.uri, %error, "reconnect failed");
+                        tracing::warn!(%uri, attempt, next_attempt_in_s = next_s, %error, "reconnect to libvirt failed");
                     }
                     self.next_connect = now + self.backoff;
                     self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -333,7 +437,7 @@ impl LibvirtBackend {
             }
         }
         if !excluded {
-            if first_sight && !self.options.read_only && self.options.stats_period_s > 0 {
+            if first_sight && !self.hands_off() && self.options.stats_period_s > 0 {
                 self.calls += 1;
                 if let Err(error) = dom.set_memory_stats_period(self.options.stats_period_s, ffi::AFFECT_LIVE) {
                     tracing::debug!(domain = name, %error, "cannot set the balloon stats period");
@@ -342,12 +446,25 @@ impl LibvirtBackend {
             match self.read_vcpus(dom, nvcpus) {
                 Ok(live) => {
                     state.vcpus.retain(|n, _| live.contains_key(n));
-                    for (n, Placement { cpu, affinity }) in live {
-                        let known = state.vcpus.contains_key(&n);
-                        let v = state.vcpus.entry(n).or_default();
-                        v.cpu = cpu;
-                        v.affinity = affinity;
-                        if known || self.options.read_only {
+                    let hands_off = self.hands_off();
+                    let earlier = if first_sight { self.stored.remove(uuid) } else { None };
+                    for (n, Placement { cpu, affinity }) in &live {
+                        let v = state.vcpus.entry(*n).or_default();
+                        v.cpu = *cpu;
+                        v.affinity = affinity.clone();
+                    }
+                    match earlier {
+                        Some(stored) if stored.id == id => {
+                            tracing::info!(domain = name, vcpus = stored.vcpus.len(), "restores to the originals an earlier run stored");
+                            state.adopt(&stored);
+                        }
+                        Some(_) => tracing::debug!(domain = name, "stored originals are of an earlier incarnation (it restarted); dropped"),
+                        None => {}
+                    }
+                    self.store_dirty = true;
+                    for (n, Placement { cpu, .. }) in live {
+                        let v = state.vcpus.get_mut(&n).expect("inserted above");
+                        if v.last_set.is_some() || hands_off {
                             continue;
                         }
                         // Pin a newly seen vCPU where it runs now.
@@ -379,6 +496,7 @@ impl LibvirtBackend {
         let hold = self.options.external_pin_hold;
         let state = self.domains.get_mut(uuid).expect("checked above");
         for (n, event) in state.audit(live, Instant::now(), hold, self.quantum) {
+            self.store_dirty = true;
             match event {
                 AuditEvent::HoldExpired => {
                     tracing::info!(domain = %state.name, vcpu = n, "external pin hold expired; the daemon manages this vCPU again");
@@ -391,15 +509,142 @@ impl LibvirtBackend {
         }
     }
 
-    fn bulk_stats(&mut self) -> Result<StatsList, BackendError> {
-        let conn = self.ensure_connected()?;
-        let stats = ffi::all_domain_stats(conn);
+    /// One NOWAIT stats call on a thread of its own, waited for until
+    /// `until`. `Ok(None)`: it had not returned by then; it is left to
+    /// finish (or hang) on its thread, which holds its own reference to the
+    /// connection and frees what it gets back.
+    fn stats_call(&mut self, until: Instant) -> Result<Option<Vec<Record>>, BackendError> {
+        let uri = self.options.uri.clone();
+        let stuck = self.stuck_calls.load(Ordering::SeqCst);
+        if stuck >= MAX_STUCK_CALLS {
+            return Err(BackendError::CollectStuck { uri, stuck });
+        }
+        let conn = self.ensure_connected()?.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let in_flight = Arc::clone(&self.stuck_calls);
+        in_flight.fetch_add(1, Ordering::SeqCst);
         self.calls += 1;
-        stats.map_err(|error| {
-            let uri = self.options.uri.clone();
-            self.check_alive();
-            hypervisor(&uri, "bulk domain stats", error)
-        })
+        let spawned = std::thread::Builder::new().name("vmb-stats".into()).spawn(move || {
+            let mut conn = conn;
+            let result = ffi::all_domain_stats(&conn)
+                .map(|list| list.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect::<Vec<Record>>());
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            // The receiver is gone when the call came too late: the records
+            // are dropped (freed) here.
+            let _ = tx.send(result);
+            let _ = conn.close();
+        });
+        if let Err(error) = spawned {
+            self.stuck_calls.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::CollectThread { uri, message: error.to_string() });
+        }
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(Ok(records)) => Ok(Some(records)),
+            Ok(Err(error)) => {
+                self.check_alive();
+                Err(hypervisor(&uri, "bulk domain stats", error))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(BackendError::CollectThread { uri, message: "the stats thread ended without an answer".into() })
+            }
+        }
+    }
+
+    /// Every active domain's record, within the collection deadline. The
+    /// first call gets half of it. If it has not returned by then, a domain's
+    /// monitor hangs while holding its job lock, so a second NOWAIT call
+    /// skips that domain's monitor and returns; it runs on a fresh
+    /// connection (the stuck call keeps the old one, and its libvirtd
+    /// request slot).
+    fn records(&mut self) -> Result<Vec<Record>, BackendError> {
+        let started = Instant::now();
+        let deadline = self.options.collect_deadline;
+        if let Some(records) = self.stats_call(started + deadline / 2)? {
+            return Ok(records);
+        }
+        tracing::debug!(uri = %self.options.uri, waited_ms = (deadline / 2).as_millis() as u64, "stats call past half the deadline; retrying on a fresh connection");
+        self.fresh_connection();
+        match self.stats_call(started + deadline)? {
+            Some(records) => Ok(records),
+            None => Err(BackendError::CollectTimeout { uri: self.options.uri.clone(), deadline }),
+        }
+    }
+
+    /// Replaces the connection by a new one (the old one stays open for as
+    /// long as a stuck call holds it). Kept as it is if none can be opened.
+    fn fresh_connection(&mut self) {
+        self.calls += 1;
+        match Connect::open(Some(&self.options.uri)) {
+            Ok(conn) => {
+                if let Some(mut old) = self.conn.replace(conn) {
+                    let _ = old.close();
+                }
+            }
+            Err(error) => tracing::debug!(uri = %self.options.uri, %error, "cannot open a fresh connection; keeping the old one"),
+        }
+    }
+
+    /// Finds, among `records`, the domains whose monitor is busy: a record
+    /// without `balloon.last-update` (NOWAIT left the monitor out) is asked
+    /// `virDomainGetControlInfo`, which answers without the monitor. Only
+    /// such records are asked (and, of domains without a balloon driver,
+    /// only new ones or while a call is stuck), so a healthy quantum makes
+    /// no extra call.
+    /// Logs each domain going quiet, and answering again.
+    fn find_not_answering(&mut self, records: &[Record]) -> HashMap<String, Duration> {
+        // While a call of ours is stuck, any busy monitor counts (the stuck
+        // call may have reached it only just before the retry); otherwise a
+        // monitor must have been busy for half the deadline, which a healthy
+        // call never is.
+        let threshold = if self.stuck_calls.load(Ordering::SeqCst) > 0 { Duration::ZERO } else { self.options.collect_deadline / 2 };
+        let mut busy = HashMap::new();
+        for (dom, sample) in records {
+            if sample.balloon.contains_key("last-update") || !sample.is_active() {
+                continue;
+            }
+            let Ok(uuid) = dom.get_uuid_string() else { continue };
+            // A known domain that never reported guest figures has no balloon
+            // driver: its records always lack them. Asked only while a call
+            // of ours is stuck, or if it was already quiet.
+            let never_reported = self.domains.get(&uuid).is_some_and(|d| !d.has_guest_figures());
+            if never_reported && self.stuck_calls.load(Ordering::SeqCst) == 0 && !self.not_answering.contains_key(&uuid) {
+                continue;
+            }
+            self.calls += 1;
+            if let Ok(Some(for_how_long)) = ffi::monitor_busy_for(dom) {
+                if for_how_long >= threshold {
+                    busy.insert(uuid, for_how_long);
+                }
+            }
+        }
+        for (uuid, for_how_long) in &busy {
+            if !self.not_answering.contains_key(uuid) {
+                let name =
+                    records.iter().find(|(d, _)| d.get_uuid_string().ok().as_ref() == Some(uuid)).and_then(|(d, _)| d.get_name().ok());
+                let name = name.unwrap_or_else(|| uuid.clone());
+                tracing::warn!(
+                    domain = %name, uuid = %uuid, busy_ms = for_how_long.as_millis() as u64,
+                    "domain is not answering (its monitor is busy with a call that has not returned): its memory figures are stale and no action is sent to it"
+                );
+                self.not_answering.insert(uuid.clone(), name);
+            }
+        }
+        let answering: Vec<String> = self.not_answering.keys().filter(|u| !busy.contains_key(*u)).cloned().collect();
+        for uuid in answering {
+            let name = self.not_answering.remove(&uuid).unwrap_or_default();
+            tracing::warn!(domain = %name, uuid = %uuid, "domain answers again");
+        }
+        busy
+    }
+
+    /// Refuses an action on a domain whose monitor does not answer: libvirt
+    /// would block on its job lock for 30 s, and the daemon with it.
+    fn check_answering(&self, domain: &str) -> Result<(), BackendError> {
+        match self.domains.uuid_of(domain) {
+            Some(uuid) if self.not_answering.contains_key(uuid) => Err(BackendError::NotAnswering { domain: domain.to_string() }),
+            _ => Ok(()),
+        }
     }
 
     /// Looks a managed domain up by name for an action.
@@ -429,11 +674,9 @@ impl LibvirtBackend {
 impl Backend for LibvirtBackend {
     fn collect(&mut self) -> Result<Observation, BackendError> {
         let started = Instant::now();
-        let list = self.bulk_stats()?;
+        let samples = self.records()?;
         let now = Instant::now();
-        let samples: Vec<(VirDomain, DomainSample)> =
-            list.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect();
-        drop(list);
+        let busy = self.find_not_answering(&samples);
         let local = self.local_procfs();
         let host = self.host.observe(self.conn.as_ref(), local, &mut self.calls);
         let mut seen = HashSet::new();
@@ -444,22 +687,38 @@ impl Backend for LibvirtBackend {
             }
             let (Ok(name), Ok(uuid)) = (dom.get_name(), dom.get_uuid_string()) else { continue };
             seen.insert(uuid.clone());
-            let needs_discovery = match self.domains.get(&uuid) {
-                None => true,
-                Some(d) => d.id != dom.get_id() || (!d.excluded && sample.vcpu_current.is_some_and(|n| n != d.nvcpus)),
-            };
+            let busy_for = busy.get(&uuid).copied();
+            if busy_for.is_some() && self.domains.get(&uuid).is_none_or(|d| d.id != dom.get_id()) {
+                // Discovery pins and sets the stats period: both would block.
+                // It waits until the domain answers.
+                continue;
+            }
+            let needs_discovery = busy_for.is_none()
+                && match self.domains.get(&uuid) {
+                    None => true,
+                    Some(d) => d.id != dom.get_id() || (!d.excluded && sample.vcpu_current.is_some_and(|n| n != d.nvcpus)),
+                };
             if needs_discovery {
                 self.discover(&uuid, &name, &dom, &sample);
-            } else if self.domains.get(&uuid).is_some_and(|d| d.audit_due(self.quantum, self.options.audit_every)) {
+            } else if busy_for.is_none() && self.domains.get(&uuid).is_some_and(|d| d.audit_due(self.quantum, self.options.audit_every)) {
                 self.audit(&uuid, &dom);
             }
-            if let Some(d) = self.domains.get_mut(&uuid).and_then(|d| d.observe(&uuid, &sample, now)) {
+            let Some(known) = self.domains.get_mut(&uuid) else { continue };
+            known.not_answering = busy_for;
+            if let Some(d) = known.observe(&uuid, &sample, now) {
                 domains.push(d);
             }
         }
         for state in self.domains.remove_gone(&seen) {
             tracing::info!(domain = %state.name, "domain gone");
+            self.store_dirty = true;
         }
+        // Stored originals of domains that are gone are forgotten; those of a
+        // domain present but not answering wait for its discovery.
+        let before = self.stored.len();
+        self.stored.retain(|uuid, _| seen.contains(uuid));
+        self.store_dirty |= self.stored.len() != before;
+        self.save_originals();
         domains.sort_by(|a, b| a.name.cmp(&b.name));
         self.quantum += 1;
         self.last_collect = started.elapsed();
@@ -470,6 +729,7 @@ impl Backend for LibvirtBackend {
         if self.options.read_only {
             return Ok(());
         }
+        self.check_answering(domain)?;
         let (dom, uuid) = self.lookup(domain)?;
         let map = self.cpumap(cpus);
         {
@@ -486,7 +746,9 @@ impl Backend for LibvirtBackend {
         match self.pin_live(&dom, vcpu, &map) {
             Ok(()) => {
                 let v = self.domains.get_mut(&uuid).and_then(|s| s.vcpus.get_mut(&vcpu)).expect("checked above");
+                let had_original = v.original.is_some();
                 v.pinned(cpus);
+                self.store_dirty |= !had_original;
                 Ok(())
             }
             Err(error) if is_gone(&error) => Err(BackendError::DomainGone { domain: domain.into() }),
@@ -498,6 +760,7 @@ impl Backend for LibvirtBackend {
         if self.options.read_only {
             return Ok(());
         }
+        self.check_answering(domain)?;
         let (dom, uuid) = self.lookup(domain)?;
         match self.set_memory_live(&dom, target_kib) {
             Ok(()) => {
@@ -515,6 +778,29 @@ impl Backend for LibvirtBackend {
         if self.options.read_only {
             return Ok(0);
         }
+        let result = self.restore_known();
+        // What was restored is no longer an original to keep; a domain that
+        // did not answer (or was not seen yet) keeps its entry, for
+        // `vm-balancer restore` once it answers. A failed restore leaves
+        // the file as it was.
+        if let (Some(file), true) = (self.options.originals.clone(), result.is_ok()) {
+            let mut keep = std::mem::take(&mut self.stored);
+            for uuid in self.not_answering.keys() {
+                if let Some(d) = self.domains.get(uuid) {
+                    keep.insert(uuid.clone(), d.stored());
+                }
+            }
+            if let Err(error) = file.save(&keep) {
+                tracing::warn!(error = &error as &dyn std::error::Error, "cannot update the originals file after restore");
+            }
+        }
+        result
+    }
+}
+
+impl LibvirtBackend {
+    /// Puts back the originals of every known domain that answers.
+    fn restore_known(&mut self) -> Result<usize, BackendError> {
         let mut restored = 0;
         for uuid in self.domains.uuids() {
             let Some(state) = self.domains.get(&uuid) else { continue };
@@ -522,6 +808,10 @@ impl Backend for LibvirtBackend {
                 continue;
             }
             let name = state.name.clone();
+            if self.not_answering.contains_key(&uuid) {
+                tracing::warn!(domain = %name, "not restored: the domain is not answering (run `vm-balancer restore` once it answers)");
+                continue;
+            }
             let plan = state.restore_plan();
             let dom = match self.lookup(&name) {
                 Ok((dom, _)) => dom,

@@ -191,6 +191,19 @@ struct Settling {
     arrived: Option<Instant>,
 }
 
+/// The guest's own memory figures (balloon driver), and how old they were
+/// when last seen: carried over quanta in which the domain did not report
+/// them (its monitor busy), ageing, so the guard can tell.
+#[derive(Clone, Copy, Debug)]
+struct GuestFigures {
+    unused_kib: Option<u64>,
+    available_kib: Option<u64>,
+    usable_kib: Option<u64>,
+    /// Age at `seen` (from `balloon.last-update`), ms.
+    age_ms: u64,
+    seen: Instant,
+}
+
 /// What restore puts back for one domain.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct RestorePlan {
@@ -228,6 +241,11 @@ pub(super) struct KnownDomain {
     pub audited: u64,
     /// A balloon target set by the daemon that the balloon has not settled on.
     settling: Option<Settling>,
+    /// The guest's last reported memory figures.
+    figures: Option<GuestFigures>,
+    /// Its monitor has been busy this long (set by the backend each
+    /// quantum): no action is sent to it.
+    pub not_answering: Option<Duration>,
 }
 
 impl KnownDomain {
@@ -248,7 +266,46 @@ impl KnownDomain {
             memory_changed: false,
             audited: quantum,
             settling: None,
+            figures: None,
+            not_answering: None,
         }
+    }
+
+    /// What a restart must restore, for the state dir: the original of each
+    /// vCPU the daemon pinned, and the balloon target at first sight.
+    pub fn stored(&self) -> crate::persist::StoredDomain {
+        crate::persist::StoredDomain {
+            name: self.name.clone(),
+            id: self.id,
+            vcpus: self
+                .vcpus
+                .iter()
+                .filter(|(_, v)| v.last_set.is_some() && v.hold_until.is_none())
+                .filter_map(|(n, v)| v.original.clone().map(|o| (*n, o)))
+                .collect(),
+            target_kib: self.original_target_kib,
+        }
+    }
+
+    /// Takes the originals an earlier daemon stored for this incarnation of
+    /// the domain: its vCPUs' live affinity is that daemon's pin (so it is
+    /// "ours", not an administrator's), and its balloon target is restored.
+    pub fn adopt(&mut self, stored: &crate::persist::StoredDomain) {
+        for (n, original) in &stored.vcpus {
+            if let Some(v) = self.vcpus.get_mut(n) {
+                v.original = Some(original.clone());
+                v.last_set = Some(v.affinity.clone());
+            }
+        }
+        if stored.target_kib.is_some() {
+            self.original_target_kib = stored.target_kib;
+            self.memory_changed = true;
+        }
+    }
+
+    /// The guest has reported its memory figures at least once.
+    pub fn has_guest_figures(&self) -> bool {
+        self.figures.is_some()
     }
 
     /// What the XML said (kept across re-discoveries of the same run).
@@ -299,12 +356,20 @@ impl KnownDomain {
         RestorePlan { pins, target_kib: self.original_target_kib.filter(|_| self.memory_changed) }
     }
 
-    /// Builds the observed domain from `sample` taken at `now` and makes the
+    /// Builds the observed domain from `sample` taken at `now` (`epoch_s`
+    /// on the wall clock, which `balloon.last-update` is on) and makes the
     /// sample the baseline of the next quantum. Usage and steal are deltas
     /// over wall time; without a baseline, or when a counter went
     /// backwards, there is no data this quantum (usage 0, no steal). An
-    /// excluded domain only advances its baseline.
+    /// excluded domain only advances its baseline. Guest figures missing
+    /// from the sample (a busy monitor) are the last ones seen, aged.
     pub fn observe(&mut self, uuid: &str, sample: &DomainSample, now: Instant) -> Option<Domain> {
+        let epoch_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.observe_at(uuid, sample, now, epoch_s)
+    }
+
+    /// [`Self::observe`] with the wall clock given (tests).
+    pub fn observe_at(&mut self, uuid: &str, sample: &DomainSample, now: Instant, epoch_s: u64) -> Option<Domain> {
         let balloon = |k: &str| sample.balloon(k);
         let baseline = Baseline {
             at: now,
@@ -351,20 +416,33 @@ impl KnownDomain {
                 self.settling = Some(settle);
             }
         }
-        let stat = |k: &str| if moving.is_some() { None } else { balloon(k) };
+        let reported = ["unused", "available", "usable"].iter().any(|k| balloon(k).is_some());
+        if reported {
+            self.figures = Some(GuestFigures {
+                unused_kib: balloon("unused"),
+                available_kib: balloon("available"),
+                usable_kib: balloon("usable"),
+                age_ms: balloon("last-update").map_or(0, |at| epoch_s.saturating_sub(at).saturating_mul(1000)),
+                seen: now,
+            });
+        }
+        let figures = self.figures.filter(|_| moving.is_none());
+        let age_ms = figures.map_or(0, |f| f.age_ms.saturating_add(now.duration_since(f.seen).as_millis() as u64));
         let memory = DomainMemory {
             max_kib: balloon("maximum").unwrap_or(0),
             target_kib: moving.unwrap_or(actual),
-            unused_kib: stat("unused"),
-            available_kib: stat("available"),
-            usable_kib: stat("usable"),
+            unused_kib: figures.and_then(|f| f.unused_kib),
+            available_kib: figures.and_then(|f| f.available_kib),
+            usable_kib: figures.and_then(|f| f.usable_kib),
             rss_kib: balloon("rss"),
             swap_in_kib: delta(balloon("swap_in"), prev.as_ref().and_then(|p| p.swap_in)),
             swap_out_kib: delta(balloon("swap_out"), prev.as_ref().and_then(|p| p.swap_out)),
             major_faults: delta(balloon("major_fault"), prev.as_ref().and_then(|p| p.major)),
             autodeflate: self.autodeflate,
+            age_ms,
         };
-        Some(Domain { name: self.name.clone(), uuid: uuid.to_string(), tags: self.tags.clone(), vcpus, memory })
+        let not_answering_ms = self.not_answering.map_or(0, |busy| (busy.as_millis() as u64).max(1));
+        Some(Domain { name: self.name.clone(), uuid: uuid.to_string(), tags: self.tags.clone(), vcpus, memory, not_answering_ms })
     }
 }
 
@@ -524,6 +602,29 @@ mod tests {
         d.ballooning(100_000, at(3));
         let stuck = d.observe("u", &balloon(200_500), at(9)).unwrap().memory;
         assert_eq!((stuck.target_kib, stuck.unused_kib), (200_500, Some(5000)), "after the settle timeout the actual size is taken");
+    }
+
+    /// Issue 11: figures the guest stopped reporting (`balloon.last-update`
+    /// standing still) or that a busy monitor did not send age, and are
+    /// carried with their age rather than dropped or passed off as fresh.
+    #[test]
+    fn guest_figures_age_when_the_guest_or_its_monitor_goes_quiet() {
+        let mut d = one_vcpu_domain();
+        let t0 = Instant::now();
+        let full =
+            |last_update: i128| sample(&[("balloon.current", 262144), ("balloon.unused", 5000), ("balloon.last-update", last_update)]);
+        let m = d.observe_at("u", &full(1000), t0, 1001).unwrap().memory;
+        assert_eq!((m.unused_kib, m.age_ms), (Some(5000), 1000));
+        let m = d.observe_at("u", &full(1000), t0 + Duration::from_secs(9), 1010).unwrap().memory;
+        assert_eq!(m.age_ms, 10_000, "the guest stopped reporting: last-update stands still");
+        let m = d.observe_at("u", &full(1011), t0 + Duration::from_secs(10), 1011).unwrap().memory;
+        assert_eq!(m.age_ms, 0);
+        // A busy monitor: the record has no guest figures; the last ones are
+        // reported, aged by the time since they came.
+        let m = d.observe_at("u", &sample(&[("balloon.current", 262144)]), t0 + Duration::from_secs(13), 1014).unwrap().memory;
+        assert_eq!((m.unused_kib, m.age_ms), (Some(5000), 3000));
+        d.not_answering = Some(Duration::from_secs(4));
+        assert_eq!(d.observe_at("u", &sample(&[]), t0 + Duration::from_secs(14), 1015).unwrap().not_answering_ms, 4000);
     }
 
     #[test]

@@ -61,8 +61,8 @@ pub fn encode(s: &Snapshot, buf: &mut Vec<u8>) {
 }
 
 fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
-    let Domain { name, uuid, tags, vcpus, memory } = d;
-    map(buf, 4 + usize::from(!tags.is_empty()));
+    let Domain { name, uuid, tags, vcpus, memory, not_answering_ms } = d;
+    map(buf, 4 + usize::from(!tags.is_empty()) + usize::from(*not_answering_ms != 0));
     key(buf, "name");
     string(buf, name);
     key(buf, "uuid");
@@ -106,6 +106,7 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         swap_out_kib,
         major_faults,
         autodeflate,
+        age_ms,
     } = memory;
     let optional = [
         ("unused_kib", *unused_kib),
@@ -117,7 +118,7 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         ("major_faults", *major_faults),
     ];
     key(buf, "memory");
-    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count());
+    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count() + usize::from(*age_ms != 0));
     key(buf, "max_kib");
     uint(buf, *max_kib);
     key(buf, "target_kib");
@@ -130,6 +131,14 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
     }
     key(buf, "autodeflate");
     boolean(buf, *autodeflate);
+    if *age_ms != 0 {
+        key(buf, "age_ms");
+        uint(buf, *age_ms);
+    }
+    if *not_answering_ms != 0 {
+        key(buf, "not_answering_ms");
+        uint(buf, *not_answering_ms);
+    }
 }
 
 /// Writes a policy's answer, `{ "actions": [...] }`, exactly as

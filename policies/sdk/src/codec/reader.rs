@@ -157,6 +157,7 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
     d.tags.clear();
     d.vcpus.clear();
     d.memory = DomainMemory::default();
+    d.not_answering_ms = 0;
     let mut seen = Seen::default();
     for _ in 0..r.map_len("domain")? {
         match r.key()? {
@@ -210,6 +211,7 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
                 domain_memory(r, &mut d.memory)?;
                 seen.set(3, ());
             }
+            b"not_answering_ms" => d.not_answering_ms = r.u64("not_answering_ms")?,
             _ => r.skip()?,
         }
     }
@@ -339,6 +341,7 @@ fn domain_memory(r: &mut Reader<'_>, m: &mut DomainMemory) -> Result<()> {
             b"swap_out_kib" => m.swap_out_kib = r.option(|r| r.u64("swap_out_kib"))?,
             b"major_faults" => m.major_faults = r.option(|r| r.u64("major_faults"))?,
             b"autodeflate" => m.autodeflate = r.bool("autodeflate")?,
+            b"age_ms" => m.age_ms = r.u64("age_ms")?,
             _ => r.skip()?,
         }
     }

@@ -517,7 +517,9 @@ impl Gen {
                 swap_out_kib: self.option(Gen::u64),
                 major_faults: self.option(Gen::u64),
                 autodeflate: self.rng.gen(),
+                age_ms: if self.chance(0.7) { 0 } else { self.u64() },
             },
+            not_answering_ms: if self.chance(0.7) { 0 } else { self.u64() },
         }
     }
 
