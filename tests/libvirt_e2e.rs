@@ -182,20 +182,191 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     rest.split_whitespace().next()
 }
 
+/// The scenarios, in order. `VMB_E2E_ONLY=hung,crash` runs only those (for
+/// working on one; CI runs them all).
+const SCENARIOS: [(&str, fn(&Guests)); 6] = [
+    ("cpu", scenario_cpu_dry_run_and_restore),
+    ("memory", scenario_memory),
+    ("churn", scenario_churn_and_fault),
+    ("admin", scenario_admin_pin_and_libvirtd_restart),
+    ("hung", scenario_hung_guest),
+    ("crash", scenario_crash_and_restore),
+];
+
 #[test]
 fn real_guests_end_to_end() {
     let _busy = crate::util::busy_cpu();
     preflight();
     let started = Instant::now();
     let guests = Guests::new();
-    scenario_cpu_dry_run_and_restore(&guests);
-    eprintln!("e2e: cpu/dry-run/restore done at {:.0?}", started.elapsed());
-    scenario_memory(&guests);
-    eprintln!("e2e: memory done at {:.0?}", started.elapsed());
-    scenario_churn_and_fault(&guests);
-    eprintln!("e2e: churn/fault done at {:.0?}", started.elapsed());
-    scenario_admin_pin_and_libvirtd_restart(&guests);
-    eprintln!("e2e: admin pin/libvirtd restart done at {:.0?}", started.elapsed());
+    let only = std::env::var("VMB_E2E_ONLY").unwrap_or_default();
+    for (name, scenario) in SCENARIOS {
+        if only.is_empty() || only.split(',').any(|o| o.trim() == name) {
+            scenario(&guests);
+            eprintln!("e2e: {name} done at {:.0?}", started.elapsed());
+        }
+    }
+}
+
+/// The pid of a guest's QEMU process (libvirt's pid file).
+fn qemu_pid(name: &str) -> libc::pid_t {
+    let path = format!("/run/libvirt/qemu/{name}.pid");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().parse().unwrap()
+}
+
+/// Sends `signal` to a guest's QEMU process.
+fn signal_qemu(name: &str, signal: i32) {
+    // SAFETY: kill(2) with a pid read from libvirt's pid file; no memory is involved.
+    let rc = unsafe { libc::kill(qemu_pid(name), signal) };
+    assert_eq!(rc, 0, "cannot signal {name}'s QEMU");
+}
+
+/// Resumes a SIGSTOPped guest even when an assertion fails, so that the
+/// guests' guard can destroy it and libvirt's stuck calls end.
+struct Stopped(String);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal_qemu(&self.0, libc::SIGCONT);
+    }
+}
+
+/// The original affinity of every vCPU of a guest created by this test:
+/// every host CPU, as libvirt prints it.
+fn original_pins(name: &str, all: &str) -> bool {
+    pins(name).iter().all(|p| p == all)
+}
+
+/// Issue 11: a SIGSTOPped guest (its QEMU monitor never answers) does not
+/// stop the balancing of the others, is named in the log, gets no action,
+/// and SIGTERM still exits at once and restores the others; once it
+/// answers, `vm-balancer restore` puts it back too.
+fn scenario_hung_guest(guests: &Guests) {
+    let names: Vec<String> = (0..3).map(|i| guests.create(&format!("hung{i}"), 1, "", false)).collect();
+    for i in 0..3 {
+        guests.wait_console(&format!("hung{i}"), "vmb: ready", Duration::from_secs(60));
+    }
+    let all = pins(&names[0])[0].clone();
+    assert!(names.iter().all(|n| original_pins(n, &all)), "guests do not start on every CPU");
+    let single = |name: &str| pins(name).iter().all(|p| !p.contains('-') && !p.contains(','));
+
+    // 1. Stopped before the daemon starts (the reported reproduction).
+    signal_qemu(&names[0], libc::SIGSTOP);
+    let stopped = Stopped(names[0].clone());
+    let mut daemon = Daemon::start("hung", &["--quantum", "1s"], None);
+    let quiet = format!("domain is not answering (its monitor is busy with a call that has not returned): its memory figures are stale and no action is sent to it domain={}", names[0]);
+    wait_until("the hung guest named in the log", Duration::from_secs(30), || daemon.log().contains(&quiet));
+    wait_until("the other guests pinned", Duration::from_secs(30), || single(&names[1]) && single(&names[2]));
+    let seen = daemon.summaries().len();
+    wait_until("five more quanta", Duration::from_secs(60), || daemon.summaries().len() >= seen + 5);
+    let log = daemon.log();
+    assert!(!log.contains("quantum skipped"), "a quantum went without data:\n{log}");
+    assert!(daemon.summaries().iter().all(|l| field(l, "domains") == Some("2")), "every quantum balances the two others:\n{log}");
+    assert!(original_pins(&names[0], &all), "the hung guest was touched: {:?}", pins(&names[0]));
+    let asked = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    // One quantum (1 s) plus the deadline (0.5 s) is what it may take; 20 s
+    // is the margin for a slow, loaded machine.
+    daemon.assert_clean_exit(Duration::from_secs(20));
+    eprintln!("e2e: hung guest: SIGTERM to exit {:.1?}", asked.elapsed());
+    assert!(
+        original_pins(&names[1], &all) && original_pins(&names[2], &all),
+        "others not restored: {:?}",
+        names.iter().map(|n| pins(n)).collect::<Vec<_>>()
+    );
+    drop(stopped);
+    wait_until("libvirt's stuck call to end", Duration::from_secs(30), || {
+        virsh(&["domcontrol", &names[0]]).is_ok_and(|t| t.trim() == "ok")
+    });
+
+    // 2. Hung while managed: the daemon pinned it, then it stops.
+    let mut daemon = Daemon::start("hung-later", &["--quantum", "1s"], None);
+    wait_until("all three pinned", Duration::from_secs(30), || names.iter().all(|n| single(n)));
+    signal_qemu(&names[0], libc::SIGSTOP);
+    let stopped = Stopped(names[0].clone());
+    wait_until("the guest that hung named in the log", Duration::from_secs(30), || daemon.log().contains(&quiet));
+    let seen = daemon.summaries().len();
+    wait_until("three more quanta", Duration::from_secs(60), || daemon.summaries().len() >= seen + 3);
+    assert!(!daemon.log().contains("quantum skipped"), "{}", daemon.log());
+    daemon.signal(libc::SIGTERM);
+    daemon.assert_clean_exit(Duration::from_secs(20));
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!("not restored: the domain is not answering (run `vm-balancer restore` once it answers) domain={}", names[0])),
+        "{log}"
+    );
+    assert!(original_pins(&names[1], &all) && original_pins(&names[2], &all), "others not restored");
+    assert!(single(&names[0]), "the hung guest cannot have been restored: {:?}", pins(&names[0]));
+    drop(stopped);
+    wait_until("libvirt's stuck call to end", Duration::from_secs(30), || {
+        virsh(&["domcontrol", &names[0]]).is_ok_and(|t| t.trim() == "ok")
+    });
+    let run = crate::util::vm_balancer(&["--log", "info", "restore", "--connect", URI]);
+    assert_eq!(run.code, 0, "{}", run.context(&["restore"]));
+    assert!(original_pins(&names[0], &all), "vm-balancer restore did not put the guest back: {:?}\n{}", pins(&names[0]), run.stderr);
+    for i in 0..3 {
+        guests.destroy(&format!("hung{i}"));
+    }
+}
+
+/// Issue 11: the originals survive the daemon. Pinned, then SIGKILL: a new
+/// daemon restores to the first run's originals on SIGTERM, not to its own
+/// pins; after another SIGKILL, `vm-balancer restore` does it. A second
+/// daemon for the same URI is refused, naming the first one's pid.
+fn scenario_crash_and_restore(guests: &Guests) {
+    let names: Vec<String> = (0..2).map(|i| guests.create(&format!("crash{i}"), 1, "", false)).collect();
+    for i in 0..2 {
+        guests.wait_console(&format!("crash{i}"), "vmb: ready", Duration::from_secs(60));
+    }
+    let all = pins(&names[0])[0].clone();
+    // The balloon reaches its <currentMemory> only after the guest's driver loaded.
+    wait_until("balloons at 256 MiB", Duration::from_secs(60), || names.iter().all(|n| current_kib(n) == 256 * MIB));
+    let targets = vec![256 * MIB; names.len()];
+    let changed = || names.iter().all(|n| !original_pins(n, &all)) && names.iter().zip(&targets).any(|(n, t)| current_kib(n) < *t);
+    let mut first = Daemon::start("crash1", &["--quantum", "1s"], None);
+    wait_until("pins and a lowered balloon", Duration::from_secs(60), changed);
+
+    let second = crate::util::vm_balancer(&["run", "--connect", URI, "--quanta", "1"]);
+    assert_eq!(second.code, 2, "a second daemon must be refused: {}", second.context(&["run"]));
+    assert!(
+        second.stderr.contains(&format!("another vm-balancer (pid {}) is already running for {URI}", first.child.id())),
+        "{}",
+        second.stderr
+    );
+
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(changed(), "state changed between the kill and the check");
+    let mut again = Daemon::start("crash2", &["--quantum", "1s"], None);
+    wait_until("the originals of the first run adopted", Duration::from_secs(30), || {
+        again.log().matches("restores to the originals an earlier run stored").count() >= 2
+    });
+    let seen = again.summaries().len();
+    wait_until("two quanta", Duration::from_secs(30), || again.summaries().len() >= seen + 2);
+    again.signal(libc::SIGTERM);
+    again.assert_clean_exit(Duration::from_secs(20));
+    assert!(
+        names.iter().all(|n| original_pins(n, &all)),
+        "not back to the first run's originals: {:?}",
+        names.iter().map(|n| pins(n)).collect::<Vec<_>>()
+    );
+    wait_until("balloon targets back", Duration::from_secs(30), || {
+        names.iter().zip(&targets).all(|(n, t)| current_kib(n).abs_diff(*t) <= MIB)
+    });
+
+    let mut third = Daemon::start("crash3", &["--quantum", "1s"], None);
+    wait_until("pins and a lowered balloon", Duration::from_secs(60), changed);
+    third.child.kill().unwrap();
+    third.child.wait().unwrap();
+    let run = crate::util::vm_balancer(&["restore", "--connect", URI]);
+    assert_eq!(run.code, 0, "{}", run.context(&["restore"]));
+    assert!(names.iter().all(|n| original_pins(n, &all)), "vm-balancer restore: {:?}", names.iter().map(|n| pins(n)).collect::<Vec<_>>());
+    wait_until("balloon targets back after restore", Duration::from_secs(30), || {
+        names.iter().zip(&targets).all(|(n, t)| current_kib(n).abs_diff(*t) <= MIB)
+    });
+    for i in 0..2 {
+        guests.destroy(&format!("crash{i}"));
+    }
 }
 
 /// An administrator's `virsh vcpupin` is left alone (not fought), and the
