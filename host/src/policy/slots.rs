@@ -246,7 +246,7 @@ impl Slot {
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// The file was refused before compiling (unreadable, owner, mode,
-    /// type, size, header).
+    /// type, size; a bad header is [`SlotError::Policy`]).
     #[error(transparent)]
     File(#[from] PolicyFileError),
     /// An unknown `builtin:` name.
@@ -355,7 +355,12 @@ impl PolicySet {
                 tracing::info!(file = spec, link = %link.display(), target = %target.display(), "policy file is a symlink; following it");
             }
         }
-        let bytes = read_policy_file(path, &self.file_rules)?;
+        // A bad header is the component's fault, as it was when the whole
+        // file was read first: the same error, found sooner.
+        let bytes = read_policy_file(path, &self.file_rules).map_err(|e| match e {
+            PolicyFileError::Header(e) => SlotError::Policy(e),
+            other => SlotError::File(other),
+        })?;
         match &self.cache {
             Some(cache) => Ok(self.sandbox.load_compiled(&name, spec, cache.component(spec, &bytes)?)?),
             None => Ok(self.sandbox.load(&name, spec, &bytes)?),
