@@ -17,7 +17,7 @@ use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::reload::Reloader;
 use vm_balancer::policy::PolicySet;
 
-use crate::util::{quiet_cpu, relaxed_config, scenario, wait_until, Daemon};
+use crate::util::{policy_tempdir, quiet_cpu, relaxed_config, scenario, wait_until, Daemon};
 
 const QUANTUM: Duration = Duration::from_millis(50);
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -37,12 +37,13 @@ impl Harness {
 
     fn start_with(files: &[(&str, &[u8])], cache: Option<Arc<CompileCache>>, config: Config) -> Harness {
         let quiet = quiet_cpu();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = policy_tempdir();
         for (name, bytes) in files {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         let mut set = PolicySet::new(&config.limits);
-        let reloader = Reloader::spawn(dir.path(), &config.limits, cache, set.last_snapshot(), DEBOUNCE);
+        let config = Config { reload_debounce_ms: DEBOUNCE.as_millis() as u64, ..config };
+        let reloader = Reloader::spawn(dir.path(), &config, cache, set.last_snapshot());
         assert!(reloader.wait_and_apply(&mut set, Duration::from_secs(60)), "initial plan");
         let pipeline = Pipeline::new(SimBackend::new(scenario("churn")), set, config, false);
         Harness { _quiet: quiet, lenient: false, dir, pipeline, reloader }
@@ -246,18 +247,18 @@ fn a_failing_policy_is_disabled_until_its_file_changes() {
 #[test]
 fn an_unsafe_directory_is_refused_naming_path_and_mode() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = policy_tempdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let err = vm_balancer::policy::dir::scan(dir.path()).unwrap_err().to_string();
+    let err = vm_balancer::policy::dir::scan(dir.path(), 16).unwrap_err().to_string();
     assert!(err.contains(&dir.path().display().to_string()) && err.contains("0777"), "{err}");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = dir.path().join("10-x.wasm");
     std::fs::write(&file, Builtin::Cpu.wasm()).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let err = vm_balancer::policy::dir::scan(dir.path()).unwrap_err().to_string();
+    let err = vm_balancer::policy::dir::scan(dir.path(), 16).unwrap_err().to_string();
     assert!(err.contains("10-x.wasm") && err.contains("0666"), "{err}");
-    let missing = vm_balancer::policy::dir::scan(&dir.path().join("nope")).unwrap();
-    assert!(missing.is_empty(), "a missing directory means the defaults");
+    let missing = vm_balancer::policy::dir::scan(&dir.path().join("nope"), 16).unwrap();
+    assert!(missing.files.is_empty(), "a missing directory means the defaults");
 }
 
 /// The daemon itself (`run` on the simulator in real time): a policy dropped
@@ -274,7 +275,7 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
     let _quiet = quiet_cpu();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = policy_tempdir();
     let state = tempfile::tempdir().unwrap();
     let config = format!("state_dir = {:?}\n[limits]\ndecide_timeout_ms = {}\n", state.path(), crate::util::RELAXED_TIMEOUT_MS);
     let scenario = crate::util::root().join("examples/scenarios/all-on-one.toml");

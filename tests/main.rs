@@ -3,6 +3,7 @@
 
 mod author_tools;
 mod cli;
+mod file_trust;
 mod guard_table;
 mod hot_swap;
 mod languages;

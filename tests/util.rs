@@ -108,6 +108,14 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// A fresh directory for policy files: under the target dir's tmp
+/// (`CARGO_TARGET_TMPDIR`), not `/tmp`, because the daemon refuses a policy
+/// under a directory that others can write, sticky `/tmp` included (the
+/// rule of `policy::file`).
+pub fn policy_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("vmb-policies-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
 /// A path as &str.
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vm_balancer::config::Limits;
+use vm_balancer::config::Config;
 use vm_balancer::policy::builtin::Builtin;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::reload::Reloader;
@@ -42,14 +42,16 @@ fn compile_figures(name: &str, bytes: &[u8]) {
 }
 
 fn swap_latency() {
-    let limits = Limits::default();
+    let config = Config::default();
     let mut samples = Vec::new();
     let snapshot = SnapshotBuilder::new(4, 8 << 20).domain(DomainBuilder::new("a").vcpu(0, 0.5)).build();
     for round in 0..5 {
-        let dir = tempfile::tempdir().unwrap();
+        // Not under /tmp: the daemon refuses policies below a directory
+        // others can write.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         std::fs::write(dir.path().join("10-p.wasm"), Builtin::Cpu.wasm()).unwrap();
-        let mut set = PolicySet::new(&limits);
-        let reloader = Reloader::spawn(dir.path(), &limits, None, set.last_snapshot(), Duration::from_millis(200));
+        let mut set = PolicySet::new(&config.limits);
+        let reloader = Reloader::spawn(dir.path(), &config, None, set.last_snapshot());
         assert!(reloader.wait_and_apply(&mut set, Duration::from_secs(30)));
         set.decide(&snapshot);
         let (tmp, target) = (dir.path().join(".tmp"), dir.path().join("10-p.wasm"));

@@ -80,6 +80,15 @@ pub struct Config {
     /// not stop the balancing of every other guest. What has not come in by
     /// then is reported stale, and the guard never shrinks on stale figures.
     pub collect_deadline_ms: Option<u32>,
+    /// Largest policy file accepted, MiB (the directory's and `--policy
+    /// FILE`'s). Why a bound: a file is read into memory before it is
+    /// compiled, and the biggest real component (Python, 18.5 MB) is far
+    /// under the default.
+    pub policy_max_file_mib: u64,
+    /// Most policy slots (files in the directory, or `--policy` specs).
+    /// Why: every slot costs its compiled code, an instance and a `decide`
+    /// per quantum; 500 files once took 940 MB and 2.2 s quanta.
+    pub policy_max_slots: usize,
 }
 
 impl Default for Config {
@@ -95,6 +104,8 @@ impl Default for Config {
             compile_cache_max_mib: 512,
             reload_debounce_ms: 200,
             collect_deadline_ms: None,
+            policy_max_file_mib: 64,
+            policy_max_slots: 16,
         }
     }
 }
@@ -286,6 +297,12 @@ impl Config {
         }
         if self.limits.max_consecutive_failures == 0 {
             return bad("limits.max_consecutive_failures", "0".into(), "must be at least 1");
+        }
+        if !(1..=4096).contains(&self.policy_max_file_mib) {
+            return bad("policy_max_file_mib", self.policy_max_file_mib.to_string(), "must be 1..=4096");
+        }
+        if !(1..=1024).contains(&self.policy_max_slots) {
+            return bad("policy_max_slots", self.policy_max_slots.to_string(), "must be 1..=1024");
         }
         self.validate_policy_limits()?;
         self.validate_collect_deadline()?;

@@ -290,22 +290,24 @@ pub fn restore_default_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
-/// A compiled component from a compile-cache entry.
+/// A compiled component from the bytes of a compile-cache entry.
 ///
-/// `Component::deserialize_file` is unsafe because it runs the file's native
-/// code as is. Its only caller is [`crate::policy::cache::CompileCache`],
-/// whose directory is refused unless it is owned by this uid and not a
-/// symlink, is kept 0700, and whose entries are written only by itself from
-/// `Component::serialize`, named by content hash and engine settings; wasmtime
-/// also checks the version and settings in the header and errors (never UB)
-/// on a mismatch.
-pub(crate) fn deserialize_cached_component(
-    engine: &wasmtime::Engine,
-    entry: &std::path::Path,
-) -> wasmtime::Result<wasmtime::component::Component> {
-    // SAFETY: see above: the entry is the cache's own, in a directory only
-    // this uid can write.
-    unsafe { wasmtime::component::Component::deserialize_file(engine, entry) }
+/// `Component::deserialize` is unsafe because it maps the bytes' native
+/// code and runs it as is. Its only caller is
+/// [`crate::policy::cache::CompileCache`], which passes bytes that it read
+/// with one `open(O_NOFOLLOW)` from a directory owned by this uid and not
+/// writable by group or others, from a regular file owned by this uid with
+/// no group or other permission bits (checked with `fstat` on that same
+/// descriptor), and whose SHA-256 matches the digest stored beside it when
+/// it was written from `Component::serialize`. The bytes are in memory, so
+/// nothing can change between those checks and this call. wasmtime also
+/// checks the version and settings in the header and errors (never UB) on
+/// a mismatch. The cache is as trusted as the binary: whoever can write as
+/// this uid can replace both.
+pub(crate) fn deserialize_cached_component(engine: &wasmtime::Engine, bytes: &[u8]) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: see above: the bytes are the cache's own entry, checked for
+    // owner, mode and digest, and held in memory since.
+    unsafe { wasmtime::component::Component::deserialize(engine, bytes) }
 }
 
 #[cfg(test)]

@@ -302,7 +302,9 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
         config = vm_balancer::simulate::scenario_config(scenario, &config);
     }
     config.validate_policy_limits()?;
-    let set = PolicySet::new(&config.limits).with_cache(user_cache(&config));
+    let set = PolicySet::new(&config.limits)
+        .with_cache(user_cache(&config))
+        .with_file_rules(vm_balancer::policy::file::FileRules::offline(&config));
     let mut policy = set.load_spec(file).with_context(|| format!("{file} is not a usable vm-balancer policy"))?;
     policy.set_strict(true);
     let info = policy.info().clone();

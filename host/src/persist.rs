@@ -53,6 +53,9 @@ pub enum StateError {
         /// The pid written in it, or "unknown".
         pid: String,
     },
+    /// The state dir itself is unsafe or cannot be made.
+    #[error("state dir: {0}")]
+    Dir(#[from] crate::policy::cache::PrivateDirError),
     /// A filesystem call failed.
     #[error("state file {path}: {operation} failed")]
     Io {
@@ -96,15 +99,10 @@ pub struct StateDir {
 
 impl StateDir {
     /// Creates `path` (mode 0700) if missing, and refuses it unless it is
-    /// this user's and writable by nobody else.
+    /// this user's and writable by nobody else (the compile cache's rule:
+    /// [`check_private_dir`](crate::policy::cache::check_private_dir)).
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        if !path.exists() {
-            std::fs::create_dir_all(path).map_err(io(path, "create"))?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path, "chmod"))?;
-        }
-        let meta = std::fs::symlink_metadata(path).map_err(io(path, "stat"))?;
-        check_private(path, &meta)?;
+        crate::policy::cache::check_private_dir(path)?;
         Ok(StateDir { path: path.to_path_buf() })
     }
 

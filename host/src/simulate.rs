@@ -65,7 +65,10 @@ pub fn pipeline(
     config.validate_policy_limits().map_err(SimulateError::Config)?;
     let defaults = ["builtin:cpu".to_string(), "builtin:mem".to_string()];
     let specs = if specs.is_empty() { &defaults[..] } else { specs };
-    let policies = PolicySet::new(&config.limits).with_cache(cache).with_specs(specs)?;
+    let policies = PolicySet::new(&config.limits)
+        .with_cache(cache)
+        .with_file_rules(crate::policy::file::FileRules::offline(&config))
+        .with_specs(specs)?;
     Ok(pipeline_with(scenario, &config, policies))
 }
 

@@ -10,13 +10,15 @@
 //!   counting, disabling with backoff.
 //! - [`source`]: where the policies come from (specs or the directory) and
 //!   the one reload path.
-//! - [`dir`], [`reload`], [`cache`]: the drop-in policy directory, hot swap
-//!   at quantum boundaries, and the compile cache.
+//! - [`dir`], [`file`], [`reload`], [`cache`]: the drop-in policy
+//!   directory, reading one policy file (who may own it, its size and
+//!   header), hot swap at quantum boundaries, and the compile cache.
 
 pub mod answer;
 pub mod builtin;
 pub mod cache;
 pub mod dir;
+pub mod file;
 pub mod reload;
 pub mod samples;
 pub mod sandbox;

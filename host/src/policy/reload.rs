@@ -31,14 +31,18 @@ use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 
 use super::cache::CompileCache;
-use super::dir::{is_policy_name, scan};
+use super::dir::{is_policy_name, scan, Note};
+use super::file::{read_policy_file, FileRules, PolicyFileError};
 use super::sandbox::{LoadedPolicy, PolicyError, Sandbox};
 use super::slots::{LastSnapshot, PolicySet, Slot};
-use crate::config::Limits;
+use crate::config::Config;
 
 /// Why a policy file was refused; the file's previous version (if any) stays.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file was refused before compiling (owner, mode, type, size, header).
+    #[error(transparent)]
+    File(PolicyFileError),
     /// Not a usable component (not wasm, wrong world, forbidden import...).
     #[error(transparent)]
     Refused(PolicyError),
@@ -89,26 +93,15 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Starts watching `dir` and plans the initial set at once.
-    pub fn spawn(
-        dir: &Path,
-        limits: &Limits,
-        cache: Option<Arc<CompileCache>>,
-        last_snapshot: LastSnapshot,
-        debounce: Duration,
-    ) -> Reloader {
+    /// Starts watching `dir` and plans the initial set at once, under
+    /// `config`'s limits, file bounds and debounce.
+    pub fn spawn(dir: &Path, config: &Config, cache: Option<Arc<CompileCache>>, last_snapshot: LastSnapshot) -> Reloader {
+        let debounce = Duration::from_millis(config.reload_debounce_ms);
         let (requests, triggers) = mpsc::channel::<Trigger>();
         let (plan_tx, plans) = mpsc::channel::<Plan>();
         let stats = Arc::new(Mutex::new(ReloadStats::default()));
         let watcher = watch(dir, requests.clone());
-        let loader = Loader {
-            dir: dir.to_path_buf(),
-            sandbox: Sandbox::new(limits),
-            cache,
-            last_snapshot,
-            known: HashMap::new(),
-            stats: stats.clone(),
-        };
+        let loader = Loader::new(dir, config, cache, last_snapshot, stats.clone());
         std::thread::Builder::new()
             .name("policy-loader".into())
             .spawn(move || loader.run(triggers, plan_tx, debounce))
@@ -195,12 +188,38 @@ struct Loader {
     sandbox: Sandbox,
     cache: Option<Arc<CompileCache>>,
     last_snapshot: LastSnapshot,
+    rules: FileRules,
+    max_slots: usize,
     /// File name → content hash of what the last plan runs.
     known: HashMap<String, String>,
+    /// What the last scan noted (symlinks, FIFOs...), logged once per path
+    /// and change: rescans happen on every save, and a line per rescan
+    /// would bury the log.
+    noted: HashMap<PathBuf, Note>,
     stats: Arc<Mutex<ReloadStats>>,
 }
 
 impl Loader {
+    fn new(
+        dir: &Path,
+        config: &Config,
+        cache: Option<Arc<CompileCache>>,
+        last_snapshot: LastSnapshot,
+        stats: Arc<Mutex<ReloadStats>>,
+    ) -> Self {
+        Loader {
+            dir: dir.to_path_buf(),
+            sandbox: Sandbox::new(&config.limits),
+            cache,
+            last_snapshot,
+            rules: FileRules::daemon(config),
+            max_slots: config.policy_max_slots,
+            known: HashMap::new(),
+            noted: HashMap::new(),
+            stats,
+        }
+    }
+
     fn run(mut self, triggers: Receiver<Trigger>, plans: Sender<Plan>, debounce: Duration) {
         while let Ok(first) = triggers.recv() {
             // Debounce: wait for a quiet spell. A request (SIGHUP) still waits
@@ -229,8 +248,17 @@ impl Loader {
     /// Builds the next plan, or None when nothing changed.
     fn plan(&mut self) -> Option<Plan> {
         self.stats.lock().expect("stats lock").scans += 1;
-        let files = match scan(&self.dir) {
-            Ok(files) => files,
+        let files = match scan(&self.dir, self.max_slots) {
+            Ok(scan) => {
+                let noted: HashMap<PathBuf, Note> = scan.notes.into_iter().collect();
+                for (path, note) in &noted {
+                    if self.noted.get(path) != Some(note) {
+                        note.log(path);
+                    }
+                }
+                self.noted = noted;
+                scan.files
+            }
             Err(error) => {
                 tracing::error!(%error, "policy directory refused; the running policies stay");
                 return None;
@@ -241,12 +269,18 @@ impl Loader {
         let mut changed = files.len() != self.known.len();
         for path in files {
             let name = path.file_name().expect("scanned files have names").to_string_lossy().into_owned();
-            let bytes = match std::fs::read(&path) {
+            let bytes = match read_policy_file(&path, &self.rules) {
                 Ok(bytes) => bytes,
                 Err(error) => {
-                    tracing::warn!(file = %path.display(), %error, "cannot read policy file");
-                    if let Some(hash) = self.known.get(&name) {
-                        next_known.insert(name.clone(), hash.clone());
+                    let kept = self.known.get(&name).cloned();
+                    if matches!(error, PolicyFileError::Read { .. }) {
+                        tracing::warn!(file = %path.display(), error = %crate::error_chain(&error), kept_previous = kept.is_some(), "cannot read policy file");
+                    } else {
+                        self.stats.lock().expect("stats lock").refused += 1;
+                        tracing::error!(file = %path.display(), error = %LoadError::File(error), kept_previous = kept.is_some(), "policy file refused; nothing changes for it");
+                    }
+                    if let Some(hash) = kept {
+                        next_known.insert(name.clone(), hash);
                         slots.push(Planned::Keep(name));
                     }
                     continue;

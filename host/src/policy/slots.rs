@@ -18,6 +18,7 @@ use vm_balancer_sdk::{encode_snapshot, Action, Snapshot};
 
 use super::answer::Encoding;
 use super::builtin::{Builtin, Fallback};
+use super::file::{read_policy_file, FileRules, PolicyFileError};
 use super::sandbox::{LoadedPolicy, PolicyError, Sandbox};
 use crate::config::Limits;
 use crate::proposal::{Decided, Proposal};
@@ -244,15 +245,10 @@ impl Slot {
 /// Errors naming which policy spec could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
-    /// The file could not be read.
-    #[error("cannot read policy file {path}")]
-    Read {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file was refused before compiling (unreadable, owner, mode,
+    /// type, size; a bad header is [`SlotError::Policy`]).
+    #[error(transparent)]
+    File(#[from] PolicyFileError),
     /// An unknown `builtin:` name.
     #[error("unknown builtin policy {spec:?} (known: builtin:cpu, builtin:mem, builtin:classic)")]
     UnknownBuiltin {
@@ -271,6 +267,7 @@ pub struct PolicySet {
     slots: Vec<Slot>,
     last_snapshot: LastSnapshot,
     cache: Option<Arc<super::cache::CompileCache>>,
+    file_rules: FileRules,
 }
 
 /// The most recent encoded (MessagePack) snapshot, shared with the policy
@@ -301,6 +298,7 @@ impl PolicySet {
             slots: Vec::new(),
             last_snapshot: LastSnapshot::default(),
             cache: None,
+            file_rules: FileRules::default(),
         }
     }
 
@@ -350,7 +348,19 @@ impl PolicySet {
             let builtin = Builtin::parse(spec).ok_or_else(|| SlotError::UnknownBuiltin { spec: spec.into() })?;
             return Ok(self.sandbox.load_compiled(&name, spec, builtin.component()?)?);
         }
-        let bytes = std::fs::read(spec).map_err(|source| SlotError::Read { path: spec.into(), source })?;
+        let path = Path::new(spec);
+        if self.file_rules.strict {
+            if let Ok(link) = std::fs::read_link(path) {
+                let target = std::fs::canonicalize(path).unwrap_or_else(|_| link.clone());
+                tracing::info!(file = spec, link = %link.display(), target = %target.display(), "policy file is a symlink; following it");
+            }
+        }
+        // A bad header is the component's fault, as it was when the whole
+        // file was read first: the same error, found sooner.
+        let bytes = read_policy_file(path, &self.file_rules).map_err(|e| match e {
+            PolicyFileError::Header(e) => SlotError::Policy(e),
+            other => SlotError::File(other),
+        })?;
         match &self.cache {
             Some(cache) => Ok(self.sandbox.load_compiled(&name, spec, cache.component(spec, &bytes)?)?),
             None => Ok(self.sandbox.load(&name, spec, &bytes)?),
@@ -361,6 +371,13 @@ impl PolicySet {
     /// the next `simulate`, then deserializes instead of compiling).
     pub fn with_cache(mut self, cache: Option<Arc<super::cache::CompileCache>>) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// Reads policy files under `rules` from now on (the daemon's are
+    /// strict: owner, mode and ancestors; the default bounds the size only).
+    pub fn with_file_rules(mut self, rules: FileRules) -> Self {
+        self.file_rules = rules;
         self
     }
 

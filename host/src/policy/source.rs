@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cache::CompileCache;
+use super::file::FileRules;
 use super::reload::{apply_plan, Plan, Planned, Reloader};
 use super::slots::{slot_name, PolicySet, SlotError};
 use crate::config::Config;
@@ -39,15 +40,19 @@ impl PolicySource {
         cache: Option<Arc<CompileCache>>,
     ) -> Result<(PolicySource, PolicySet), SourceError> {
         if !specs.is_empty() {
-            let (set, failures) = PolicySet::new(&config.limits).with_cache(cache).with_specs_lenient(specs);
+            if specs.len() > config.policy_max_slots {
+                return Err(SourceError::TooManySlots { count: specs.len(), max_slots: config.policy_max_slots });
+            }
+            let (set, failures) =
+                PolicySet::new(&config.limits).with_cache(cache).with_file_rules(FileRules::daemon(config)).with_specs_lenient(specs);
             for (spec, error) in failures {
                 tracing::error!(slot = %slot_name(&spec), spec, error = %crate::error_chain(&error), "policy cannot be loaded; the built-in defaults decide for this slot");
             }
             return Ok((PolicySource::Specs(specs.to_vec()), set));
         }
-        super::dir::scan(dir)?;
+        super::dir::scan(dir, config.policy_max_slots)?;
         let set = PolicySet::defaults(&config.limits).map_err(SourceError::Defaults)?;
-        let reloader = Reloader::spawn(dir, &config.limits, cache, set.last_snapshot(), Duration::from_millis(config.reload_debounce_ms));
+        let reloader = Reloader::spawn(dir, config, cache, set.last_snapshot());
         tracing::info!(dir = %dir.display(), "watching the policy directory");
         Ok((PolicySource::Dir(reloader), set))
     }
@@ -101,4 +106,12 @@ pub enum SourceError {
     /// The policy directory is unsafe or unreadable.
     #[error(transparent)]
     Dir(#[from] super::dir::DirError),
+    /// More `--policy` specs than `policy_max_slots`.
+    #[error("{count} --policy specs, over policy_max_slots = {max_slots} (raise policy_max_slots in the config)")]
+    TooManySlots {
+        /// Specs given.
+        count: usize,
+        /// The bound.
+        max_slots: usize,
+    },
 }
