@@ -33,8 +33,9 @@ pub enum ScenarioError {
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong, naming the VM and value.
-        what: InvalidScenario,
+        /// What is wrong, naming the VM and value (boxed: it is the
+        /// largest variant, and errors travel in every `Result`).
+        what: Box<InvalidScenario>,
     },
 }
 
@@ -287,7 +288,7 @@ impl Scenario {
     /// Parses and validates scenario text; `path` is for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Scenario, ScenarioError> {
         let scenario: Scenario = toml::from_str(text).map_err(|source| ScenarioError::Parse { path: path.into(), source })?;
-        scenario.validate().map_err(|what| ScenarioError::Invalid { path: path.into(), what })?;
+        scenario.validate().map_err(|what| ScenarioError::Invalid { path: path.into(), what: Box::new(what) })?;
         Ok(scenario)
     }
 }
