@@ -128,8 +128,11 @@ impl Default for Limits {
     }
 }
 
-/// Largest memory size a config key may give, MiB (1 EiB, far above any
-/// host): every KiB or byte product of it fits a u64.
+/// Quantum lengths accepted, ms (a scenario's `quantum_ms` too).
+pub const QUANTUM_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
+
+/// Largest memory size a config key (or a scenario) may give, MiB (1 EiB,
+/// far above any host): every KiB or byte product of it fits a u64.
 pub const MAX_MIB: u64 = 1 << 40;
 
 /// Longest first backoff, quanta: the same bound as the doubling backoff
@@ -277,7 +280,7 @@ impl Config {
     /// Checks ranges that TOML types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
-        if !(10..=3_600_000).contains(&self.quantum_ms) {
+        if !QUANTUM_MS.contains(&self.quantum_ms) {
             return bad("quantum_ms", self.quantum_ms.to_string(), "must be between 10 and 3600000");
         }
         if self.limits.decide_timeout_ms == 0 || self.limits.decide_timeout_ms > 60_000 {

@@ -23,7 +23,7 @@ Exit status (every subcommand):
      memory limit, undecodable or oversized answer, err)
   2  the command could not do its job: bad flags, an invalid config,
      scenario or snapshot file, a file that is not a usable policy, a setting
-     that cannot work on the host, no hypervisor
+     that cannot work on the host, `snapshot` without a hypervisor
   101  a bug (a panic): please report it";
 
 /// `policy check`: the policy ran and failed.

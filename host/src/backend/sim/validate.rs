@@ -7,13 +7,7 @@
 
 use super::scenario::{Profile, Scenario, VmSpec};
 
-/// The quantum range the daemon's config accepts (`quantum_ms`), so a
-/// scenario cannot run at a quantum the daemon would refuse.
-pub const QUANTUM_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
-
-/// Largest memory size (host, guest, swap), MiB: 1 EiB, far above any host,
-/// low enough that every KiB product and sum fits a u64.
-pub const MAX_MIB: u64 = 1 << 40;
+use crate::config::{MAX_MIB, QUANTUM_MS};
 
 /// Most VMs one scenario may create (`large` has 1,000): the simulator
 /// allocates them all at start.
