@@ -275,7 +275,7 @@ mod tests {
             br#"{"actions":[{"kind":"pin","domain":"a","vcpu":0,"cpus":[1,2]},{"kind":"set-memory","domain":"b","target_kib":1024}]}"#
                 .to_vec();
         let packed = msgpack(&serde_json::from_slice(&json).unwrap());
-        crate::fuzz::Budget::from_env("answer", 40_000).run(
+        let _ = crate::fuzz::Budget::from_env("answer", 40_000).run(
             |rng| {
                 let (encoding, seed) = if rng.gen() { (Encoding::Json, &json) } else { (Encoding::MessagePack, &packed) };
                 let mut bytes =
