@@ -80,3 +80,95 @@ fn policy_check_refuses_bad_files_clearly() {
     assert_eq!(run.code, 1, "a policy that fails on the samples: {}", run.context(&args));
     assert!(run.stdout.contains("FAILED"), "{}", run.context(&args));
 }
+
+/// A scenario whose random walk has min > max: refused at load, naming
+/// the VM and the key, by `simulate` and by the daemon on `sim:` (both
+/// used to panic, rc 101, at the second quantum).
+#[test]
+fn a_random_walk_with_min_above_max_exits_2_naming_the_vm_and_key() {
+    let (_d, bad) = temp_file(
+        "walk.toml",
+        b"name = \"walk\"\nquanta = 5\n[host]\ncpus = 2\nmemory_mib = 4096\n[[vm]]\nname = \"web\"\ncount = 4\nmax_mib = 512\n\
+          cpu = { kind = \"random-walk\", start = 0.5, step = 0.1, min = 1.0, max = 0.0 }\n",
+    );
+    let connect = format!("sim:{}", s(&bad));
+    for args in [
+        vec!["simulate", s(&bad)],
+        vec!["run", "--connect", &connect, "--quantum", "10ms", "--quanta", "3", "--policy", "builtin:cpu"],
+        vec!["snapshot", "--connect", &connect, "--quantum", "2"],
+        vec!["policy", "check", "builtin:cpu", "--scenario", s(&bad)],
+    ] {
+        let run = vm_balancer(&args);
+        assert_eq!(run.code, 2, "{}", run.context(&args));
+        for words in ["walk.toml", "vm \"web\"", "cpu.min = 1", "cpu.max = 0"] {
+            assert!(run.stderr.contains(words), "missing {words:?}: {}", run.context(&args));
+        }
+        assert!(!run.stderr.contains("panicked"), "{}", run.context(&args));
+    }
+}
+
+/// Settings that cannot work are refused (exit 2, naming key and value);
+/// ones that work but not as meant are a warning line at the start.
+#[test]
+fn settings_that_cannot_work_are_refused_and_odd_ones_warned_of() {
+    let scenario = root().join("examples/scenarios/all-on-one.toml"); // 2 pCPUs, 8 GiB
+    let connect = format!("sim:{}", s(&scenario));
+    let refused: [(&[u8], &[&str]); 3] = [
+        (b"[guard]\nreserved_cpus = [0, 1]\n", &["guard.reserved_cpus = [0, 1]", "every online CPU"]),
+        (b"[guard]\nhost_reserve_mib = 8192\n", &["guard.host_reserve_mib = 8192", "8192 MiB"]),
+        (b"[limits]\nmax_output_kib = 0\n", &["limits.max_output_kib = 0"]),
+    ];
+    for (text, words) in refused {
+        let (_d, config) = temp_file("config.toml", text);
+        for args in [
+            vec!["--config", s(&config), "simulate", s(&scenario), "--quanta", "2"],
+            vec!["--config", s(&config), "run", "--connect", &connect, "--quantum", "10ms", "--quanta", "2", "--policy", "builtin:cpu"],
+            vec!["--config", s(&config), "policy", "check", "builtin:cpu", "--scenario", s(&scenario), "--quanta", "2"],
+        ] {
+            let run = vm_balancer(&args);
+            assert_eq!(run.code, 2, "{}", run.context(&args));
+            assert!(words.iter().all(|w| run.stderr.contains(w)), "missing {words:?}: {}", run.context(&args));
+        }
+    }
+    let (_d, config) = temp_file("config.toml", b"[limits]\ndecide_timeout_ms = 10000\n[guard]\nreserved_cpus = [1, 7]\n");
+    let args = ["--config", s(&config), "simulate", s(&scenario), "--quanta", "2"];
+    let run = vm_balancer(&args);
+    assert_eq!(run.code, 0, "{}", run.context(&args));
+    let warnings: Vec<&str> = run.stderr.lines().filter(|l| l.contains("WARN") && l.contains("guard.reserved_cpus")).collect();
+    assert_eq!(warnings.len(), 1, "one warning, at the start: {}", run.context(&args));
+    assert!(warnings[0].contains("does not have: [7]"), "{}", run.context(&args));
+}
+
+/// One scheme for every subcommand: 0 ok, 1 the policy failed the check,
+/// 2 the command could not do its job (usage, config, input).
+#[test]
+fn exit_codes_are_the_same_for_every_subcommand() {
+    let scenario = root().join("examples/scenarios/all-on-one.toml");
+    let (_d, bad_scenario) = temp_file("bad.toml", b"name = \"x\"\nquanta = 0\n[host]\ncpus = 2\nmemory_mib = 64\n");
+    let (_d2, bad_config) = temp_file("bad-config.toml", b"quantum_ms = 1\n");
+    let (_d3, spin_config) = temp_file("spin.toml", b"[limits]\ndecide_timeout_ms = 50\n");
+    let bad_connect = format!("sim:{}", s(&bad_scenario));
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["simulate", s(&bad_scenario)], 2, "quanta = 0"),
+        (vec!["snapshot", "--connect", &bad_connect], 2, "quanta = 0"),
+        (vec!["run", "--connect", &bad_connect, "--quanta", "1"], 2, "quanta = 0"),
+        (vec!["policy", "check", "builtin:cpu", "--scenario", s(&bad_scenario)], 2, "quanta = 0"),
+        (vec!["--config", s(&bad_config), "simulate", s(&scenario)], 2, "quantum_ms = 1"),
+        (vec!["--config", s(&bad_config), "policy", "check", "builtin:cpu"], 2, "quantum_ms = 1"),
+        (vec!["simulate", s(&scenario), "--no-such-flag"], 2, "--no-such-flag"),
+        (vec!["policy", "check", "/no/such/policy.wasm"], 2, "cannot read policy file"),
+        (vec!["--config", s(&spin_config), "policy", "check", c::FIXTURE_SPIN], 1, "failed on"),
+    ];
+    for (args, code, words) in cases {
+        let run = vm_balancer(&args);
+        assert_eq!(run.code, code, "{}", run.context(&args));
+        assert!(run.stderr.contains(words), "missing {words:?}: {}", run.context(&args));
+    }
+    let run = vm_balancer(&["policy", "check", "--help"]);
+    assert_eq!(run.code, 0);
+    for words in ["Exit status", "1 it failed on a snapshot", "timeout", "2 it could not be checked"] {
+        assert!(run.stdout.contains(words), "missing {words:?}: {}", run.stdout);
+    }
+    let run = vm_balancer(&["--help"]);
+    assert!(run.stdout.contains("Exit status (every subcommand)"), "{}", run.stdout);
+}

@@ -180,3 +180,13 @@ fn run(rows: Vec<Row>, config: GuardConfig) {
         assert!(verdicts.next().is_none(), "{name}: extra verdicts {:?}", checked.verdicts);
     }
 }
+
+/// `max_pins_per_quantum = 0` means no limit, not "no pins".
+#[test]
+fn zero_pins_per_quantum_means_no_limit() {
+    let mut guard = Guard::new(GuardConfig { max_pins_per_quantum: 0, ..GuardConfig::default() });
+    let checked = guard.check(&host(), propose(vec![("a", pin(0, vec![1])), ("a", pin(1, vec![0]))]));
+    let outcomes: Vec<_> = checked.verdicts.iter().map(|v| v.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Accepted, Outcome::Accepted], "{:?}", checked.verdicts);
+    assert_eq!(checked.accepted.len(), 2);
+}

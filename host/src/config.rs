@@ -145,6 +145,17 @@ impl Default for Limits {
     }
 }
 
+/// Quantum lengths accepted, ms (a scenario's `quantum_ms` too).
+pub const QUANTUM_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
+
+/// Largest memory size a config key (or a scenario) may give, MiB (1 EiB,
+/// far above any host): every KiB or byte product of it fits a u64.
+pub const MAX_MIB: u64 = 1 << 40;
+
+/// Longest first backoff, quanta: the same bound as the doubling backoff
+/// (README: "up to 3600 quanta"), so `quantum + backoff` cannot wrap.
+pub const MAX_RETRY_BACKOFF_QUANTA: u64 = 3600;
+
 /// Longest deadline a policy may be given, as a fraction of the quantum:
 /// every slot runs in the same quantum, after collection and before apply,
 /// so one policy may take at most half of it.
@@ -203,7 +214,8 @@ pub struct GuardConfig {
     pub max_shrink_pct: f64,
     /// Largest growth per quantum, percent of the guest's max memory.
     pub max_grow_pct: f64,
-    /// Most pin changes applied per quantum (0 = no limit).
+    /// Most pin changes applied per quantum; 0 means no limit (not "no
+    /// pins": that is what an empty policy set is for).
     pub max_pins_per_quantum: usize,
     /// Quanta a re-pinned vCPU must wait before it is re-pinned again.
     pub pin_cooldown_quanta: u64,
@@ -278,7 +290,12 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         config.validate()?;
         Ok(config)
     }
@@ -286,7 +303,7 @@ impl Config {
     /// Checks ranges that TOML types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
-        if !(10..=3_600_000).contains(&self.quantum_ms) {
+        if !QUANTUM_MS.contains(&self.quantum_ms) {
             return bad("quantum_ms", self.quantum_ms.to_string(), "must be between 10 and 3600000");
         }
         if self.limits.decide_timeout_ms == 0 || self.limits.decide_timeout_ms > 60_000 {
@@ -294,6 +311,23 @@ impl Config {
         }
         if self.limits.max_memory_mib < 1 || self.limits.max_memory_mib > 4096 {
             return bad("limits.max_memory_mib", self.limits.max_memory_mib.to_string(), "must be 1..=4096");
+        }
+        // 0 KiB would make every answer, even `{"actions": []}`, too large.
+        if !(1..=65536).contains(&self.limits.max_output_kib) {
+            return bad("limits.max_output_kib", self.limits.max_output_kib.to_string(), "must be 1..=65536");
+        }
+        if self.limits.retry_backoff_quanta > MAX_RETRY_BACKOFF_QUANTA {
+            return bad("limits.retry_backoff_quanta", self.limits.retry_backoff_quanta.to_string(), "must be at most 3600");
+        }
+        for (key, mib) in [
+            ("guard.host_reserve_mib", self.guard.host_reserve_mib),
+            ("guard.guest_floor_mib", self.guard.guest_floor_mib),
+            ("guard.guest_margin_mib", self.guard.guest_margin_mib),
+            ("compile_cache_max_mib", self.compile_cache_max_mib),
+        ] {
+            if mib > MAX_MIB {
+                return bad(key, mib.to_string(), "must be at most 1099511627776 (1 EiB)");
+            }
         }
         if self.limits.max_consecutive_failures == 0 {
             return bad("limits.max_consecutive_failures", "0".into(), "must be at least 1");
@@ -436,5 +470,37 @@ mod tests {
     fn out_of_range_values_are_named() {
         let c = Config { quantum_ms: 1, ..Config::default() };
         assert!(c.validate().unwrap_err().to_string().contains("quantum_ms = 1"));
+    }
+
+    #[test]
+    fn a_zero_output_limit_is_refused_every_answer_would_be_too_large() {
+        let c: Config = toml::from_str("[limits]\nmax_output_kib = 0\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.max_output_kib = 0") && e.contains("1..=65536"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_backoffs_that_would_wrap_are_refused() {
+        for (text, words) in [
+            ("[guard]\nhost_reserve_mib = 9223372036854775807\n", "guard.host_reserve_mib = 9223372036854775807"),
+            ("[guard]\nguest_floor_mib = 1099511627777\n", "guard.guest_floor_mib = 1099511627777"),
+            ("[guard]\nguest_margin_mib = 1099511627777\n", "guard.guest_margin_mib"),
+            ("compile_cache_max_mib = 1099511627777\n", "compile_cache_max_mib"),
+            ("[limits]\nretry_backoff_quanta = 3601\n", "limits.retry_backoff_quanta = 3601"),
+            ("[guard]\nmax_shrink_pct = nan\n", "guard.max_shrink_pct = NaN"),
+        ] {
+            let c: Config = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(words), "{text}: {e}");
+        }
+        let c: Config = toml::from_str("[guard]\nmax_pins_per_quantum = 0\n").unwrap();
+        c.validate().expect("0 pins per quantum means no limit");
+    }
+
+    #[test]
+    fn errors_print_plain_values_never_an_option() {
+        let c: Config = toml::from_str("[limits.policy.x]\nmax_output_kib = 0\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_output_kib = 0") && !e.contains("Some("), "{e}");
     }
 }

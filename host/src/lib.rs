@@ -30,12 +30,16 @@ pub mod config;
 pub mod daemon;
 pub mod ffi;
 pub mod guard;
+pub mod host_check;
 pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod proposal;
 pub mod simulate;
 pub mod snapshot;
+
+#[cfg(test)]
+mod fuzz;
 
 pub use vm_balancer_sdk as sdk;
 

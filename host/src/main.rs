@@ -15,11 +15,28 @@ use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::Snapshot;
 use vm_balancer::simulate::simulate_cached;
 
+/// Exit statuses, the same for every subcommand (README: "Exit status").
+const EXIT_STATUS_HELP: &str = "\
+Exit status (every subcommand):
+  0  success
+  1  policy check: the policy failed on a snapshot or quantum (trap, timeout,
+     memory limit, undecodable or oversized answer, err)
+  2  the command could not do its job: bad flags, an invalid config,
+     scenario or snapshot file, a file that is not a usable policy, a setting
+     that cannot work on the host, `snapshot` without a hypervisor
+  101  a bug (a panic): please report it";
+
+/// `policy check`: the policy ran and failed.
+const EXIT_POLICY_FAILED: u8 = 1;
+
+/// Anything that stops a command (clap's usage errors exit 2 too).
+const EXIT_ERROR: u8 = 2;
+
 /// Balances KVM guests: each quantum, sandboxed WebAssembly policies decide
 /// vCPU pins and balloon targets, a host-side guard checks every action, and
 /// the survivors are applied.
 #[derive(Parser, Debug)]
-#[command(name = "vm-balancer", version, about, long_about = None)]
+#[command(name = "vm-balancer", version, about, long_about = None, after_help = EXIT_STATUS_HELP)]
 struct Cli {
     /// Config file (TOML). Without it, built-in defaults apply.
     #[arg(long, global = true, value_name = "FILE")]
@@ -122,8 +139,13 @@ enum PolicyCommand {
     /// Load a component, list its imports and exports, and run it on sample
     /// snapshots (or a scenario, or a snapshot file). Every answer is
     /// decoded strictly: an unknown action field is a warning. Prints the
-    /// decide time against the deadline that would apply to it. Exits 2 if
-    /// the file is not a usable policy, 1 if it fails on a snapshot.
+    /// decide time against the deadline that would apply to it.
+    ///
+    /// Exit status: 0 the policy passed; 1 it failed on a snapshot or a
+    /// scenario quantum (trap, timeout, memory limit, undecodable or
+    /// oversized answer, err); 2 it could not be checked (not a usable
+    /// policy file, bad flags, an invalid config, scenario or snapshot).
+    #[command(after_help = EXIT_STATUS_HELP)]
     Check {
         /// The component file (or builtin:NAME).
         file: String,
@@ -161,7 +183,7 @@ fn main() -> ExitCode {
             for cause in error.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(2)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -229,7 +251,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Policy { command: PolicyCommand::Check { file, scenario, quanta, snapshot, repeat } } => {
             let input = match (scenario, snapshot) {
-                (Some(path), _) => CheckInput::Scenario(Scenario::load(&path)?, quanta),
+                (Some(path), _) => {
+                    let scenario = Scenario::load(&path)?;
+                    vm_balancer::simulate::check_host(&scenario, &config)?;
+                    CheckInput::Scenario(scenario, quanta)
+                }
                 (None, Some(path)) => CheckInput::Snapshot(read_snapshot(&path)?, path),
                 (None, None) => CheckInput::Samples,
             };
@@ -238,6 +264,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir } => {
             let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
             let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
+            refuse_unworkable_host(&config, &connect)?;
             let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
@@ -268,6 +295,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `run` refuses, before it starts, a config that cannot work on a host
+/// known up front: a `sim:` scenario's, or this machine for a local
+/// `qemu:///` connection. (A remote host is checked at its first quantum,
+/// by the pipeline, which also logs the warnings.)
+fn refuse_unworkable_host(config: &Config, connect: &str) -> Result<()> {
+    let host = match connect.strip_prefix("sim:") {
+        Some(path) => Some(vm_balancer::simulate::host_facts(&Scenario::load(std::path::Path::new(path))?)),
+        None if connect.starts_with("qemu:///") => vm_balancer::host_check::local(),
+        None => None,
+    };
+    if let Some(host) = host {
+        vm_balancer::host_check::check(config, &host)?;
+    }
+    Ok(())
 }
 
 /// The per-user compile cache of the offline commands, if there is a home.
@@ -394,7 +437,7 @@ fn policy_check(config: &Config, file: &str, input: CheckInput, repeat: u32) -> 
     }
     if failed > 0 {
         eprintln!("error: {file} failed on {failed} snapshot(s)");
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(EXIT_POLICY_FAILED));
     }
     println!("ok");
     Ok(ExitCode::SUCCESS)

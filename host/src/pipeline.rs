@@ -7,6 +7,7 @@ use crate::apply::Applier;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::guard::{Checked, Guard};
+use crate::host_check;
 use crate::policy::PolicySet;
 use crate::proposal::Decided;
 use crate::snapshot;
@@ -41,6 +42,9 @@ pub struct Pipeline<B> {
     quantum: u64,
     feedback: Vec<Verdict>,
     dry_run: bool,
+    /// The config was checked against the first observed host (once: a
+    /// warning every quantum would drown the log).
+    host_checked: bool,
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -56,6 +60,7 @@ impl<B: Backend> Pipeline<B> {
             quantum: 0,
             feedback: Vec::new(),
             dry_run,
+            host_checked: false,
         }
     }
 
@@ -107,10 +112,30 @@ impl<B: Backend> Pipeline<B> {
         Ok(snapshot::assemble(observation, self.quantum, &self.config, &self.params, self.feedback.clone()))
     }
 
+    /// Logs, once, what the config's checks against this host say
+    /// ([`host_check`]). A setting that cannot work is an error line, not a
+    /// stop: where the host is known before the start (a scenario, a local
+    /// host) the command line has refused it already, and a remote host
+    /// that reports it mid-run is better balanced in part than not at all.
+    fn check_host(&self, host: &crate::backend::ObservedHost) {
+        match host_check::check(&self.config, &host_check::from_observation(host)) {
+            Ok(warnings) => {
+                for warning in warnings {
+                    tracing::warn!(%warning, "config does not fit this host");
+                }
+            }
+            Err(error) => tracing::error!(%error, "config cannot work on this host"),
+        }
+    }
+
     /// Runs one quantum. Only a backend failure to collect is an error;
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
         let observation = self.backend.collect()?;
+        if !self.host_checked {
+            self.host_checked = true;
+            self.check_host(&observation.host);
+        }
         let snapshot = snapshot::assemble(observation, self.quantum, &self.config, &self.params, std::mem::take(&mut self.feedback));
         let Decided { proposals, fell_back: fallback_slots } = self.policies.decide(&snapshot);
         let proposed = proposals.len();

@@ -10,6 +10,7 @@ use crate::backend::sim::{Metrics, Scenario, SimBackend};
 use crate::backend::BackendError;
 use crate::config::Config;
 use crate::guard::GuardStats;
+use crate::host_check::{self, HostCheckError, HostFacts};
 use crate::pipeline::Pipeline;
 use crate::policy::cache::CompileCache;
 use crate::policy::slots::{DecideTimes, SlotError, SlotStats};
@@ -28,6 +29,15 @@ pub enum SimulateError {
     /// A per-policy limit does not fit the scenario's quantum.
     #[error("the config does not fit this scenario's quantum")]
     Config(#[source] crate::config::ConfigError),
+    /// A guard setting cannot work on the scenario's host.
+    #[error("the config cannot work on scenario {scenario:?}'s host")]
+    Host {
+        /// The scenario's name.
+        scenario: String,
+        /// What cannot work.
+        #[source]
+        source: HostCheckError,
+    },
 }
 
 /// Runs `scenario` for `quanta` (or its own length) with the policy specs
@@ -63,6 +73,7 @@ pub fn pipeline(
 ) -> Result<Pipeline<SimBackend>, SimulateError> {
     let config = scenario_config(scenario, config);
     config.validate_policy_limits().map_err(SimulateError::Config)?;
+    check_host(scenario, &config)?;
     let defaults = ["builtin:cpu".to_string(), "builtin:mem".to_string()];
     let specs = if specs.is_empty() { &defaults[..] } else { specs };
     let policies = PolicySet::new(&config.limits)
@@ -76,6 +87,21 @@ pub fn pipeline(
 /// --scenario` brings its own, strict, policy).
 pub fn pipeline_with(scenario: &Scenario, config: &Config, policies: PolicySet) -> Pipeline<SimBackend> {
     Pipeline::new(SimBackend::new(scenario.clone()), policies, scenario_config(scenario, config), false)
+}
+
+/// Refuses a config that cannot work on the scenario's host (every CPU
+/// reserved, a reserve above its memory). Warnings are left to the
+/// pipeline, which logs them at its first quantum.
+pub fn check_host(scenario: &Scenario, config: &Config) -> Result<(), SimulateError> {
+    let config = scenario_config(scenario, config);
+    host_check::check(&config, &host_facts(scenario))
+        .map(drop)
+        .map_err(|source| SimulateError::Host { scenario: scenario.name.clone(), source })
+}
+
+/// The scenario's host as the config checks see it.
+pub fn host_facts(scenario: &Scenario) -> HostFacts {
+    HostFacts { cpus: (0..scenario.host.cpus).map(|c| (c, true)).collect(), memory_mib: scenario.host.memory_mib }
 }
 
 /// The config as a scenario runs it: its quantum, and its host reserve if

@@ -16,6 +16,8 @@
 
 pub mod model;
 pub mod scenario;
+pub mod validate;
 
 pub use model::{Metrics, SimBackend};
 pub use scenario::{Scenario, ScenarioError};
+pub use validate::InvalidScenario;

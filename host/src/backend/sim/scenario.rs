@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::validate::InvalidScenario;
+
 /// Errors reading a scenario.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -25,13 +27,15 @@ pub enum ScenarioError {
         #[source]
         source: toml::de::Error,
     },
-    /// A value out of range.
+    /// A value out of range. `what` is in the message, not a source: the
+    /// one line then names the file, the VM, the key and the value.
     #[error("scenario {path}: {what}")]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong, naming the VM and value.
-        what: String,
+        /// What is wrong, naming the VM and value (boxed: it is the
+        /// largest variant, and errors travel in every `Result`).
+        what: Box<InvalidScenario>,
     },
 }
 
@@ -201,7 +205,8 @@ pub enum Profile {
         #[serde(default)]
         offset: u64,
     },
-    /// Seeded random walk: each quantum moves by up to ±`step`, kept in [`min`, `max`].
+    /// Seeded random walk: each quantum moves by up to ±`step`, kept in [`min`, `max`]
+    /// (`min` ≤ `max`, `start` between them: see [`Scenario::validate`]).
     RandomWalk {
         /// Initial value.
         start: f64,
@@ -245,7 +250,8 @@ impl Profile {
             }
             Profile::Periodic { low, high, period, offset } => {
                 let period = (*period).max(1);
-                if ((t + offset) % period) < period.div_ceil(2) {
+                // Sum of remainders: `t + offset` could wrap.
+                if ((t % period + offset % period) % period) < period.div_ceil(2) {
                     *high
                 } else {
                     *low
@@ -255,7 +261,10 @@ impl Profile {
                 if t == 0 {
                     *start
                 } else {
-                    (previous + noise * step).clamp(*min, *max)
+                    // Not `clamp`, which panics when min > max: validation
+                    // refuses that, and an unvalidated profile must not
+                    // take the daemon down either.
+                    (previous + noise * step).min(*max).max(*min)
                 }
             }
             Profile::Phases { values, every } => {
@@ -273,38 +282,14 @@ impl Scenario {
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
-        let scenario: Scenario = toml::from_str(&text).map_err(|source| ScenarioError::Parse { path: path.into(), source })?;
-        scenario.validate().map_err(|what| ScenarioError::Invalid { path: path.into(), what })?;
-        Ok(scenario)
+        Scenario::parse(&text, path)
     }
 
-    /// Checks what types cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.host.cpus == 0 || self.host.cpus > 4096 {
-            return Err(format!("host.cpus = {} must be 1..=4096", self.host.cpus));
-        }
-        if self.quanta == 0 {
-            return Err("quanta must be at least 1".into());
-        }
-        let mut names = std::collections::HashSet::new();
-        for vm in &self.vms {
-            if vm.vcpus == 0 || vm.vcpus > 512 {
-                return Err(format!("vm {:?}: vcpus = {} must be 1..=512", vm.name, vm.vcpus));
-            }
-            if vm.count == 0 {
-                return Err(format!("vm {:?}: count must be at least 1", vm.name));
-            }
-            if vm.initial_mib.is_some_and(|i| i > vm.max_mib) {
-                return Err(format!("vm {:?}: initial_mib {:?} is above max_mib {}", vm.name, vm.initial_mib, vm.max_mib));
-            }
-            if vm.stop.is_some_and(|stop| stop <= vm.start) {
-                return Err(format!("vm {:?}: stop {:?} must be after start {}", vm.name, vm.stop, vm.start));
-            }
-            if !names.insert(vm.name.clone()) {
-                return Err(format!("vm {:?} is defined twice", vm.name));
-            }
-        }
-        Ok(())
+    /// Parses and validates scenario text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Scenario, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|source| ScenarioError::Parse { path: path.into(), source })?;
+        scenario.validate().map_err(|what| ScenarioError::Invalid { path: path.into(), what: Box::new(what) })?;
+        Ok(scenario)
     }
 }
 
