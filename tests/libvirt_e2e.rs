@@ -184,7 +184,9 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 /// The scenarios, in order. `VMB_E2E_ONLY=hung,crash` runs only those (for
 /// working on one; CI runs them all).
-const SCENARIOS: [(&str, fn(&Guests)); 6] = [
+type Scenario = (&'static str, fn(&Guests));
+
+const SCENARIOS: [Scenario; 6] = [
     ("cpu", scenario_cpu_dry_run_and_restore),
     ("memory", scenario_memory),
     ("churn", scenario_churn_and_fault),

@@ -106,7 +106,7 @@ fn decide<P: Policy>(c: &mut Criterion, builtin: Builtin) {
             b.iter(|| {
                 snap.quantum += 1;
                 let actions = native_decide(&mut native, &snap);
-                if count && snap.quantum % 1000 == 0 {
+                if count && snap.quantum.is_multiple_of(1000) {
                     eprintln!("{n} domains, quantum {}: {} actions", snap.quantum, actions);
                 }
                 actions
