@@ -172,3 +172,40 @@ fn exit_codes_are_the_same_for_every_subcommand() {
     let run = vm_balancer(&["--help"]);
     assert!(run.stdout.contains("Exit status (every subcommand)"), "{}", run.stdout);
 }
+
+/// Issue 11: an unreachable libvirt is never quiet. Every reconnect attempt
+/// is logged with the next delay, and the delays grow (1, 2, 4 s ...), so
+/// the log is neither silent nor flooded.
+#[test]
+fn an_unreachable_libvirt_logs_every_attempt_with_the_next_delay() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!("state_dir = {:?}\n", state.path().join("state"));
+    let args = ["--connect", "test:///nonexistent/vmb.xml", "--quantum", "200ms", "--policy", "builtin:cpu"];
+    let daemon = crate::util::Daemon::start("unreachable", "info", Some(&config), &args);
+    crate::util::wait_until("the third connection attempt", std::time::Duration::from_secs(60), || daemon.log().contains("attempt=3"));
+    let log = daemon.log();
+    for (attempt, next_s) in [(1, 1), (2, 2), (3, 4)] {
+        let line = format!("attempt={attempt} next_attempt_in_s={next_s}");
+        assert!(log.lines().any(|l| l.contains(&line) && l.contains("test:///nonexistent/vmb.xml")), "no {line:?} line:\n{log}");
+    }
+}
+
+/// Issue 11: two daemons for one hypervisor would fight over its pins. The
+/// second exits 2, naming the first one's pid and the lock file.
+#[test]
+fn a_second_daemon_for_the_same_uri_exits_2_naming_the_first() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!("state_dir = {:?}\n", state.path().join("state"));
+    let args = ["--connect", "test:///default", "--quantum", "200ms", "--policy", "builtin:cpu"];
+    let first = crate::util::Daemon::start("lock-first", "info", Some(&config), &args);
+    crate::util::wait_until("the first daemon's first quantum", std::time::Duration::from_secs(60), || !first.summaries().is_empty());
+    let (_dir, file) = crate::util::temp_file("lock.toml", config.as_bytes());
+    let second = crate::util::vm_balancer(&["--config", crate::util::s(&file), "run", "--connect", "test:///default", "--quanta", "1"]);
+    assert_eq!(second.code, 2, "{}", second.context(&["run"]));
+    let pid = format!("another vm-balancer (pid {}) is already running for test:///default", first.child.id());
+    assert!(second.stderr.contains(&pid) && second.stderr.contains(".lock"), "{}", second.stderr);
+    // Another URI has a lock of its own.
+    let other =
+        crate::util::vm_balancer(&["--config", crate::util::s(&file), "run", "--connect", "test:///nonexistent/x.xml", "--quanta", "1"]);
+    assert_eq!(other.code, 0, "{}", other.context(&["run"]));
+}
