@@ -565,7 +565,13 @@ fn scenario_memory(guests: &Guests) {
     guests.wait_console("greedy", "vmb: ready", Duration::from_secs(60));
     wait_until("greedy's balloon at 256 MiB", Duration::from_secs(60), || current_kib(&greedy) == 256 * MIB);
     let before = current_kib(&greedy);
-    let config = "[guard]\nhost_reserve_mib = 100000000\n";
+    // Just below host memory (a reserve at or above it is refused at start),
+    // so far above what the host has available.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 =
+        meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+    let config = format!("[guard]\nhost_reserve_mib = {}\n", total_kib / MIB - 64);
+    let config = config.as_str();
     let mut daemon =
         Daemon::start("reserve", &["--quantum", "1s", "--quanta", "6", "--policy", vm_balancer::components::FIXTURE_HOSTILE], Some(config));
     let start = Instant::now();

@@ -97,6 +97,17 @@ const MAX_STUCK_CALLS: usize = 8;
 /// One domain of a stats call: its handle and its counters.
 type Record = (VirDomain, DomainSample);
 
+/// A domain whose monitor is busy.
+#[derive(Debug)]
+struct Quiet {
+    name: String,
+    /// Busy long enough to have been named in a WARN line.
+    warned: bool,
+}
+
+/// What one stats call's thread sends back.
+type StatsAnswer = Result<Vec<Record>, VirError>;
+
 /// How the backend connects and behaves.
 #[derive(Clone, Debug)]
 pub struct LibvirtOptions {
@@ -160,9 +171,10 @@ pub struct LibvirtBackend {
     flags_unsupported: bool,
     /// Stats calls still running past their deadline (on their threads).
     stuck_calls: Arc<AtomicUsize>,
-    /// Domains whose monitor does not answer, by UUID, with their name (a
-    /// line is logged when one goes quiet, and again when it answers).
-    not_answering: HashMap<String, String>,
+    /// Domains whose monitor was busy at the last collection, by UUID (a
+    /// WARN line names one busy for a whole deadline, and again when it
+    /// answers).
+    not_answering: HashMap<String, Quiet>,
     /// Connection attempts that failed since the last success.
     failed_connects: u32,
     /// Originals stored by an earlier daemon, not yet matched to a domain
@@ -509,18 +521,18 @@ impl LibvirtBackend {
         }
     }
 
-    /// One NOWAIT stats call on a thread of its own, waited for until
-    /// `until`. `Ok(None)`: it had not returned by then; it is left to
-    /// finish (or hang) on its thread, which holds its own reference to the
-    /// connection and frees what it gets back.
-    fn stats_call(&mut self, until: Instant) -> Result<Option<Vec<Record>>, BackendError> {
+    /// Starts one NOWAIT stats call on a thread of its own; its answer comes
+    /// on `answers`. A call nobody waits for any more is left to finish (or
+    /// hang) on its thread, which holds its own reference to the connection
+    /// and frees what it gets back.
+    fn spawn_stats_call(&mut self, answers: &mpsc::Sender<StatsAnswer>) -> Result<(), BackendError> {
         let uri = self.options.uri.clone();
         let stuck = self.stuck_calls.load(Ordering::SeqCst);
         if stuck >= MAX_STUCK_CALLS {
             return Err(BackendError::CollectStuck { uri, stuck });
         }
         let conn = self.ensure_connected()?.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
+        let tx = answers.clone();
         let in_flight = Arc::clone(&self.stuck_calls);
         in_flight.fetch_add(1, Ordering::SeqCst);
         self.calls += 1;
@@ -529,8 +541,8 @@ impl LibvirtBackend {
             let result = ffi::all_domain_stats(&conn)
                 .map(|list| list.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect::<Vec<Record>>());
             in_flight.fetch_sub(1, Ordering::SeqCst);
-            // The receiver is gone when the call came too late: the records
-            // are dropped (freed) here.
+            // The receiver is gone when the answer came too late: the
+            // records are dropped (freed) here.
             let _ = tx.send(result);
             let _ = conn.close();
         });
@@ -538,7 +550,13 @@ impl LibvirtBackend {
             self.stuck_calls.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::CollectThread { uri, message: error.to_string() });
         }
-        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        Ok(())
+    }
+
+    /// The first answer on `answers` before `until`; `Ok(None)` if none came.
+    fn wait_answer(&mut self, answers: &mpsc::Receiver<StatsAnswer>, until: Instant) -> Result<Option<Vec<Record>>, BackendError> {
+        let uri = self.options.uri.clone();
+        match answers.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(Ok(records)) => Ok(Some(records)),
             Ok(Err(error)) => {
                 self.check_alive();
@@ -552,20 +570,24 @@ impl LibvirtBackend {
     }
 
     /// Every active domain's record, within the collection deadline. The
-    /// first call gets half of it. If it has not returned by then, a domain's
-    /// monitor hangs while holding its job lock, so a second NOWAIT call
-    /// skips that domain's monitor and returns; it runs on a fresh
-    /// connection (the stuck call keeps the old one, and its libvirtd
-    /// request slot).
+    /// first call gets half of it. If it has not returned by then, either a
+    /// domain's monitor hangs (holding its job lock, so a second NOWAIT call
+    /// skips that monitor and returns), or the host is just slow: a second
+    /// call starts, on a fresh connection (a stuck call keeps the old one,
+    /// and its libvirtd request slot), and whichever of the two answers
+    /// first before the deadline is taken.
     fn records(&mut self) -> Result<Vec<Record>, BackendError> {
         let started = Instant::now();
         let deadline = self.options.collect_deadline;
-        if let Some(records) = self.stats_call(started + deadline / 2)? {
+        let (tx, answers) = mpsc::channel();
+        self.spawn_stats_call(&tx)?;
+        if let Some(records) = self.wait_answer(&answers, started + deadline / 2)? {
             return Ok(records);
         }
-        tracing::debug!(uri = %self.options.uri, waited_ms = (deadline / 2).as_millis() as u64, "stats call past half the deadline; retrying on a fresh connection");
+        tracing::debug!(uri = %self.options.uri, waited_ms = (deadline / 2).as_millis() as u64, "stats call past half the deadline; a second one on a fresh connection");
         self.fresh_connection();
-        match self.stats_call(started + deadline)? {
+        self.spawn_stats_call(&tx)?;
+        match self.wait_answer(&answers, started + deadline)? {
             Some(records) => Ok(records),
             None => Err(BackendError::CollectTimeout { uri: self.options.uri.clone(), deadline }),
         }
@@ -590,14 +612,9 @@ impl LibvirtBackend {
     /// `virDomainGetControlInfo`, which answers without the monitor. Only
     /// such records are asked (and, of domains without a balloon driver,
     /// only new ones or while a call is stuck), so a healthy quantum makes
-    /// no extra call.
-    /// Logs each domain going quiet, and answering again.
+    /// no extra call. Logs each domain busy for a whole deadline (hung), and
+    /// again when it answers.
     fn find_not_answering(&mut self, records: &[Record]) -> HashMap<String, Duration> {
-        // While a call of ours is stuck, any busy monitor counts (the stuck
-        // call may have reached it only just before the retry); otherwise a
-        // monitor must have been busy for half the deadline, which a healthy
-        // call never is.
-        let threshold = if self.stuck_calls.load(Ordering::SeqCst) > 0 { Duration::ZERO } else { self.options.collect_deadline / 2 };
         let mut busy = HashMap::new();
         for (dom, sample) in records {
             if sample.balloon.contains_key("last-update") || !sample.is_active() {
@@ -613,27 +630,37 @@ impl LibvirtBackend {
             }
             self.calls += 1;
             if let Ok(Some(for_how_long)) = ffi::monitor_busy_for(dom) {
-                if for_how_long >= threshold {
-                    busy.insert(uuid, for_how_long);
-                }
+                busy.insert(uuid, for_how_long);
             }
         }
+        // Any busy monitor gets no action this quantum (its job lock is
+        // held: a change would wait for it), but only one busy for a whole
+        // deadline is a hung guest worth a WARN line: on a loaded host a
+        // healthy monitor is often busy for some milliseconds.
+        let hung_after = self.options.collect_deadline;
         for (uuid, for_how_long) in &busy {
-            if !self.not_answering.contains_key(uuid) {
-                let name =
-                    records.iter().find(|(d, _)| d.get_uuid_string().ok().as_ref() == Some(uuid)).and_then(|(d, _)| d.get_name().ok());
-                let name = name.unwrap_or_else(|| uuid.clone());
+            let name =
+                || records.iter().find(|(d, _)| d.get_uuid_string().ok().as_ref() == Some(uuid)).and_then(|(d, _)| d.get_name().ok());
+            let quiet = self
+                .not_answering
+                .entry(uuid.clone())
+                .or_insert_with(|| Quiet { name: name().unwrap_or_else(|| uuid.clone()), warned: false });
+            if !quiet.warned && *for_how_long >= hung_after {
+                quiet.warned = true;
                 tracing::warn!(
-                    domain = %name, uuid = %uuid, busy_ms = for_how_long.as_millis() as u64,
+                    domain = %quiet.name, uuid = %uuid, busy_ms = for_how_long.as_millis() as u64,
                     "domain is not answering (its monitor is busy with a call that has not returned): its memory figures are stale and no action is sent to it"
                 );
-                self.not_answering.insert(uuid.clone(), name);
             }
         }
         let answering: Vec<String> = self.not_answering.keys().filter(|u| !busy.contains_key(*u)).cloned().collect();
         for uuid in answering {
-            let name = self.not_answering.remove(&uuid).unwrap_or_default();
-            tracing::warn!(domain = %name, uuid = %uuid, "domain answers again");
+            let Some(quiet) = self.not_answering.remove(&uuid) else { continue };
+            if quiet.warned {
+                tracing::warn!(domain = %quiet.name, uuid = %uuid, "domain answers again");
+            } else {
+                tracing::debug!(domain = %quiet.name, uuid = %uuid, "monitor free again");
+            }
         }
         busy
     }
@@ -808,16 +835,22 @@ impl LibvirtBackend {
                 continue;
             }
             let name = state.name.clone();
-            if self.not_answering.contains_key(&uuid) {
-                tracing::warn!(domain = %name, "not restored: the domain is not answering (run `vm-balancer restore` once it answers)");
-                continue;
-            }
             let plan = state.restore_plan();
             let dom = match self.lookup(&name) {
                 Ok((dom, _)) => dom,
                 Err(BackendError::DomainGone { .. }) => continue,
                 Err(error) => return Err(error),
             };
+            // Asked again now (a monitor busy at the last collection may be
+            // free): a change to a hung domain would block for 30 s.
+            if self.not_answering.contains_key(&uuid) {
+                self.calls += 1;
+                if !matches!(ffi::monitor_busy_for(&dom), Ok(None)) {
+                    tracing::warn!(domain = %name, "not restored: the domain is not answering (run `vm-balancer restore` once it answers)");
+                    continue;
+                }
+                self.not_answering.remove(&uuid);
+            }
             for (vcpu, original) in plan.pins {
                 let map = self.cpumap(&original);
                 match self.pin_live(&dom, vcpu, &map) {
