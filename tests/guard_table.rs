@@ -16,7 +16,7 @@ fn host() -> Snapshot {
         .reserve_cpu(3)
         .domain(DomainBuilder::new("web").vcpu(0, 0.5).vcpu(1, 0.5).memory_mib(2048, 1024, Some(600)))
         .domain(DomainBuilder::new("nostats").vcpu(0, 0.1).memory_mib(1024, 1024, None))
-        .domain(DomainBuilder::new("stale").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).memory_age(6000))
+        .domain(DomainBuilder::new("stale").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).memory_age(11_000))
         .domain(DomainBuilder::new("fresh-enough").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).memory_age(2000))
         .domain(DomainBuilder::new("hung").vcpu(0, 0.1).memory_mib(2048, 1024, Some(600)).not_answering(3000))
         .build();
@@ -83,7 +83,11 @@ fn memory_rules() {
 #[test]
 fn stale_figures_and_hung_domains() {
     let rows: Vec<Row> = vec![
-        ("shrink on stale figures", vec![("a", mem("stale", 1000))], vec![Some((Outcome::Rejected, "6000 ms old (stale after 5000 ms)"))]),
+        (
+            "shrink on stale figures",
+            vec![("a", mem("stale", 1000))],
+            vec![Some((Outcome::Rejected, "11000 ms old (stale after 10000 ms)"))],
+        ),
         ("grow on stale figures passes", vec![("a", mem("stale", 1100))], vec![Some((Outcome::Accepted, "t"))]),
         ("figures within the bound", vec![("a", mem("fresh-enough", 1000))], vec![Some((Outcome::Accepted, "t"))]),
         (

@@ -80,6 +80,14 @@ pub struct Config {
     /// not stop the balancing of every other guest. What has not come in by
     /// then is reported stale, and the guard never shrinks on stale figures.
     pub collect_deadline_ms: Option<u32>,
+    /// How figures are collected: `auto` (procfs for CPU figures and a
+    /// rolling balloon refresh on a local `qemu:///system`, the bulk call
+    /// elsewhere) or `bulk` (one call with every group, every quantum).
+    pub collect: crate::backend::libvirt::CollectMode,
+    /// On the fast path, the most quanta between two balloon refreshes of
+    /// one domain (guests under pressure or ballooning are refreshed every
+    /// quantum, and at least 32 domains are each quantum).
+    pub balloon_refresh_quanta: u64,
     /// Largest policy file accepted, MiB (the directory's and `--policy
     /// FILE`'s). Why a bound: a file is read into memory before it is
     /// compiled, and the biggest real component (Python, 18.5 MB) is far
@@ -104,6 +112,8 @@ impl Default for Config {
             compile_cache_max_mib: 512,
             reload_debounce_ms: 200,
             collect_deadline_ms: None,
+            collect: crate::backend::libvirt::CollectMode::Auto,
+            balloon_refresh_quanta: 4,
             policy_max_file_mib: 64,
             policy_max_slots: 16,
         }
@@ -225,7 +235,8 @@ pub struct GuardConfig {
     /// Guest memory figures older than this (ms) are stale: the guard never
     /// shrinks a guest on them. The balloon driver reports every second
     /// (stats period 1 s, `balloon.last-update` has 1 s resolution), so a
-    /// healthy guest's figures are 0-2 s old.
+    /// healthy guest's figures are 0-2 s old, plus up to
+    /// `balloon_refresh_quanta` quanta on a host of more than 32 domains.
     pub stale_after_ms: u64,
 }
 
@@ -241,7 +252,7 @@ impl Default for GuardConfig {
             max_pins_per_quantum: 256,
             pin_cooldown_quanta: 2,
             external_pin_hold_s: 300,
-            stale_after_ms: 5000,
+            stale_after_ms: 10_000,
         }
     }
 }
@@ -340,6 +351,9 @@ impl Config {
         }
         self.validate_policy_limits()?;
         self.validate_collect_deadline()?;
+        if !(1..=60).contains(&self.balloon_refresh_quanta) {
+            return bad("balloon_refresh_quanta", self.balloon_refresh_quanta.to_string(), "must be 1..=60");
+        }
         if self.guard.stale_after_ms < 2000 {
             return bad(
                 "guard.stale_after_ms",

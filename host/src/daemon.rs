@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub restore: bool,
     /// The drop-in policy directory, watched when `policies` is empty.
     pub policy_dir: std::path::PathBuf,
+    /// `--collect`: overrides the config's `collect`.
+    pub collect: Option<crate::backend::libvirt::CollectMode>,
 }
 
 /// Errors that stop the daemon before it starts.
@@ -130,6 +132,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     backend_options.external_pin_hold = Duration::from_secs(config.guard.external_pin_hold_s);
     backend_options.read_only = options.dry_run;
     backend_options.collect_deadline = config.collect_deadline();
+    backend_options.collect = options.collect.unwrap_or(config.collect);
+    backend_options.balloon_refresh_quanta = config.balloon_refresh_quanta;
     // A real hypervisor gets one daemon, and its originals survive a crash
     // (a dry run changes nothing, and the simulator has nothing to keep).
     let _lock = match options.connect.starts_with("sim:") || options.dry_run {
@@ -237,6 +241,8 @@ pub fn snapshot(config: &Config, uri: &str) -> Result<Snapshot, DaemonError> {
     options.exclude = config.exclude.clone();
     options.read_only = true;
     options.collect_deadline = config.collect_deadline();
+    options.collect = config.collect;
+    options.balloon_refresh_quanta = config.balloon_refresh_quanta;
     let mut backend = crate::backend::libvirt::LibvirtBackend::connect(options)?;
     backend.collect()?;
     std::thread::sleep(Duration::from_millis(u64::from(config.quantum_ms)));

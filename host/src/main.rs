@@ -101,6 +101,13 @@ enum Command {
         /// /etc/vm-balancer/policies.
         #[arg(long, value_name = "DIR")]
         policy_dir: Option<PathBuf>,
+        /// How figures are collected: `auto` reads CPU figures from procfs
+        /// and refreshes balloons in a rolling subset on a local
+        /// qemu:///system (the bulk libvirt call elsewhere); `bulk` forces
+        /// one libvirt call with every group every quantum. Default: the
+        /// config's `collect`, auto.
+        #[arg(long, value_name = "auto|bulk", value_parser = parse_collect)]
+        collect: Option<vm_balancer::backend::libvirt::CollectMode>,
     },
     /// Print exactly what a policy would receive right now (collects twice,
     /// one quantum apart; changes nothing). With sim:SCENARIO.toml, what it
@@ -236,6 +243,15 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     }
 }
 
+/// `--collect auto|bulk`.
+fn parse_collect(text: &str) -> Result<vm_balancer::backend::libvirt::CollectMode, String> {
+    match text {
+        "auto" => Ok(vm_balancer::backend::libvirt::CollectMode::Auto),
+        "bulk" => Ok(vm_balancer::backend::libvirt::CollectMode::Bulk),
+        other => Err(format!("{other:?}: expected auto or bulk")),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
@@ -261,11 +277,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             policy_check(&config, &file, input, repeat)
         }
-        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir } => {
+        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir, collect } => {
             let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
             let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
             refuse_unworkable_host(&config, &connect)?;
-            let options = vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir };
+            let options =
+                vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir, collect };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -63,7 +63,9 @@
 //! - `host.rs`: host CPU and memory figures, from `/proc` or libvirt;
 //! - `xml.rs`: the scan of a domain's XML (opt-out, tags, autodeflate).
 
+mod fast;
 mod host;
+pub mod procfs;
 mod state;
 mod xml;
 
@@ -76,7 +78,9 @@ use virt::connect::Connect;
 use virt::domain::Domain as VirDomain;
 use virt::error::{Error as VirError, ErrorNumber};
 
+use self::fast::FastPath;
 use self::host::HostState;
+use self::procfs::ProcRoots;
 use self::state::{AuditEvent, DomainSample, Domains, KnownDomain, Placement};
 pub use self::xml::{parse_domain_xml, DomainXml, METADATA_URI};
 use super::{Backend, BackendError, Observation};
@@ -103,6 +107,27 @@ struct Quiet {
     name: String,
     /// Busy long enough to have been named in a WARN line.
     warned: bool,
+}
+
+/// Which stats call a thread makes.
+#[derive(Clone, Debug)]
+enum StatsCall {
+    /// Every active domain, every group (the bulk path).
+    All,
+    /// These domains' balloon and vcpu groups (the fast path's subset).
+    Subset(Vec<VirDomain>),
+}
+
+/// How CPU figures are collected (`--collect`, config `collect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectMode {
+    /// procfs `schedstat` on a local `qemu:///system` connection, with a
+    /// rolling balloon refresh; the bulk call otherwise.
+    #[default]
+    Auto,
+    /// One bulk call with every group, every quantum, on any connection.
+    Bulk,
 }
 
 /// What one stats call's thread sends back.
@@ -135,6 +160,16 @@ pub struct LibvirtOptions {
     /// `vm-balancer restore`: discovery changes nothing (no pins, no stats
     /// period), and `restore` puts back what the originals file holds.
     pub restore_only: bool,
+    /// Fast local path or bulk calls.
+    pub collect: CollectMode,
+    /// On the fast path, every domain's balloon is refreshed at least every
+    /// this many quanta (config `balloon_refresh_quanta`).
+    pub balloon_refresh_quanta: u64,
+    /// On the fast path, vCPU thread maps are rebuilt every this many
+    /// quanta (a hot-plugged vCPU is found within them).
+    pub remap_quanta: u64,
+    /// Where procfs and libvirt's QEMU run directory are.
+    pub proc_roots: ProcRoots,
 }
 
 impl LibvirtOptions {
@@ -150,6 +185,10 @@ impl LibvirtOptions {
             collect_deadline: Duration::from_millis(500),
             originals: None,
             restore_only: false,
+            collect: CollectMode::Auto,
+            balloon_refresh_quanta: 4,
+            remap_quanta: 10,
+            proc_roots: ProcRoots::default(),
         }
     }
 }
@@ -184,6 +223,8 @@ pub struct LibvirtBackend {
     saved: Originals,
     /// Known domains changed in a way the originals file must reflect.
     store_dirty: bool,
+    /// The fast path's thread maps and balloon figures.
+    fast: FastPath,
 }
 
 fn hypervisor(uri: &str, operation: &'static str, error: VirError) -> BackendError {
@@ -217,6 +258,7 @@ impl LibvirtBackend {
 
     fn unconnected(options: LibvirtOptions) -> Self {
         virt::error::clear_error_callback();
+        let roots = options.proc_roots.clone();
         let stored = match &options.originals {
             Some(file) if !options.read_only => file.load().unwrap_or_else(|error| {
                 tracing::warn!(
@@ -248,7 +290,82 @@ impl LibvirtBackend {
             stored,
             saved: Originals::new(),
             store_dirty: false,
+            fast: FastPath::new(roots),
         }
+    }
+
+    /// The fast path applies: a local system connection, not forced to bulk.
+    fn fast_path(&self) -> bool {
+        self.options.collect == CollectMode::Auto && self.options.uri.starts_with("qemu:///system")
+    }
+
+    /// The fast path's records: a state-only listing (no monitor, no job),
+    /// CPU figures from procfs, and the balloon (and, where procfs could not
+    /// say, vcpu) groups of a rolling subset, under the collection deadline.
+    fn fast_records(&mut self) -> Result<Vec<Record>, BackendError> {
+        let uri = self.options.uri.clone();
+        let conn = self.ensure_connected()?;
+        let listing = ffi::all_domain_stats(conn, ffi::Groups::State);
+        self.calls += 1;
+        let listing = listing.map_err(|error| {
+            self.check_alive();
+            hypervisor(&uri, "domain listing", error)
+        })?;
+        let mut records: Vec<Record> = listing.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect();
+        drop(listing);
+        let quantum = self.quantum;
+        let mut candidates = Vec::new();
+        let mut needs_libvirt_vcpus = HashSet::new();
+        for (i, (dom, sample)) in records.iter_mut().enumerate() {
+            if !sample.is_active() {
+                continue;
+            }
+            let (Ok(uuid), Ok(name)) = (dom.get_uuid_string(), dom.get_name()) else { continue };
+            if self.domains.get(&uuid).is_some_and(|d| d.excluded) {
+                continue;
+            }
+            if !self.fast.cpu_figures(&uuid, &name, quantum, self.options.remap_quanta, sample) {
+                needs_libvirt_vcpus.insert(i);
+            }
+            let urgent = self.domains.get(&uuid).is_none_or(KnownDomain::is_settling) || needs_libvirt_vcpus.contains(&i);
+            candidates.push((i, uuid, urgent));
+        }
+        let keyed: Vec<(String, bool)> = candidates.iter().map(|(_, u, urgent)| (u.clone(), *urgent)).collect();
+        let chosen: HashSet<usize> =
+            self.fast.balloon_subset(&keyed, quantum, self.options.balloon_refresh_quanta).into_iter().map(|k| candidates[k].0).collect();
+        let doms: Vec<VirDomain> = chosen.iter().map(|&i| records[i].0.clone()).collect();
+        let refreshed = match self.records(StatsCall::Subset(doms)) {
+            Ok(got) => got,
+            Err(error @ (BackendError::CollectTimeout { .. } | BackendError::CollectStuck { .. })) => {
+                // The listing and CPU figures stand; the memory figures of
+                // the subset age this quantum.
+                tracing::debug!(error = &error as &dyn std::error::Error, "balloon refresh did not come back in time");
+                Vec::new()
+            }
+            Err(error) => return Err(error),
+        };
+        let mut by_uuid: HashMap<String, DomainSample> = HashMap::new();
+        for (dom, sample) in refreshed {
+            if let Ok(uuid) = dom.get_uuid_string() {
+                by_uuid.insert(uuid, sample);
+            }
+        }
+        for (i, uuid, _) in &candidates {
+            let sample = &mut records[*i].1;
+            match by_uuid.remove(uuid).filter(|_| chosen.contains(i)) {
+                Some(fresh) => {
+                    self.fast.remember_balloon(uuid, &fresh.balloon, quantum);
+                    sample.balloon = fresh.balloon;
+                    if needs_libvirt_vcpus.contains(i) {
+                        sample.vcpu_current = fresh.vcpu_current;
+                        sample.vcpus = fresh.vcpus;
+                    }
+                    self.fast.fill_balloon(uuid, sample, false);
+                }
+                None => self.fast.fill_balloon(uuid, sample, !chosen.contains(i)),
+            }
+        }
+        Ok(records)
     }
 
     /// Changes nothing on the hypervisor at discovery (`--dry-run`,
@@ -525,7 +642,7 @@ impl LibvirtBackend {
     /// on `answers`. A call nobody waits for any more is left to finish (or
     /// hang) on its thread, which holds its own reference to the connection
     /// and frees what it gets back.
-    fn spawn_stats_call(&mut self, answers: &mpsc::Sender<StatsAnswer>) -> Result<(), BackendError> {
+    fn spawn_stats_call(&mut self, what: &StatsCall, answers: &mpsc::Sender<StatsAnswer>) -> Result<(), BackendError> {
         let uri = self.options.uri.clone();
         let stuck = self.stuck_calls.load(Ordering::SeqCst);
         if stuck >= MAX_STUCK_CALLS {
@@ -533,13 +650,19 @@ impl LibvirtBackend {
         }
         let conn = self.ensure_connected()?.clone();
         let tx = answers.clone();
+        let what = what.clone();
         let in_flight = Arc::clone(&self.stuck_calls);
         in_flight.fetch_add(1, Ordering::SeqCst);
         self.calls += 1;
         let spawned = std::thread::Builder::new().name("vmb-stats".into()).spawn(move || {
             let mut conn = conn;
-            let result = ffi::all_domain_stats(&conn)
-                .map(|list| list.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect::<Vec<Record>>());
+            let list = match &what {
+                StatsCall::All => ffi::all_domain_stats(&conn, ffi::Groups::All),
+                StatsCall::Subset(doms) => ffi::domain_list_stats(doms, ffi::Groups::BalloonVcpu),
+            };
+            let result =
+                list.map(|list| list.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect::<Vec<Record>>());
+            drop(what);
             in_flight.fetch_sub(1, Ordering::SeqCst);
             // The receiver is gone when the answer came too late: the
             // records are dropped (freed) here.
@@ -576,17 +699,17 @@ impl LibvirtBackend {
     /// call starts, on a fresh connection (a stuck call keeps the old one,
     /// and its libvirtd request slot), and whichever of the two answers
     /// first before the deadline is taken.
-    fn records(&mut self) -> Result<Vec<Record>, BackendError> {
+    fn records(&mut self, what: StatsCall) -> Result<Vec<Record>, BackendError> {
         let started = Instant::now();
         let deadline = self.options.collect_deadline;
         let (tx, answers) = mpsc::channel();
-        self.spawn_stats_call(&tx)?;
+        self.spawn_stats_call(&what, &tx)?;
         if let Some(records) = self.wait_answer(&answers, started + deadline / 2)? {
             return Ok(records);
         }
         tracing::debug!(uri = %self.options.uri, waited_ms = (deadline / 2).as_millis() as u64, "stats call past half the deadline; a second one on a fresh connection");
         self.fresh_connection();
-        self.spawn_stats_call(&tx)?;
+        self.spawn_stats_call(&what, &tx)?;
         match self.wait_answer(&answers, started + deadline)? {
             Some(records) => Ok(records),
             None => Err(BackendError::CollectTimeout { uri: self.options.uri.clone(), deadline }),
@@ -701,7 +824,7 @@ impl LibvirtBackend {
 impl Backend for LibvirtBackend {
     fn collect(&mut self) -> Result<Observation, BackendError> {
         let started = Instant::now();
-        let samples = self.records()?;
+        let samples = if self.fast_path() { self.fast_records()? } else { self.records(StatsCall::All)? };
         let now = Instant::now();
         let busy = self.find_not_answering(&samples);
         let local = self.local_procfs();
@@ -736,6 +859,7 @@ impl Backend for LibvirtBackend {
                 domains.push(d);
             }
         }
+        self.fast.forget_gone(&seen);
         for state in self.domains.remove_gone(&seen) {
             tracing::info!(domain = %state.name, "domain gone");
             self.store_dirty = true;

@@ -303,6 +303,12 @@ impl KnownDomain {
         }
     }
 
+    /// A balloon target set by the daemon is still on its way: its figures
+    /// are refreshed every quantum until it has settled.
+    pub fn is_settling(&self) -> bool {
+        self.settling.is_some()
+    }
+
     /// The guest has reported its memory figures at least once.
     pub fn has_guest_figures(&self) -> bool {
         self.figures.is_some()
