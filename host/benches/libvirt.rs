@@ -1,19 +1,21 @@
 //! Collection cost on real libvirt (a plain program: `cargo bench --bench
 //! libvirt`; needs `bash .ci/setup.sh --libvirt` first):
-//! - boots 20 idle TCG guests (transient, named `vmbbench-N`, destroyed at
-//!   the end and at start);
-//! - collection wall time and libvirt calls per steady quantum, against one
-//!   `virsh domstats` of all domains;
+//! - boots idle TCG guests (transient, named `vmbbench-N`, destroyed at the
+//!   end and at start), 20 then 50 (`VMB_BENCH_GUESTS=20,50`);
+//! - at each count, the fast path (procfs CPU figures, state-only listing,
+//!   rolling balloon subset) and the bulk path (one call, every group),
+//!   measured alternately in the same run: median collection time, its
+//!   parts, and libvirt calls per steady quantum; and one `virsh domstats`
+//!   of all domains;
 //! - the daemon's CPU time and peak RSS over `VMB_BENCH_RUN_S` seconds
-//!   (default 300) at a 1 s quantum, dry run.
+//!   (default 60) at a 1 s quantum, dry run.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vm_balancer::backend::libvirt::{LibvirtBackend, LibvirtOptions};
+use vm_balancer::backend::libvirt::{CollectMode, LibvirtBackend, LibvirtOptions};
 use vm_balancer::backend::Backend;
 
-const GUESTS: usize = 20;
 const GUEST_DIR: &str = "/var/lib/vm-balancer/guest";
 
 fn virsh(args: &[&str]) -> std::process::Output {
@@ -32,60 +34,98 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+fn boot(i: usize) {
+    let xml = format!(
+        "<domain type='qemu'><name>vmbbench-{i}</name>
+          <memory unit='MiB'>384</memory><currentMemory unit='MiB'>256</currentMemory><vcpu>1</vcpu>
+          <os><type arch='x86_64' machine='pc'>hvm</type>
+            <kernel>{GUEST_DIR}/vmlinuz</kernel><initrd>{GUEST_DIR}/initramfs.cpio.gz</initrd>
+            <cmdline>console=ttyS0 quiet</cmdline></os>
+          <features><acpi/><apic/></features>
+          <devices><memballoon model='virtio'><stats period='1'/></memballoon></devices></domain>"
+    );
+    let file = std::env::temp_dir().join(format!("vmbbench-{i}.xml"));
+    std::fs::write(&file, xml).unwrap();
+    let out = virsh(&["create", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn backend(mode: CollectMode) -> LibvirtBackend {
+    let mut options = LibvirtOptions::new("qemu:///system");
+    options.collect = mode;
+    options.read_only = true;
+    options.collect_deadline = Duration::from_secs(5);
+    LibvirtBackend::connect(options).expect("libvirt reachable")
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     assert!(std::path::Path::new(GUEST_DIR).join("vmlinuz").exists(), "run `bash .ci/setup.sh --libvirt` first");
     cleanup();
-    for i in 0..GUESTS {
-        let xml = format!(
-            "<domain type='qemu'><name>vmbbench-{i}</name>
-              <memory unit='MiB'>384</memory><currentMemory unit='MiB'>256</currentMemory><vcpu>1</vcpu>
-              <os><type arch='x86_64' machine='pc'>hvm</type>
-                <kernel>{GUEST_DIR}/vmlinuz</kernel><initrd>{GUEST_DIR}/initramfs.cpio.gz</initrd>
-                <cmdline>console=ttyS0 quiet</cmdline></os>
-              <features><acpi/><apic/></features>
-              <devices><memballoon model='virtio'><stats period='1'/></memballoon></devices></domain>"
+    let counts: Vec<usize> =
+        std::env::var("VMB_BENCH_GUESTS").unwrap_or_else(|_| "20,50".into()).split(',').filter_map(|n| n.trim().parse().ok()).collect();
+    let mut booted = 0;
+    let mut guests = 0;
+    println!("| guests | path | collect (median) | listing | CPU figures | balloon subset (domains) | libvirt calls |");
+    println!("|---|---|---|---|---|---|---|");
+    for &n in &counts {
+        while booted < n {
+            boot(booted);
+            booted += 1;
+        }
+        guests = n;
+        std::thread::sleep(Duration::from_secs(20)); // boots, then idle
+        let mut fast = backend(CollectMode::Auto);
+        let mut bulk = backend(CollectMode::Bulk);
+        for b in [&mut fast, &mut bulk] {
+            b.collect().unwrap(); // first sight
+        }
+        let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<[f64; 3]>, Vec<f64>)> =
+            vec![("fast", vec![], vec![], vec![], vec![]), ("bulk", vec![], vec![], vec![], vec![])];
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_secs(1));
+            for (row, b) in rows.iter_mut().zip([&mut fast, &mut bulk]) {
+                let before = b.calls();
+                let obs = b.collect().unwrap();
+                assert!(obs.domains.len() >= n);
+                row.1.push(b.last_collect().as_secs_f64() * 1e3);
+                row.2.push((b.calls() - before) as f64);
+                let t = b.last_timing();
+                row.3.push([t.listing.as_secs_f64() * 1e3, t.cpu.as_secs_f64() * 1e3, t.balloon.as_secs_f64() * 1e3]);
+                row.4.push(t.balloons_refreshed as f64);
+            }
+        }
+        for (name, times, calls, parts, refreshed) in rows {
+            let part = |k: usize| median(parts.iter().map(|p| p[k]).collect());
+            if name == "fast" {
+                println!(
+                    "| {n} | fast | {:.1} ms | {:.2} ms | {:.2} ms | {:.1} ms ({}) | {} |",
+                    median(times),
+                    part(0),
+                    part(1),
+                    part(2),
+                    median(refreshed),
+                    median(calls)
+                );
+            } else {
+                println!("| {n} | bulk | {:.1} ms | | | | {} |", median(times), median(calls));
+            }
+        }
+        let virsh_ms = median(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    let out = virsh(&["domstats", "--state", "--cpu-total", "--vcpu", "--balloon"]);
+                    assert!(out.status.success());
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
         );
-        let file = std::env::temp_dir().join(format!("vmbbench-{i}.xml"));
-        std::fs::write(&file, xml).unwrap();
-        let out = virsh(&["create", file.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        println!("| {n} | virsh domstats, all groups | {virsh_ms:.1} ms | | | | |");
     }
-    std::thread::sleep(Duration::from_secs(20)); // boots, then idle
-
-    let mut backend = LibvirtBackend::connect(LibvirtOptions::new("qemu:///system")).expect("libvirt reachable");
-    backend.collect().unwrap(); // first sight: pins, stats periods
-    std::thread::sleep(Duration::from_secs(1));
-    backend.collect().unwrap();
-    let (mut times, mut calls) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_secs(1));
-        let before = backend.calls();
-        let obs = backend.collect().unwrap();
-        assert!(obs.domains.len() >= GUESTS);
-        calls.push((backend.calls() - before) as f64);
-        times.push(backend.last_collect().as_secs_f64() * 1e3);
-    }
-    let virsh_ms = median(
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                let out = virsh(&["domstats", "--state", "--cpu-total", "--vcpu", "--balloon"]);
-                assert!(out.status.success());
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    );
-    println!(
-        "collect  {GUESTS} idle guests: median {:.1} ms, {} libvirt calls per quantum (virsh domstats of all: {:.1} ms)",
-        median(times),
-        median(calls),
-        virsh_ms
-    );
-
-    let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
     // Reaped by wait4 below, which also returns its resource usage.
     #[allow(clippy::zombie_processes)]
@@ -105,7 +145,7 @@ fn main() {
         + usage.ru_stime.tv_sec as f64
         + usage.ru_stime.tv_usec as f64 / 1e6;
     println!(
-        "daemon   {run_s} s at 1 s quantum, {GUESTS} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
+        "daemon   {run_s} s at 1 s quantum, {guests} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
         100.0 * cpu_s / run_s as f64,
         usage.ru_maxrss as f64 / 1024.0
     );

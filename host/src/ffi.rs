@@ -314,6 +314,102 @@ fn cpus_of_map(map: &[u8]) -> Vec<u32> {
     (0..map.len() * 8).filter(|c| map[c / 8] & (1 << (c % 8)) != 0).map(|c| c as u32).collect()
 }
 
+/// libvirt's default event loop, started once per process on a thread of
+/// its own (`virEventRegisterDefaultImpl`, then `virEventRunDefaultImpl`
+/// forever). Lifecycle events need it; it also runs the connections'
+/// keepalive. `false` if it could not be started (the backend then lists
+/// domains every quantum). Must run before the first connection is opened.
+pub(crate) fn start_event_loop() -> bool {
+    static STARTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        // SAFETY: registers libvirt's own default event loop; no argument,
+        // called once per process (the OnceLock), before any connection.
+        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+            return false;
+        }
+        std::thread::Builder::new()
+            .name("vmb-libvirt-events".into())
+            .spawn(|| loop {
+                // SAFETY: runs one iteration of the loop registered above;
+                // this thread is the only one that runs it.
+                if unsafe { sys::virEventRunDefaultImpl() } < 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            })
+            .is_ok()
+    })
+}
+
+/// A lifecycle-event registration on one connection: every domain started,
+/// stopped, destroyed, defined... adds one to `counter`. Deregistered on drop.
+pub(crate) struct LifecycleWatch {
+    conn: Connect,
+    id: libc::c_int,
+}
+
+unsafe extern "C" fn lifecycle_event(
+    _conn: sys::virConnectPtr,
+    _dom: sys::virDomainPtr,
+    _event: libc::c_int,
+    _detail: libc::c_int,
+    opaque: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: `opaque` is the `Arc<AtomicU64>` given at registration, alive
+    // until `lifecycle_free` runs (after the last call of this function).
+    let counter = unsafe { &*(opaque as *const std::sync::atomic::AtomicU64) };
+    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    0
+}
+
+unsafe extern "C" fn lifecycle_free(opaque: *mut libc::c_void) {
+    // SAFETY: `opaque` came from `Arc::into_raw` at registration, and libvirt
+    // calls this once, when the callback is gone.
+    drop(unsafe { std::sync::Arc::from_raw(opaque as *const std::sync::atomic::AtomicU64) });
+}
+
+/// Watches every domain's lifecycle events on `conn` (the event loop must
+/// run: [`start_event_loop`]).
+pub(crate) fn watch_lifecycle(conn: &Connect, counter: &std::sync::Arc<std::sync::atomic::AtomicU64>) -> Result<LifecycleWatch, VirError> {
+    type Lifecycle =
+        unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, libc::c_int, libc::c_int, *mut libc::c_void) -> libc::c_int;
+    type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut libc::c_void);
+    let opaque = std::sync::Arc::into_raw(std::sync::Arc::clone(counter)) as *mut libc::c_void;
+    // SAFETY: libvirt's API takes every event callback as the generic type
+    // and calls it with the signature of its event id (VIR_DOMAIN_EVENT_CALLBACK
+    // in C); for VIR_DOMAIN_EVENT_ID_LIFECYCLE that is `Lifecycle`, the type
+    // of `lifecycle_event`. Both are `extern "C"` function pointers.
+    let callback = unsafe { std::mem::transmute::<Lifecycle, Generic>(lifecycle_event) };
+    // SAFETY: `conn` is open and borrowed for the call; `opaque` stays valid
+    // until libvirt calls `lifecycle_free` with it.
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as libc::c_int,
+            Some(callback),
+            opaque,
+            Some(lifecycle_free),
+        )
+    };
+    if id < 0 {
+        let error = VirError::last_error();
+        // SAFETY: registration failed, so libvirt will not call the free
+        // callback: the reference is dropped here, once.
+        drop(unsafe { std::sync::Arc::from_raw(opaque as *const std::sync::atomic::AtomicU64) });
+        return Err(error);
+    }
+    Ok(LifecycleWatch { conn: conn.clone(), id })
+}
+
+impl Drop for LifecycleWatch {
+    fn drop(&mut self) {
+        // SAFETY: `id` was returned by the registration on this connection,
+        // which `self.conn` keeps open; deregistered once, here.
+        unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.id) };
+        let _ = self.conn.close();
+    }
+}
+
 /// The effective uid of this process (the compile cache refuses a
 /// directory owned by anyone else).
 pub fn effective_uid() -> u32 {

@@ -70,7 +70,7 @@ mod state;
 mod xml;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,35 @@ pub struct LibvirtBackend {
     store_dirty: bool,
     /// The fast path's thread maps and balloon figures.
     fast: FastPath,
+    /// Where the last fast-path collection spent its time.
+    timing: CollectTiming,
+    /// Lifecycle events seen (domains started, stopped, destroyed...).
+    lifecycle: Arc<AtomicU64>,
+    /// The registration on the current connection, if events work.
+    watch: Option<ffi::LifecycleWatch>,
+    /// The fast path's last listing, reused while no lifecycle event came.
+    listing: Option<Listing>,
+}
+
+/// A state-only listing, and the event count and quantum it was made at.
+#[derive(Debug)]
+struct Listing {
+    domains: Vec<(VirDomain, Option<i64>)>,
+    events: u64,
+    quantum: u64,
+}
+
+/// Where one fast-path collection spent its time (the benchmark's columns).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CollectTiming {
+    /// The state-only listing.
+    pub listing: Duration,
+    /// CPU figures from procfs.
+    pub cpu: Duration,
+    /// The balloon subset call.
+    pub balloon: Duration,
+    /// Domains whose balloon was refreshed.
+    pub balloons_refreshed: usize,
 }
 
 fn hypervisor(uri: &str, operation: &'static str, error: VirError) -> BackendError {
@@ -258,6 +287,10 @@ impl LibvirtBackend {
 
     fn unconnected(options: LibvirtOptions) -> Self {
         virt::error::clear_error_callback();
+        if options.collect == CollectMode::Auto && options.uri.starts_with("qemu:///system") {
+            // Before the first connection, which then delivers events.
+            ffi::start_event_loop();
+        }
         let roots = options.proc_roots.clone();
         let stored = match &options.originals {
             Some(file) if !options.read_only => file.load().unwrap_or_else(|error| {
@@ -291,6 +324,60 @@ impl LibvirtBackend {
             saved: Originals::new(),
             store_dirty: false,
             fast: FastPath::new(roots),
+            timing: CollectTiming::default(),
+            lifecycle: Arc::new(AtomicU64::new(0)),
+            watch: None,
+            listing: None,
+        }
+    }
+
+    /// Every active domain with its run state: the last listing while no
+    /// lifecycle event came (and for at most `remap_quanta`, a safety net
+    /// against a lost event), else a state-only bulk call (no monitor, no
+    /// job lock).
+    fn listing(&mut self) -> Result<Vec<Record>, BackendError> {
+        let events = self.lifecycle.load(Ordering::SeqCst);
+        let quantum = self.quantum;
+        let fresh = self.watch.is_some()
+            && self.conn.is_some()
+            && self
+                .listing
+                .as_ref()
+                .is_some_and(|l| l.events == events && quantum.saturating_sub(l.quantum) < self.options.remap_quanta.max(1));
+        if !fresh {
+            let uri = self.options.uri.clone();
+            let conn = self.ensure_connected()?;
+            let listing = ffi::all_domain_stats(conn, ffi::Groups::State);
+            self.calls += 1;
+            let listing = listing.map_err(|error| {
+                self.check_alive();
+                hypervisor(&uri, "domain listing", error)
+            })?;
+            let domains = listing.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()).run_state)).collect();
+            drop(listing);
+            self.listing = Some(Listing { domains, events, quantum });
+        }
+        let listing = self.listing.as_ref().expect("listed above");
+        Ok(listing
+            .domains
+            .iter()
+            .map(|(dom, run_state)| (dom.clone(), DomainSample { run_state: *run_state, ..DomainSample::default() }))
+            .collect())
+    }
+
+    /// Watches lifecycle events on the current connection (fast path only).
+    fn watch_events(&mut self) {
+        self.watch = None;
+        self.listing = None;
+        if !self.fast_path() || !ffi::start_event_loop() {
+            return;
+        }
+        if let Some(conn) = self.conn.as_ref() {
+            self.calls += 1;
+            match ffi::watch_lifecycle(conn, &self.lifecycle) {
+                Ok(watch) => self.watch = Some(watch),
+                Err(error) => tracing::debug!(%error, "no lifecycle events; domains are listed every quantum"),
+            }
         }
     }
 
@@ -303,16 +390,9 @@ impl LibvirtBackend {
     /// CPU figures from procfs, and the balloon (and, where procfs could not
     /// say, vcpu) groups of a rolling subset, under the collection deadline.
     fn fast_records(&mut self) -> Result<Vec<Record>, BackendError> {
-        let uri = self.options.uri.clone();
-        let conn = self.ensure_connected()?;
-        let listing = ffi::all_domain_stats(conn, ffi::Groups::State);
-        self.calls += 1;
-        let listing = listing.map_err(|error| {
-            self.check_alive();
-            hypervisor(&uri, "domain listing", error)
-        })?;
-        let mut records: Vec<Record> = listing.records().map(|r| (r.domain(), DomainSample::from_numbers(r.numbers()))).collect();
-        drop(listing);
+        let started = Instant::now();
+        let mut records = self.listing()?;
+        let listed = Instant::now();
         let quantum = self.quantum;
         let mut candidates = Vec::new();
         let mut needs_libvirt_vcpus = HashSet::new();
@@ -334,12 +414,18 @@ impl LibvirtBackend {
         let chosen: HashSet<usize> =
             self.fast.balloon_subset(&keyed, quantum, self.options.balloon_refresh_quanta).into_iter().map(|k| candidates[k].0).collect();
         let doms: Vec<VirDomain> = chosen.iter().map(|&i| records[i].0.clone()).collect();
+        let read_procfs = Instant::now();
         let refreshed = match self.records(StatsCall::Subset(doms)) {
             Ok(got) => got,
-            Err(error @ (BackendError::CollectTimeout { .. } | BackendError::CollectStuck { .. })) => {
+            Err(error @ (BackendError::CollectTimeout { .. } | BackendError::CollectStuck { .. } | BackendError::Hypervisor { .. })) => {
                 // The listing and CPU figures stand; the memory figures of
-                // the subset age this quantum.
-                tracing::debug!(error = &error as &dyn std::error::Error, "balloon refresh did not come back in time");
+                // the subset age this quantum. (A domain destroyed since the
+                // listing fails the whole call: the next quantum lists anew.)
+                tracing::debug!(error = &error as &dyn std::error::Error, "balloon refresh did not come back");
+                self.listing = None;
+                if self.conn.is_none() {
+                    return Err(error);
+                }
                 Vec::new()
             }
             Err(error) => return Err(error),
@@ -350,6 +436,12 @@ impl LibvirtBackend {
                 by_uuid.insert(uuid, sample);
             }
         }
+        self.timing = CollectTiming {
+            listing: listed - started,
+            cpu: read_procfs - listed,
+            balloon: read_procfs.elapsed(),
+            balloons_refreshed: chosen.len(),
+        };
         for (i, uuid, _) in &candidates {
             let sample = &mut records[*i].1;
             match by_uuid.remove(uuid).filter(|_| chosen.contains(i)) {
@@ -415,6 +507,11 @@ impl LibvirtBackend {
         self.last_collect
     }
 
+    /// The parts of the last fast-path collection.
+    pub fn last_timing(&self) -> CollectTiming {
+        self.timing
+    }
+
     fn local_procfs(&self) -> bool {
         self.options.uri.starts_with("qemu:///")
     }
@@ -439,6 +536,7 @@ impl LibvirtBackend {
                     self.host.connected(&conn, &mut self.calls);
                     self.domains.forget_samples();
                     self.conn = Some(conn);
+                    self.watch_events();
                 }
                 Err(error) => {
                     // Every attempt is logged: they come at a falling rate
@@ -466,6 +564,8 @@ impl LibvirtBackend {
     fn check_alive(&mut self) {
         let alive = self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false));
         if !alive {
+            self.watch = None;
+            self.listing = None;
             if let Some(mut conn) = self.conn.take() {
                 let _ = conn.close();
             }
@@ -722,9 +822,12 @@ impl LibvirtBackend {
         self.calls += 1;
         match Connect::open(Some(&self.options.uri)) {
             Ok(conn) => {
+                let old_watch = self.watch.take();
                 if let Some(mut old) = self.conn.replace(conn) {
+                    drop(old_watch);
                     let _ = old.close();
                 }
+                self.watch_events();
             }
             Err(error) => tracing::debug!(uri = %self.options.uri, %error, "cannot open a fresh connection; keeping the old one"),
         }
