@@ -672,6 +672,13 @@ impl LibvirtBackend {
 }
 
 impl Backend for LibvirtBackend {
+    fn connection(&self) -> crate::backend::Connection {
+        let backoff_s = match self.conn {
+            Some(_) => 0.0,
+            None => self.next_connect.saturating_duration_since(Instant::now()).as_secs_f64(),
+        };
+        crate::backend::Connection { failed_connects: self.failed_connects, backoff_s }
+    }
     fn collect(&mut self) -> Result<Observation, BackendError> {
         let started = Instant::now();
         let samples = self.records()?;
