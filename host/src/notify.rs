@@ -20,8 +20,12 @@ impl Notifier {
     /// From the environment systemd gives (`NOTIFY_SOCKET`, `WATCHDOG_USEC`).
     pub fn from_env() -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let mut usec = 0;
-        let watchdog_usec = sd_notify::watchdog_enabled(false, &mut usec).then_some(usec);
+        // sd_watchdog_enabled(3): WATCHDOG_USEC enables it; WATCHDOG_PID,
+        // when set, must be this process (else a parent's watchdog was
+        // inherited). `sd_notify::watchdog_enabled` also refuses an unset
+        // WATCHDOG_PID, which the man page allows.
+        let pid_ok = std::env::var("WATCHDOG_PID").map_or(true, |p| p.trim().parse::<u32>().ok() == Some(std::process::id()));
+        let watchdog_usec = std::env::var("WATCHDOG_USEC").ok().and_then(|u| u.trim().parse::<u64>().ok()).filter(|u| *u > 0 && pid_ok);
         Notifier { enabled, watchdog_usec }
     }
 

@@ -185,7 +185,8 @@ impl Recorder {
                 }
                 .to_string(),
                 reason: v.action.reason().to_string(),
-                guard: v.reason.clone(),
+                // An accepted verdict's reason is the policy's own.
+                guard: if v.outcome == Outcome::Accepted { String::new() } else { v.reason.clone() },
             });
         }
         // Forget domains that are gone, so a long run does not grow.
