@@ -607,6 +607,10 @@ fn explain_says_why_a_domain_changed_and_the_socket_is_private() {
     stream.read_to_string(&mut text).unwrap();
     assert!(serde_json::from_str::<vm_balancer::status::Status>(&text).is_ok(), "{text}");
     assert!(daemon.log().lines().all(|l| !l.contains("vm-balancer stopped")), "{}", daemon.log());
+    let mut daemon = daemon;
+    daemon.signal(libc::SIGTERM);
+    daemon.assert_clean_exit(MINUTE);
+    assert!(!socket.exists(), "the socket goes with the daemon: {}", socket.display());
 }
 
 /// A tmux session, killed on drop.

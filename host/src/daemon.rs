@@ -282,6 +282,11 @@ fn slot_names(set: &crate::policy::PolicySet) -> Vec<String> {
 struct Reporter {
     connect: String,
     status: Option<Arc<std::sync::Mutex<Arc<String>>>>,
+    /// The last status published, kept to mark skipped quanta in it.
+    last_status: crate::status::Status,
+    /// The status socket this daemon created (removed when it stops, so
+    /// `top` says "no daemon" rather than connection refused on a stale file).
+    socket: Option<std::path::PathBuf>,
     recorder: crate::status::Recorder,
     metrics: Option<Arc<std::sync::Mutex<crate::metrics::Metrics>>>,
     every: Duration,
@@ -304,12 +309,18 @@ struct Window {
 
 impl Reporter {
     fn start(config: &Config, options: &RunOptions) -> Result<Reporter, DaemonError> {
-        let status = config.status_socket.then(|| Arc::new(std::sync::Mutex::new(Arc::new(String::from("{}")))));
+        let first = crate::status::Status { connect: options.connect.clone(), quantum_ms: config.quantum_ms, ..Default::default() };
+        let first = serde_json::to_string(&first).unwrap_or_else(|_| "{}".into());
+        let status = config.status_socket.then(|| Arc::new(std::sync::Mutex::new(Arc::new(first))));
+        let mut socket = None;
         if let Some(status) = &status {
             // The socket lives in the state dir, as private as the originals.
             match StateDir::open(&config.state_dir) {
                 Ok(dir) => {
-                    crate::status::serve(&crate::status::socket_path(dir.path(), &options.connect), Arc::clone(status));
+                    let path = crate::status::socket_path(dir.path(), &options.connect);
+                    if crate::status::serve(&path, Arc::clone(status)).is_some() {
+                        socket = Some(path);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(error = %crate::error_chain(&error), "no status socket: `top` and `explain` will not reach this daemon")
@@ -329,6 +340,8 @@ impl Reporter {
         Ok(Reporter {
             connect: options.connect.clone(),
             status,
+            socket,
+            last_status: crate::status::Status { connect: options.connect.clone(), quantum_ms: config.quantum_ms, ..Default::default() },
             recorder: crate::status::Recorder::default(),
             metrics,
             every: Duration::from_secs(config.summary_every_s),
@@ -351,8 +364,8 @@ impl Reporter {
         w.fallback_quanta += u64::from(!outcome.fallback_slots.is_empty());
         w.slowest = w.slowest.max(took);
         if let Some(status) = &self.status {
-            let now = self.recorder.record(&self.connect, &outcome.snapshot, &outcome.verdicts, pipeline.policies(), took);
-            if let Ok(text) = serde_json::to_string(&now) {
+            self.last_status = self.recorder.record(&self.connect, &outcome.snapshot, &outcome.verdicts, pipeline.policies(), took);
+            if let Ok(text) = serde_json::to_string(&self.last_status) {
                 *status.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(text);
             }
         }
@@ -374,6 +387,12 @@ impl Reporter {
 
     fn skipped(&mut self, connection: crate::backend::Connection) {
         self.window.skipped += 1;
+        if let Some(status) = &self.status {
+            self.last_status.skipped += 1;
+            if let Ok(text) = serde_json::to_string(&self.last_status) {
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(text);
+            }
+        }
         if let Some(metrics) = &self.metrics {
             metrics.lock().unwrap_or_else(|p| p.into_inner()).skipped(connection);
         }
@@ -420,6 +439,14 @@ impl Reporter {
             decide = ?decide,
             "activity summary"
         );
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

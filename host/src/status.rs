@@ -63,13 +63,20 @@ pub enum StatusError {
     },
 }
 
-/// The daemon's state after its last quantum.
+/// The daemon's state after its last quantum (before the first one: only
+/// `connect` and `quantum_ms`; missing fields read as empty, so an older or
+/// newer daemon's status still shows).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     /// The URI it balances.
     pub connect: String,
     /// The last quantum's number.
     pub quantum: u64,
+    /// Quanta skipped in a row because nothing could be collected (libvirt
+    /// down or slower than the collection deadline); the rest of the status
+    /// is from the last quantum that ran.
+    pub skipped: u64,
     /// Quantum length, ms.
     pub quantum_ms: u32,
     /// How long the last quantum took, ms.
@@ -239,6 +246,7 @@ impl Recorder {
         Status {
             connect: connect.to_string(),
             quantum: snapshot.quantum,
+            skipped: 0,
             quantum_ms: snapshot.quantum_ms,
             took_ms: took.as_secs_f64() * 1000.0,
             host_available_mib: m.available_kib / 1024,

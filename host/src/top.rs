@@ -82,6 +82,11 @@ pub fn draw(frame: &mut Frame, s: &Status, error: Option<&str>) {
     ))];
     if let Some(e) = error {
         header.push(Line::from(format!("daemon unreachable: {e}")));
+    } else if s.skipped > 0 {
+        header.push(Line::from(format!(
+            "{} quanta skipped in a row: nothing collected (libvirt down, or slower than collect_deadline_ms); figures below are older",
+            s.skipped
+        )));
     }
     frame.render_widget(Paragraph::new(header), head);
     let rows = s.cpus.iter().map(|c| {
