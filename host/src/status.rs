@@ -4,8 +4,8 @@
 //! Why it is built this way:
 //! - **A read-only unix socket in the state dir** (`URI-KEY.status.sock`,
 //!   mode 0600, so root only when the daemon runs as root). A client
-//!   connects and gets one JSON [`Status`], then the daemon closes; it never
-//!   reads from the socket, so there is no command to send it.
+//!   connects and gets one JSON [`Status`], then the daemon closes; what a
+//!   client sends is discarded unread, so there is no command to send it.
 //! - **One [`Status`] per quantum**, built by [`Recorder`] from the quantum's
 //!   snapshot and verdicts; the socket thread serves the latest copy and
 //!   never touches the pipeline.
@@ -313,6 +313,12 @@ pub fn serve(path: &Path, status: Arc<Mutex<Arc<String>>>) -> Option<std::thread
                 // A slow client gets 2 s; it never blocks the quantum thread.
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
                 let _ = stream.write_all(text.as_bytes());
+                // Whatever a client sent is read and thrown away (closing
+                // on unread bytes would reset the connection before the
+                // client has read its status).
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = std::io::copy(&mut (&mut stream).take(64 << 10), &mut std::io::sink());
             }
         })
         .ok()?;
