@@ -8,6 +8,11 @@
 # Why each piece:
 # - libvirt-dev + pkg-config: the `virt` crate links libvirt even when only
 #   the simulator is used (one binary, both backends).
+# - tmux: the `top` test runs the live view as a person would and reads
+#   the screen with capture-pane.
+# - prometheus (Debian's; it ships promtool): the metrics test has a real
+#   Prometheus scrape the daemon and answer OpenStack Watcher's PromQL,
+#   and `promtool check rules` checks examples/prometheus/alerts.yml.
 # - wasm32-unknown-unknown: host/build.rs compiles the embedded policies to
 #   WebAssembly; wasm32-wasip2 is for policy authors who want WASI.
 set -euo pipefail
@@ -16,7 +21,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*"; }
 
 missing=()
-for pkg in pkg-config libvirt-dev gcc; do
+for pkg in pkg-config libvirt-dev gcc tmux prometheus; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

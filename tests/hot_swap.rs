@@ -273,7 +273,6 @@ fn an_unsafe_directory_is_refused_naming_path_and_mode() {
 #[test]
 fn the_daemon_picks_up_a_dropped_in_policy() {
     use std::os::unix::fs::PermissionsExt;
-    use std::process::Command;
     let _quiet = quiet_cpu();
     let dir = policy_tempdir();
     let state = tempfile::tempdir().unwrap();
@@ -282,7 +281,7 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
     let connect = format!("sim:{}", scenario.display());
     let policy_dir = dir.path().display().to_string();
     let run = ["--connect", connect.as_str(), "--quantum", "100ms", "--policy-dir", policy_dir.as_str()];
-    let mut daemon = Daemon::start("hot-swap", "info", Some(&config), &run);
+    let mut daemon = Daemon::start("hot-swap", "info,vm_balancer::daemon=debug", Some(&config), &run);
     let minutes = Duration::from_secs(120);
     let logged = |d: &Daemon, words: &[&str]| d.log().lines().any(|l| words.iter().all(|w| l.contains(w)));
     wait_until("the first quantum", minutes, || logged(&daemon, &["quantum summary"]));
@@ -308,7 +307,7 @@ fn the_daemon_picks_up_a_dropped_in_policy() {
         a
     };
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vm-balancer")).args(args(&["--quanta", "1"])).output().unwrap();
+    let out = crate::util::binary().args(args(&["--quanta", "1"])).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("0777") && err.contains(&dir.path().display().to_string()), "{err}");

@@ -168,7 +168,7 @@ impl Daemon {
     fn start(tag: &str, args: &[&str], config: Option<&str>) -> crate::util::Daemon {
         let mut run = vec!["--connect", URI];
         run.extend_from_slice(args);
-        crate::util::Daemon::start(tag, "info,vm_balancer::apply=debug", config, &run)
+        crate::util::Daemon::start(tag, "info,vm_balancer::apply=debug,vm_balancer::daemon=debug", config, &run)
     }
 }
 

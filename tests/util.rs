@@ -72,6 +72,18 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// A config file that never exists: what the binary reads when no
+/// `--config` is given (`VMB_CONFIG_DEFAULT`), so that a machine's own
+/// `/etc/vm-balancer/config.toml` never changes what a test sees.
+pub const NO_DEFAULT_CONFIG: &str = "/nonexistent/vm-balancer-test/config.toml";
+
+/// The built binary, hermetic: see [`NO_DEFAULT_CONFIG`].
+pub fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+    cmd.env("VMB_CONFIG_DEFAULT", NO_DEFAULT_CONFIG);
+    cmd
+}
+
 /// Runs the built binary; on any later assertion failure, the message
 /// carries the command and both streams (see [`Run::context`]).
 pub fn vm_balancer(args: &[&str]) -> Run {
@@ -80,7 +92,7 @@ pub fn vm_balancer(args: &[&str]) -> Run {
 
 /// [`vm_balancer`] with extra environment variables.
 pub fn vm_balancer_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+    let mut cmd = binary();
     cmd.args(args);
     for (key, value) in env {
         cmd.env(key, value);
@@ -161,7 +173,7 @@ impl Daemon {
     pub fn start(tag: &str, log_filter: &str, config: Option<&str>, run_args: &[&str]) -> Daemon {
         let dir = std::env::temp_dir();
         let log = dir.join(format!("vmbtest-{}-{tag}.log", std::process::id()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vm-balancer"));
+        let mut cmd = binary();
         cmd.env("NO_COLOR", "1").arg("--log").arg(log_filter);
         if let Some(text) = config {
             let path = dir.join(format!("vmbtest-{}-{tag}.toml", std::process::id()));
@@ -198,7 +210,8 @@ impl Daemon {
         strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
-    /// Its `quantum summary` lines so far.
+    /// Its `quantum summary` lines so far (they are at debug: start it
+    /// with a filter that has `vm_balancer::daemon=debug`).
     pub fn summaries(&self) -> Vec<String> {
         self.log().lines().filter(|l| l.contains("quantum summary")).map(String::from).collect()
     }

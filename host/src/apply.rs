@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use vm_balancer_sdk::Action;
+use vm_balancer_sdk::{Action, Snapshot};
 
 use crate::backend::{Backend, BackendError};
 
@@ -33,11 +33,15 @@ impl Applier {
         &self.stats
     }
 
-    /// Applies `actions` in order; with `dry_run` only logs them.
-    pub fn apply(&mut self, backend: &mut dyn Backend, actions: &[Action], dry_run: bool) {
+    /// Applies `actions` in order; with `dry_run` only logs them. Each
+    /// applied action is one info line with its old and new value (from
+    /// `snapshot`) and the policy's reason: the journal says why a guest
+    /// changed.
+    pub fn apply(&mut self, backend: &mut dyn Backend, snapshot: &Snapshot, actions: &[Action], dry_run: bool) {
         for action in actions {
+            let change = crate::status::describe(action, snapshot);
             if dry_run {
-                tracing::info!(%action, reason = action.reason(), "dry run: would apply");
+                tracing::info!(domain = action.domain(), change, reason = action.reason(), "dry run: would apply");
                 continue;
             }
             let result = match action {
@@ -46,6 +50,7 @@ impl Applier {
             };
             match result {
                 Ok(()) => {
+                    tracing::info!(domain = action.domain(), change, reason = action.reason(), "action applied");
                     tracing::debug!(%action, reason = action.reason(), "applied");
                 }
                 Err(BackendError::DomainGone { domain }) => {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use vm_balancer_sdk::Param;
 
 /// Errors reading the configuration.
@@ -38,6 +38,17 @@ pub enum ConfigError {
         /// What would be valid.
         why: &'static str,
     },
+    /// A value in a file is invalid: where it is.
+    #[error("config file {path}, line {line}")]
+    At {
+        /// The file.
+        path: PathBuf,
+        /// The line of the key (1-based).
+        line: usize,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ConfigError>,
+    },
     /// A per-policy limit is out of its range.
     #[error("config value limits.policy.{policy:?}.{key} = {value} is invalid: {why}")]
     InvalidPolicyLimit {
@@ -53,7 +64,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Length of a quantum, milliseconds.
@@ -97,6 +108,45 @@ pub struct Config {
     /// Why: every slot costs its compiled code, an instance and a `decide`
     /// per quantum; 500 files once took 940 MB and 2.2 s quanta.
     pub policy_max_slots: usize,
+    /// The libvirt URI `run`, `snapshot` and `restore` connect to
+    /// (`--connect`), or `sim:SCENARIO.toml`.
+    pub connect: String,
+    /// Log filter (`--log`): a level such as `info`, or directives such as
+    /// `info,vm_balancer::daemon=debug`. RUST_LOG is used when neither the
+    /// command line nor the file sets it.
+    pub log: Option<String>,
+    /// Log line format (`--log-format`): `text` for people, `json` (one
+    /// object per line, stable field names) for log shippers.
+    pub log_format: LogFormat,
+    /// Where `run` serves Prometheus metrics (`--metrics-addr`), e.g.
+    /// `127.0.0.1:9109`; unset: no endpoint. Why off and loopback by
+    /// default: the figures name every guest on the host.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Also expose instance series in OpenStack Watcher's shape
+    /// (`ceilometer_cpu`, `ceilometer_memory_usage`, labelled `resource` =
+    /// domain UUID and `fqdn`). Opt-in: their names are not ours.
+    pub fleet_metrics: bool,
+    /// The `fqdn` label of the fleet series; unset: this host's name.
+    pub fqdn: Option<String>,
+    /// Serve the read-only status socket (`STATE_DIR/*.status.sock`, mode
+    /// 0600) that `vm-balancer top` and `explain` read.
+    pub status_socket: bool,
+    /// Seconds between the info-level activity summaries of `run` (quanta,
+    /// actions, fallbacks, decide times). Per-quantum summaries are at
+    /// debug (`--log info,vm_balancer::daemon=debug`).
+    pub summary_every_s: u64,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`
+    /// (with `message`), `span`s.
+    Json,
 }
 
 impl Default for Config {
@@ -116,12 +166,20 @@ impl Default for Config {
             balloon_refresh_quanta: 4,
             policy_max_file_mib: 64,
             policy_max_slots: 16,
+            connect: DEFAULT_CONNECT.to_string(),
+            log: None,
+            log_format: LogFormat::Text,
+            metrics_addr: None,
+            fleet_metrics: false,
+            fqdn: None,
+            status_socket: true,
+            summary_every_s: 60,
         }
     }
 }
 
 /// Sandbox limits (wasmtime epoch deadline and memory limiter).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Wall-clock budget of one `decide` call, milliseconds.
@@ -155,6 +213,12 @@ impl Default for Limits {
     }
 }
 
+/// The connection when neither `--connect` nor the file gives one.
+pub const DEFAULT_CONNECT: &str = "qemu:///system";
+
+/// The config file read when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vm-balancer/config.toml";
+
 /// Quantum lengths accepted, ms (a scenario's `quantum_ms` too).
 pub const QUANTUM_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
 
@@ -173,7 +237,7 @@ pub const MAX_POLICY_TIMEOUT_QUANTUM_FRACTION: f64 = 0.5;
 
 /// The limits one policy runs under (every field optional: what is not set
 /// comes from `[limits]`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyLimits {
     /// Wall-clock budget of one `decide` call, milliseconds; at most half the quantum.
@@ -209,7 +273,7 @@ impl Limits {
 }
 
 /// The guard's settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     /// Host CPUs reserved for the host: never a pin target.
@@ -258,7 +322,7 @@ impl Default for GuardConfig {
 }
 
 /// Domains never touched: by name or UUID glob (`*` and `?`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Exclude {
     /// Name patterns.
@@ -304,11 +368,35 @@ impl Config {
         Config::parse(&text, path)
     }
 
-    /// Parses and validates config text; `path` is for messages.
+    /// Parses and validates config text; `path` is for messages. A value
+    /// out of range is reported with the file and the line of its key.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
-        config.validate()?;
+        config.validate().map_err(|error| match error.dotted_key().and_then(|key| line_of(text, &key)) {
+            Some(line) => ConfigError::At { path: path.into(), line, source: Box::new(error) },
+            None => error,
+        })?;
         Ok(config)
+    }
+
+    /// The dotted keys a config text sets (`guard.host_reserve_mib`); the
+    /// tables `params` and `limits.policy."NAME"` are listed as wholes. For
+    /// `config check`'s "where does this value come from".
+    pub fn keys_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut keys = std::collections::BTreeSet::new();
+        if let Ok(table) = text.parse::<toml::Table>() {
+            flatten_keys("", &toml::Value::Table(table), &mut keys);
+        }
+        keys
+    }
+
+    /// Every setting with its effective value, as dotted `key = value`
+    /// pairs in TOML syntax (unset optional keys as `(unset)`), in key order.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let value = serde_json::to_value(self).expect("a config serializes");
+        let mut out = Vec::new();
+        flatten_values("", &value, &mut out);
+        out
     }
 
     /// Checks ranges that TOML types cannot express.
@@ -345,6 +433,9 @@ impl Config {
         }
         if !(1..=4096).contains(&self.policy_max_file_mib) {
             return bad("policy_max_file_mib", self.policy_max_file_mib.to_string(), "must be 1..=4096");
+        }
+        if self.summary_every_s == 0 {
+            return bad("summary_every_s", "0".into(), "must be at least 1");
         }
         if !(1..=1024).contains(&self.policy_max_slots) {
             return bad("policy_max_slots", self.policy_max_slots.to_string(), "must be 1..=1024");
@@ -422,6 +513,70 @@ impl Config {
     pub fn policy_params(&self) -> BTreeMap<String, Param> {
         self.params.iter().map(|(k, v)| (k.clone(), to_param(v))).collect()
     }
+}
+
+impl ConfigError {
+    /// The dotted key an invalid value is at, when the error names one.
+    fn dotted_key(&self) -> Option<String> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key.to_string()),
+            ConfigError::InvalidPolicyLimit { policy, key, .. } => Some(format!("limits.policy.{policy}.{key}")),
+            _ => None,
+        }
+    }
+}
+
+/// Tables whose keys are names (free-form), listed as one setting each.
+const NAMED_TABLES: [&str; 2] = ["params", "limits.policy"];
+
+fn flatten_keys(prefix: &str, value: &toml::Value, keys: &mut std::collections::BTreeSet<String>) {
+    match value {
+        toml::Value::Table(table) if !NAMED_TABLES.contains(&prefix) => {
+            for (k, v) in table {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_keys(&key, v, keys);
+            }
+        }
+        _ => {
+            keys.insert(prefix.to_string());
+        }
+    }
+}
+
+fn flatten_values(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) if !NAMED_TABLES.contains(&prefix) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_values(&key, v, out);
+            }
+        }
+        serde_json::Value::Null => out.push((prefix.to_string(), "(unset)".to_string())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// The line (1-based) where a dotted key is set in config text: the key's
+/// own line inside its table (`[guard]` then `host_reserve_mib = ...`).
+fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let normalize = |s: &str| s.chars().filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'').collect::<String>();
+    let (table, leaf) = dotted.rsplit_once('.').map_or(("", dotted), |(t, l)| (t, l));
+    let table = normalize(table);
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(header) = trimmed.strip_prefix('[') {
+            current = normalize(header.split(']').next().unwrap_or_default());
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once('=') else { continue };
+        let key = normalize(key);
+        let full = if current.is_empty() { key.clone() } else { format!("{current}.{key}") };
+        if (current == table && key == leaf) || full == normalize(dotted) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 fn to_param(value: &toml::Value) -> Param {

@@ -19,8 +19,17 @@
 //!   it); on SIGHUP, if any file fails, the previous slots are all kept.
 //! - **A backend failure is a quantum without data**, logged, and the loop
 //!   carries on (the libvirt backend reconnects with backoff by itself).
-//! - **One info line per quantum** (`quantum summary`) with the counts tests
-//!   and operators grep for; the guard logs each rejection itself.
+//! - **Logs that explain, at info**: one start line (URI, quantum,
+//!   policies), one line per applied action (old -> new, the policy's
+//!   reason, from the apply stage), per guard rejection (the guard), per
+//!   policy loaded, swapped, refused, disabled or recovered (the policy
+//!   module), and an activity summary every `summary_every_s` (60 s). The
+//!   per-quantum `quantum summary` line is at debug.
+//! - **Telemetry off the quantum thread**: the status socket (`top`,
+//!   `explain`) and the metrics endpoint serve copies from their own
+//!   threads; the loop only updates them once per quantum.
+//! - **systemd**: READY=1 after the first quantum, RELOADING=1/READY=1
+//!   around SIGHUP, STOPPING=1, WATCHDOG=1 each quantum ([`crate::notify`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -84,6 +93,9 @@ pub enum DaemonError {
     /// The state dir is unsafe, or another daemon holds its lock.
     #[error(transparent)]
     State(#[from] crate::persist::StateError),
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -155,6 +167,16 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     let (source, policies) = PolicySource::start(&config, &options.policies, &options.policy_dir, cache)?;
     let mut pipeline = Pipeline::new(backend, policies, config.clone(), options.dry_run);
     source.wait_first(pipeline.policies_mut(), Duration::from_secs(2));
+    let mut reporter = Reporter::start(&config, &options)?;
+    tracing::info!(
+        uri = %options.connect,
+        quantum_ms = config.quantum_ms,
+        policies = ?slot_names(pipeline.policies()),
+        dry_run = options.dry_run,
+        "vm-balancer started"
+    );
+    let notifier = crate::notify::Notifier::from_env();
+    let mut ready = false;
     let mut next_tick = Instant::now();
     let mut done = 0u64;
     let mut fed_back = 0usize;
@@ -162,16 +184,22 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     while !signals.stop.load(Ordering::SeqCst) && options.quanta.is_none_or(|n| done < n) {
         if signals.hup.swap(false, Ordering::SeqCst) {
             tracing::info!("SIGHUP: re-reading policies");
+            notifier.reloading();
             source.reload(pipeline.policies_mut());
+            notifier.ready("policies re-read");
         }
         source.poll(pipeline.policies_mut());
+        if let Some(stats) = source.reload_stats() {
+            reporter.reloads(stats.swaps, stats.refused);
+        }
         let started = Instant::now();
         match pipeline.step() {
             Ok(outcome) => {
                 failing = false;
                 let count = |o: Outcome| outcome.verdicts.iter().filter(|v| v.outcome == o).count();
                 let (accepted, clamped, rejected) = (count(Outcome::Accepted), count(Outcome::Clamped), count(Outcome::Rejected));
-                tracing::info!(
+                reporter.quantum(&pipeline, &outcome, started.elapsed(), options.quantum);
+                tracing::debug!(
                     quantum = outcome.quantum,
                     domains = outcome.domains,
                     proposals = outcome.proposed,
@@ -186,6 +214,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
                 fed_back = clamped + rejected;
             }
             Err(error) => {
+                reporter.skipped(pipeline.backend().connection());
                 // Recorded as an error, not its Display: the log then shows
                 // its sources too (libvirt's own message).
                 if failing {
@@ -197,6 +226,12 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             }
         }
         done += 1;
+        if !ready {
+            ready = true;
+            notifier.ready("balancing");
+        }
+        notifier.watchdog();
+        reporter.maybe_summarize(pipeline.policies());
         if options.quanta.is_some_and(|n| done >= n) {
             break;
         }
@@ -215,6 +250,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
         }
     }
     let why = if signals.stop.load(Ordering::SeqCst) { "signal" } else { "quanta reached" };
+    notifier.stopping();
+    reporter.summarize(pipeline.policies());
     if options.restore && !options.dry_run {
         match pipeline.backend_mut().restore() {
             Ok(n) => tracing::info!(restored = n, "restored the original pins and balloon targets"),
@@ -232,6 +269,189 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
         "vm-balancer stopped"
     );
     Ok(())
+}
+
+fn slot_names(set: &crate::policy::PolicySet) -> Vec<String> {
+    set.slots()
+        .iter()
+        .map(|s| match s.policy() {
+            Some(p) => format!("{} ({})", s.name(), p.info().name),
+            None => format!("{} (fallback only)", s.name()),
+        })
+        .collect()
+}
+
+/// What the loop reports beyond its logs: the status socket, the metrics
+/// endpoint, and the periodic activity summary.
+struct Reporter {
+    connect: String,
+    status: Option<Arc<std::sync::Mutex<Arc<String>>>>,
+    /// The last status published, kept to mark skipped quanta in it.
+    last_status: crate::status::Status,
+    /// The status socket this daemon created (removed when it stops, so
+    /// `top` says "no daemon" rather than connection refused on a stale file).
+    socket: Option<std::path::PathBuf>,
+    recorder: crate::status::Recorder,
+    metrics: Option<Arc<std::sync::Mutex<crate::metrics::Metrics>>>,
+    every: Duration,
+    since: Instant,
+    window: Window,
+}
+
+/// Counts since the last activity summary.
+#[derive(Default)]
+struct Window {
+    quanta: u64,
+    skipped: u64,
+    proposals: u64,
+    applied: u64,
+    clamped: u64,
+    rejected: u64,
+    fallback_quanta: u64,
+    slowest: Duration,
+}
+
+impl Reporter {
+    fn start(config: &Config, options: &RunOptions) -> Result<Reporter, DaemonError> {
+        let first = crate::status::Status { connect: options.connect.clone(), quantum_ms: config.quantum_ms, ..Default::default() };
+        let first = serde_json::to_string(&first).unwrap_or_else(|_| "{}".into());
+        let status = config.status_socket.then(|| Arc::new(std::sync::Mutex::new(Arc::new(first))));
+        let mut socket = None;
+        if let Some(status) = &status {
+            // The socket lives in the state dir, as private as the originals.
+            match StateDir::open(&config.state_dir) {
+                Ok(dir) => {
+                    let path = crate::status::socket_path(dir.path(), &options.connect);
+                    if crate::status::serve(&path, Arc::clone(status)).is_some() {
+                        socket = Some(path);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %crate::error_chain(&error), "no status socket: `top` and `explain` will not reach this daemon")
+                }
+            }
+        }
+        let metrics = match config.metrics_addr {
+            Some(addr) => {
+                let fleet = config.fleet_metrics.then(|| config.fqdn.clone().unwrap_or_else(crate::metrics::host_name));
+                let metrics = Arc::new(std::sync::Mutex::new(crate::metrics::Metrics::new(fleet)));
+                let bound = crate::metrics::serve(addr, Arc::clone(&metrics))?;
+                tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+                Some(metrics)
+            }
+            None => None,
+        };
+        Ok(Reporter {
+            connect: options.connect.clone(),
+            status,
+            socket,
+            last_status: crate::status::Status { connect: options.connect.clone(), quantum_ms: config.quantum_ms, ..Default::default() },
+            recorder: crate::status::Recorder::default(),
+            metrics,
+            every: Duration::from_secs(config.summary_every_s),
+            since: Instant::now(),
+            window: Window::default(),
+        })
+    }
+
+    fn quantum<B: Backend>(&mut self, pipeline: &Pipeline<B>, outcome: &crate::pipeline::QuantumOutcome, took: Duration, period: Duration) {
+        let w = &mut self.window;
+        w.quanta += 1;
+        w.proposals += outcome.proposed as u64;
+        for v in &outcome.verdicts {
+            match v.outcome {
+                Outcome::Accepted => w.applied += 1,
+                Outcome::Clamped => w.clamped += 1,
+                Outcome::Rejected => w.rejected += 1,
+            }
+        }
+        w.fallback_quanta += u64::from(!outcome.fallback_slots.is_empty());
+        w.slowest = w.slowest.max(took);
+        if let Some(status) = &self.status {
+            self.last_status = self.recorder.record(&self.connect, &outcome.snapshot, &outcome.verdicts, pipeline.policies(), took);
+            if let Ok(text) = serde_json::to_string(&self.last_status) {
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(text);
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            let times = crate::metrics::QuantumTimes {
+                quantum_s: took.as_secs_f64(),
+                collect_s: outcome.collect_time.0.as_secs_f64(),
+                period_s: period.as_secs_f64(),
+            };
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).quantum(
+                &outcome.snapshot,
+                &outcome.verdicts,
+                pipeline.policies(),
+                times,
+                pipeline.backend().connection(),
+            );
+        }
+    }
+
+    fn skipped(&mut self, connection: crate::backend::Connection) {
+        self.window.skipped += 1;
+        if let Some(status) = &self.status {
+            self.last_status.skipped += 1;
+            if let Ok(text) = serde_json::to_string(&self.last_status) {
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(text);
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).skipped(connection);
+        }
+    }
+
+    fn reloads(&mut self, swapped: u64, refused: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.lock().unwrap_or_else(|p| p.into_inner()).reloads(swapped, refused);
+        }
+    }
+
+    fn maybe_summarize(&mut self, policies: &crate::policy::PolicySet) {
+        if self.since.elapsed() >= self.every {
+            self.summarize(policies);
+        }
+    }
+
+    /// One info line: what the last `summary_every_s` did.
+    fn summarize(&mut self, policies: &crate::policy::PolicySet) {
+        let w = std::mem::take(&mut self.window);
+        let seconds = self.since.elapsed().as_secs();
+        self.since = Instant::now();
+        if w.quanta + w.skipped == 0 {
+            return;
+        }
+        let decide: Vec<String> = policies
+            .slots()
+            .iter()
+            .map(|s| {
+                let t = s.decide_times();
+                format!("{} median {} us max {} us", s.name(), t.median_us, t.max_us)
+            })
+            .collect();
+        tracing::info!(
+            seconds,
+            quanta = w.quanta,
+            skipped = w.skipped,
+            proposals = w.proposals,
+            applied = w.applied,
+            clamped = w.clamped,
+            rejected = w.rejected,
+            fallback_quanta = w.fallback_quanta,
+            slowest_quantum_ms = w.slowest.as_millis() as u64,
+            decide = ?decide,
+            "activity summary"
+        );
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// `vm-balancer snapshot`: collects twice, one quantum apart (usage is a

@@ -70,6 +70,38 @@ pub struct Guard {
     stats: GuardStats,
 }
 
+/// A rejection or clamp reason as a short stable class, for counters and
+/// metric labels (the reason itself carries values and names, which would
+/// make one series per guest).
+pub fn reason_class(reason: &str) -> &'static str {
+    const CLASSES: [(&str, &str); 12] = [
+        ("has not answered", "not_answering"),
+        ("not managed or no longer exists", "unmanaged"),
+        ("has no vCPU", "no_such_vcpu"),
+        ("empty CPU set", "empty_cpu_set"),
+        ("offline, reserved", "bad_cpu"),
+        ("conflict:", "conflict"),
+        ("re-pinned", "pin_cooldown"),
+        ("pins per quantum", "pin_rate_limit"),
+        ("no balloon stats", "no_balloon_stats"),
+        ("ms old", "stale_stats"),
+        ("host OOM guard", "host_reserve"),
+        ("guest floor", "guest_floor"),
+    ];
+    CLASSES.iter().find(|(words, _)| reason.contains(words)).map_or_else(
+        || {
+            if reason.contains("step over") {
+                "step_limit"
+            } else if reason.contains("above max memory") {
+                "max_memory"
+            } else {
+                "other"
+            }
+        },
+        |(_, class)| class,
+    )
+}
+
 /// One action's check result.
 enum Check {
     /// Apply it as asked.

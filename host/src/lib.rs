@@ -31,12 +31,16 @@ pub mod daemon;
 pub mod ffi;
 pub mod guard;
 pub mod host_check;
+pub mod metrics;
+pub mod notify;
 pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod proposal;
 pub mod simulate;
 pub mod snapshot;
+pub mod status;
+pub mod top;
 
 #[cfg(test)]
 mod fuzz;

@@ -38,11 +38,17 @@ const EXIT_ERROR: u8 = 2;
 #[derive(Parser, Debug)]
 #[command(name = "vm-balancer", version, about, long_about = None, after_help = EXIT_STATUS_HELP)]
 struct Cli {
-    /// Config file (TOML). Without it, built-in defaults apply.
+    /// Config file (TOML). Without it, /etc/vm-balancer/config.toml is read
+    /// if it exists, else built-in defaults apply. A --config file that is
+    /// missing is an error.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Log filter, e.g. `info`, `debug`, `vm_balancer=debug,policy=trace`
-    /// (or set RUST_LOG). A bare level applies to vm-balancer and its
+    /// Log line format: text, or json (one object per line).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<vm_balancer::config::LogFormat>,
+    /// Log filter, e.g. `info` (the default), `debug`,
+    /// `vm_balancer=debug,policy=trace` (or the config's `log`, or
+    /// RUST_LOG). A bare level applies to vm-balancer and its
     /// policies; other crates (wasmtime, cranelift...) stay at `warn` unless
     /// named, e.g. `debug,wasmtime=debug`.
     #[arg(long, global = true, value_name = "FILTER")]
@@ -74,13 +80,8 @@ enum Command {
     /// guard and apply. SIGINT/SIGTERM finish the quantum, restore what the
     /// daemon changed and exit 0; SIGHUP re-reads the policy files.
     Run {
-        /// libvirt URI (any, remote ones included: qemu+ssh://host/system),
-        /// or sim:SCENARIO.toml to run the daemon on the simulator in real time.
-        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
-        connect: String,
-        /// Length of a quantum, e.g. 500ms, 1s (default: the config's quantum_ms, 1s).
-        #[arg(long, value_parser = vm_balancer::daemon::parse_duration, value_name = "DURATION")]
-        quantum: Option<std::time::Duration>,
+        #[command(flatten)]
+        settings: Settings,
         /// Decide and log, apply nothing (no pin, no balloon change).
         #[arg(long)]
         dry_run: bool,
@@ -95,19 +96,35 @@ enum Command {
         /// On exit, leave pins and balloon targets as they are.
         #[arg(long)]
         no_restore: bool,
-        /// Drop-in policy directory, watched while running (used when no
-        /// --policy is given): every *.wasm in it is a policy, applied in
-        /// file-name order. Default: the config's policy_dir,
-        /// /etc/vm-balancer/policies.
+    },
+    /// Check a config file and print every effective setting with where it
+    /// comes from (default, file or cli).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Live view of a running daemon (through its read-only status socket
+    /// in the state dir): pCPUs, domains with their last action, policies.
+    /// q or Esc quits.
+    Top {
+        /// The daemon's URI (default: the config's `connect`).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// The daemon's state dir (default: the config's `state_dir`).
         #[arg(long, value_name = "DIR")]
-        policy_dir: Option<PathBuf>,
-        /// How figures are collected: `auto` reads CPU figures from procfs
-        /// and refreshes balloons in a rolling subset on a local
-        /// qemu:///system (the bulk libvirt call elsewhere); `bulk` forces
-        /// one libvirt call with every group every quantum. Default: the
-        /// config's `collect`, auto.
-        #[arg(long, value_name = "auto|bulk", value_parser = parse_collect)]
-        collect: Option<vm_balancer::backend::libvirt::CollectMode>,
+        state_dir: Option<PathBuf>,
+    },
+    /// Why did this guest change? The last actions the running daemon took
+    /// or refused on a domain, with the policy's reason and the guard's verdict.
+    Explain {
+        /// Domain name or UUID.
+        domain: String,
+        /// The daemon's URI (default: the config's `connect`).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// The daemon's state dir (default: the config's `state_dir`).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Print exactly what a policy would receive right now (collects twice,
     /// one quantum apart; changes nothing). With sim:SCENARIO.toml, what it
@@ -115,9 +132,10 @@ enum Command {
     /// quanta before it): a fixture for a policy's unit tests, or for
     /// `policy check --snapshot`.
     Snapshot {
-        /// libvirt URI, or sim:SCENARIO.toml for the simulator.
-        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
-        connect: String,
+        /// libvirt URI, or sim:SCENARIO.toml for the simulator (default:
+        /// the config's `connect`, qemu:///system).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
         /// With sim:, the quantum whose snapshot to print (default 0).
         #[arg(long, value_name = "N")]
         quantum: Option<u64>,
@@ -130,14 +148,60 @@ enum Command {
     /// state dir (after a crash or SIGKILL, or for a guest that was hung at
     /// the daemon's exit). Refused while a daemon runs for the same URI.
     Restore {
-        /// libvirt URI.
-        #[arg(long, default_value = "qemu:///system", value_name = "URI")]
-        connect: String,
+        /// libvirt URI (default: the config's `connect`, qemu:///system).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
     },
     /// Inspect and test policy components.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+}
+
+/// Settings of `run` that the config file can also give (the command line
+/// wins); `config check` takes them too, to show the effect.
+#[derive(clap::Args, Debug, Default, Clone)]
+struct Settings {
+    /// libvirt URI (any, remote ones included: qemu+ssh://host/system),
+    /// or sim:SCENARIO.toml to run the daemon on the simulator in real
+    /// time (default: the config's `connect`, qemu:///system).
+    #[arg(long, value_name = "URI")]
+    connect: Option<String>,
+    /// Length of a quantum, e.g. 500ms, 1s (default: the config's quantum_ms, 1s).
+    #[arg(long, value_parser = vm_balancer::daemon::parse_duration, value_name = "DURATION")]
+    quantum: Option<std::time::Duration>,
+    /// Drop-in policy directory, watched while running (used when no
+    /// --policy is given): every *.wasm in it is a policy, applied in
+    /// file-name order. Default: the config's policy_dir,
+    /// /etc/vm-balancer/policies.
+    #[arg(long, value_name = "DIR")]
+    policy_dir: Option<PathBuf>,
+    /// State dir: originals, lock, compile cache, status socket (default:
+    /// the config's state_dir, /var/lib/vm-balancer).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9109 (default: the config's metrics_addr; unset: off).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// How figures are collected: `auto` reads CPU figures from procfs and
+    /// refreshes balloons in a rolling subset on a local qemu:///system
+    /// (the bulk libvirt call elsewhere); `bulk` forces one libvirt call
+    /// with every group every quantum (default: the config's `collect`, auto).
+    #[arg(long, value_name = "auto|bulk", value_parser = parse_collect)]
+    collect: Option<vm_balancer::backend::libvirt::CollectMode>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a config file (default: --config, else
+    /// /etc/vm-balancer/config.toml) and print the effective settings.
+    Check {
+        /// The file to check.
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
     },
 }
 
@@ -182,17 +246,114 @@ fn main() -> ExitCode {
         // daemon keeps SIGPIPE ignored: see `ffi::restore_default_sigpipe`).
         vm_balancer::ffi::restore_default_sigpipe();
     }
-    init_logging(cli.log.as_deref());
-    match run(cli) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::from(EXIT_ERROR)
+    let loaded = match load_config(&cli) {
+        Ok(loaded) => loaded,
+        Err(error) => return fail(&error),
+    };
+    // The daemon explains itself at info by default; report commands print
+    // their report and stay quiet unless asked.
+    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    init_logging(loaded.config.log.as_deref(), default_level, loaded.config.log_format);
+    if matches!(cli.command, Command::Run { .. }) {
+        match &loaded.file {
+            Some(path) => tracing::info!(file = %path.display(), "config read"),
+            None => tracing::info!(file = %loaded.tried.display(), "no config file: built-in defaults (and the command line)"),
         }
     }
+    match run(cli, loaded) {
+        Ok(code) => code,
+        Err(error) => fail(&error),
+    }
+}
+
+/// Prints the whole error chain and returns the error status.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::from(EXIT_ERROR)
+}
+
+/// The config in effect, and where each part of it came from.
+struct Loaded {
+    config: Config,
+    /// The file read, if any.
+    file: Option<PathBuf>,
+    /// The file looked for (the default one when it was missing).
+    tried: PathBuf,
+    /// Dotted keys the file sets.
+    file_keys: std::collections::BTreeSet<String>,
+    /// Dotted keys the command line sets.
+    cli_keys: std::collections::BTreeSet<String>,
+}
+
+/// The default config file: `/etc/vm-balancer/config.toml`, or the path in
+/// `VMB_CONFIG_DEFAULT` (tests point it at a file that does not exist, so
+/// that a machine's own /etc file never changes what they see).
+fn default_config_path() -> PathBuf {
+    std::env::var_os("VMB_CONFIG_DEFAULT").map_or_else(|| PathBuf::from(vm_balancer::config::DEFAULT_CONFIG_PATH), PathBuf::from)
+}
+
+/// Defaults, then the file (`--config`, `config check PATH`, or the
+/// default file when it exists), then the command line.
+fn load_config(cli: &Cli) -> Result<Loaded> {
+    let explicit = match &cli.command {
+        Command::Config { command: ConfigCommand::Check { path: Some(path), .. } } => Some(path.clone()),
+        _ => cli.config.clone(),
+    };
+    let tried = explicit.clone().unwrap_or_else(default_config_path);
+    let text = match std::fs::read_to_string(&tried) {
+        Ok(text) => Some(text),
+        Err(error) if explicit.is_none() && error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(vm_balancer::config::ConfigError::Read { path: tried, source }.into()),
+    };
+    let (mut config, file_keys) = match &text {
+        Some(text) => (Config::parse(text, &tried)?, Config::keys_in(text)),
+        None => (Config::default(), Default::default()),
+    };
+    let mut cli_keys = std::collections::BTreeSet::new();
+    let mut set = |key: &str| cli_keys.insert(key.to_string());
+    if let Some(log) = &cli.log {
+        config.log = Some(log.clone());
+        set("log");
+    }
+    if let Some(format) = cli.log_format {
+        config.log_format = format;
+        set("log_format");
+    }
+    let settings = match &cli.command {
+        Command::Run { settings, .. } | Command::Config { command: ConfigCommand::Check { settings, .. } } => Some(settings),
+        _ => None,
+    };
+    if let Some(s) = settings {
+        if let Some(connect) = &s.connect {
+            config.connect = connect.clone();
+            set("connect");
+        }
+        if let Some(quantum) = s.quantum {
+            config.quantum_ms = quantum.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            set("quantum_ms");
+        }
+        if let Some(dir) = &s.policy_dir {
+            config.policy_dir = dir.clone();
+            set("policy_dir");
+        }
+        if let Some(dir) = &s.state_dir {
+            config.state_dir = dir.clone();
+            set("state_dir");
+        }
+        if let Some(addr) = s.metrics_addr {
+            config.metrics_addr = Some(addr);
+            set("metrics_addr");
+        }
+        if let Some(mode) = s.collect {
+            config.collect = mode;
+            set("collect");
+        }
+        config.validate()?;
+    }
+    Ok(Loaded { config, file: text.is_some().then(|| tried.clone()), tried, file_keys, cli_keys })
 }
 
 /// Log targets that are this program's own: a bare level in a filter
@@ -215,15 +376,28 @@ fn expand_filter(filter: &str) -> String {
     out.join(",")
 }
 
-fn init_logging(filter: Option<&str>) {
+fn init_logging(filter: Option<&str>, default_level: &str, format: vm_balancer::config::LogFormat) {
     let filter = filter
         .map(str::to_string)
         .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()))
-        .map(|f| tracing_subscriber::EnvFilter::new(expand_filter(&f)))
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
-    // Colour only on a terminal: a log file or the journal gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|| default_level.to_string());
+    let filter = tracing_subscriber::EnvFilter::new(expand_filter(&filter));
+    match format {
+        vm_balancer::config::LogFormat::Text => {
+            // Colour only on a terminal: a log file or the journal gets plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+        }
+        // Stable field names for shippers: timestamp, level, target,
+        // fields (message and the event's own), no span list.
+        vm_balancer::config::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     vm_balancer::sdk::set_native_log_hook(|level, message| {
         use vm_balancer::sdk::Level;
         match level {
@@ -236,13 +410,6 @@ fn init_logging(filter: Option<&str>) {
     });
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config> {
-    match path {
-        Some(p) => Ok(Config::load(p)?),
-        None => Ok(Config::default()),
-    }
-}
-
 /// `--collect auto|bulk`.
 fn parse_collect(text: &str) -> Result<vm_balancer::backend::libvirt::CollectMode, String> {
     match text {
@@ -252,9 +419,37 @@ fn parse_collect(text: &str) -> Result<vm_balancer::backend::libvirt::CollectMod
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    let config = load_config(cli.config.as_ref())?;
+fn run(cli: Cli, loaded: Loaded) -> Result<ExitCode> {
+    let config = loaded.config.clone();
     match cli.command {
+        Command::Config { command: ConfigCommand::Check { .. } } => {
+            match &loaded.file {
+                Some(path) => println!("config file {}: ok", path.display()),
+                None => println!("no config file at {}: built-in defaults", loaded.tried.display()),
+            }
+            for (key, value) in config.settings() {
+                let from = if loaded.cli_keys.contains(&key) {
+                    "cli"
+                } else if loaded.file_keys.contains(&key) {
+                    "file"
+                } else {
+                    "default"
+                };
+                println!("{key} = {value}  # {from}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top { connect, state_dir } => {
+            let socket = status_socket(&config, connect, state_dir);
+            vm_balancer::top::run(&socket)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { domain, connect, state_dir } => {
+            let socket = status_socket(&config, connect, state_dir);
+            let status = vm_balancer::status::fetch(&socket)?;
+            print!("{}", vm_balancer::status::explain(&status, &domain)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Simulate { scenario, policies, quanta, json } => {
             let scenario = Scenario::load(&scenario)?;
             let report = simulate_cached(&scenario, &policies, &config, quanta, user_cache(&config))?;
@@ -277,21 +472,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             policy_check(&config, &file, input, repeat)
         }
-        Command::Run { connect, quantum, dry_run, quanta, policies, no_restore, policy_dir, collect } => {
-            let quantum = quantum.unwrap_or(std::time::Duration::from_millis(u64::from(config.quantum_ms)));
-            let policy_dir = policy_dir.unwrap_or_else(|| config.policy_dir.clone());
+        Command::Run { settings: _, dry_run, quanta, policies, no_restore } => {
+            let connect = config.connect.clone();
+            let quantum = std::time::Duration::from_millis(u64::from(config.quantum_ms));
+            let policy_dir = config.policy_dir.clone();
             refuse_unworkable_host(&config, &connect)?;
             let options =
-                vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir, collect };
+                vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir, collect: Some(config.collect) };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore { connect } => {
+            let connect = connect.unwrap_or_else(|| config.connect.clone());
             let restored = vm_balancer::daemon::restore(&config, &connect)?;
             println!("restored {restored} pin(s) and balloon target(s) on {connect}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot { connect, quantum, json } => {
+            let connect = connect.unwrap_or_else(|| config.connect.clone());
             let snapshot = match connect.strip_prefix("sim:") {
                 Some(path) => {
                     let scenario = Scenario::load(std::path::Path::new(path))?;
@@ -328,6 +526,13 @@ fn refuse_unworkable_host(config: &Config, connect: &str) -> Result<()> {
         vm_balancer::host_check::check(config, &host)?;
     }
     Ok(())
+}
+
+/// The status socket of the daemon for `connect` (default: the config's)
+/// in `state_dir` (default: the config's).
+fn status_socket(config: &Config, connect: Option<String>, state_dir: Option<PathBuf>) -> PathBuf {
+    let connect = connect.unwrap_or_else(|| config.connect.clone());
+    vm_balancer::status::socket_path(&state_dir.unwrap_or_else(|| config.state_dir.clone()), &connect)
 }
 
 /// The per-user compile cache of the offline commands, if there is a home.

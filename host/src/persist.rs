@@ -140,7 +140,7 @@ impl StateDir {
 
 /// A file name for `uri`: its safe characters, and a hash so that two URIs
 /// never share one (`qemu:///system` → `qemu-system-1a2b3c4d`).
-fn uri_key(uri: &str) -> String {
+pub(crate) fn uri_key(uri: &str) -> String {
     let mut readable: String = uri.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     while readable.contains("--") {
         readable = readable.replace("--", "-");

@@ -25,6 +25,21 @@ pub struct QuantumOutcome {
     pub verdicts: Vec<Verdict>,
     /// Slots whose quantum was decided by the fallback.
     pub fallback_slots: Vec<String>,
+    /// The snapshot the policies decided on (status, metrics, logs).
+    pub snapshot: std::sync::Arc<vm_balancer_sdk::Snapshot>,
+    /// How long collection took. Not compared: times differ run to run.
+    pub collect_time: CollectTime,
+}
+
+/// A collection's duration, equal to any other: outcomes of deterministic
+/// runs compare equal whatever the machine's speed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CollectTime(pub std::time::Duration);
+
+impl PartialEq for CollectTime {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The daemon's pipeline over some backend. Its stages are private: each
@@ -131,7 +146,9 @@ impl<B: Backend> Pipeline<B> {
     /// Runs one quantum. Only a backend failure to collect is an error;
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
+        let started = std::time::Instant::now();
         let observation = self.backend.collect()?;
+        let collect_time = CollectTime(started.elapsed());
         if !self.host_checked {
             self.host_checked = true;
             self.check_host(&observation.host);
@@ -140,10 +157,17 @@ impl<B: Backend> Pipeline<B> {
         let Decided { proposals, fell_back: fallback_slots } = self.policies.decide(&snapshot);
         let proposed = proposals.len();
         let checked: Checked = self.guard.check(&snapshot, proposals);
-        self.applier.apply(&mut self.backend, &checked.accepted, self.dry_run);
+        self.applier.apply(&mut self.backend, &snapshot, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();
-        let outcome =
-            QuantumOutcome { quantum: self.quantum, domains: snapshot.domains.len(), proposed, verdicts: checked.verdicts, fallback_slots };
+        let outcome = QuantumOutcome {
+            quantum: self.quantum,
+            domains: snapshot.domains.len(),
+            proposed,
+            verdicts: checked.verdicts,
+            fallback_slots,
+            snapshot: std::sync::Arc::new(snapshot),
+            collect_time,
+        };
         self.quantum += 1;
         Ok(outcome)
     }

@@ -163,6 +163,20 @@ pub trait Backend {
     fn restore(&mut self) -> Result<usize, BackendError> {
         Ok(0)
     }
+    /// The state of the connection to the hypervisor, for metrics.
+    /// Default: always connected (the simulator).
+    fn connection(&self) -> Connection {
+        Connection::default()
+    }
+}
+
+/// What the daemon knows of its hypervisor connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Connection {
+    /// Failed connection attempts since the last success.
+    pub failed_connects: u32,
+    /// Wait before the next attempt, seconds (0 when connected).
+    pub backoff_s: f64,
 }
 
 /// Why a backend could not be opened.
@@ -196,5 +210,8 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn restore(&mut self) -> Result<usize, BackendError> {
         (**self).restore()
+    }
+    fn connection(&self) -> Connection {
+        (**self).connection()
     }
 }

@@ -54,6 +54,56 @@ pub const ALLOWED_WASI: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:random/", 
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
 /// Longest log line kept, bytes.
 const MAX_LOG_LINE_BYTES: usize = 1024;
+/// Log lines a policy may write per [`LOG_WINDOW`], across calls: a policy
+/// that logs a line per vCPU every quantum would otherwise fill the
+/// journal. What is over is dropped, counted, and reported once per window.
+pub const MAX_LOG_LINES_PER_WINDOW: u32 = 120;
+/// The window of [`MAX_LOG_LINES_PER_WINDOW`].
+pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// One policy's log rate limit, shared by its successive instances (a trap
+/// starts a fresh store, not a fresh budget).
+#[derive(Debug, Default)]
+struct LogBudget {
+    /// The policy's own name (from `describe`), carried by its log lines.
+    policy: String,
+    window_start: Option<std::time::Instant>,
+    lines: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    /// Starts a new window when the last one is over, reporting what it dropped.
+    fn roll(&mut self, slot: &str) {
+        let now = std::time::Instant::now();
+        if self.window_start.is_some_and(|start| now.duration_since(start) < LOG_WINDOW) {
+            return;
+        }
+        if self.dropped > 0 {
+            tracing::warn!(
+                target: "policy",
+                slot,
+                policy = %self.policy,
+                dropped = self.dropped,
+                limit = MAX_LOG_LINES_PER_WINDOW,
+                window_s = LOG_WINDOW.as_secs(),
+                "policy log lines over the rate limit were dropped"
+            );
+        }
+        *self = LogBudget { policy: std::mem::take(&mut self.policy), window_start: Some(now), lines: 0, dropped: 0 };
+    }
+
+    /// True if one more line may be written now.
+    fn admit(&mut self, slot: &str) -> bool {
+        self.roll(slot);
+        self.lines += 1;
+        if self.lines > MAX_LOG_LINES_PER_WINDOW {
+            self.dropped += 1;
+            return false;
+        }
+        true
+    }
+}
 
 /// Why a policy could not be loaded or did not decide. Every variant names
 /// the policy (file or slot) and the value that was over the line.
@@ -238,6 +288,7 @@ struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     log_lines: u32,
+    log_budget: Arc<std::sync::Mutex<LogBudget>>,
 }
 
 impl bindings::PolicyImports for HostState {
@@ -255,12 +306,17 @@ impl bindings::PolicyImports for HostState {
             message.truncate(cut);
         }
         let slot = &*self.slot;
+        let mut budget = self.log_budget.lock().unwrap_or_else(|p| p.into_inner());
+        if !budget.admit(slot) {
+            return;
+        }
+        let policy = budget.policy.as_str();
         match level {
-            bindings::Level::Trace => tracing::trace!(target: "policy", slot, "{message}"),
-            bindings::Level::Debug => tracing::debug!(target: "policy", slot, "{message}"),
-            bindings::Level::Info => tracing::info!(target: "policy", slot, "{message}"),
-            bindings::Level::Warn => tracing::warn!(target: "policy", slot, "{message}"),
-            bindings::Level::Error => tracing::error!(target: "policy", slot, "{message}"),
+            bindings::Level::Trace => tracing::trace!(target: "policy", slot, policy, "{message}"),
+            bindings::Level::Debug => tracing::debug!(target: "policy", slot, policy, "{message}"),
+            bindings::Level::Info => tracing::info!(target: "policy", slot, policy, "{message}"),
+            bindings::Level::Warn => tracing::warn!(target: "policy", slot, policy, "{message}"),
+            bindings::Level::Error => tracing::error!(target: "policy", slot, policy, "{message}"),
         }
     }
 }
@@ -347,6 +403,7 @@ impl Sandbox {
             pre,
             limits: self.limits_for(slot),
             live: None,
+            log_budget: Arc::default(),
             imports,
             exports,
             info: PolicyInfo { name: String::new(), version: String::new(), cpu: false, memory: false },
@@ -361,6 +418,7 @@ impl Sandbox {
                 i.call_describe(store).map(|info| PolicyInfo { name: info.name, version: info.version, cpu: info.cpu, memory: info.memory })
             }
         })?;
+        policy.log_budget.lock().unwrap_or_else(|p| p.into_inner()).policy = policy.info.name.clone();
         Ok(policy)
     }
 }
@@ -416,6 +474,7 @@ pub struct LoadedPolicy {
     pre: Pre,
     limits: SlotLimits,
     live: Option<(Store<HostState>, Instance)>,
+    log_budget: Arc<std::sync::Mutex<LogBudget>>,
     imports: Vec<String>,
     exports: Vec<String>,
     info: PolicyInfo,
@@ -541,6 +600,7 @@ impl LoadedPolicy {
                     wasi: WasiCtxBuilder::new().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build(),
                     table: ResourceTable::new(),
                     log_lines: 0,
+                    log_budget: Arc::clone(&self.log_budget),
                 },
             );
             store.limiter(|s| &mut s.limiter);
@@ -565,6 +625,7 @@ impl LoadedPolicy {
                 if dropped > 0 {
                     tracing::warn!(slot = &*self.slot, dropped, "policy log lines over the per-call limit were dropped");
                 }
+                self.log_budget.lock().unwrap_or_else(|p| p.into_inner()).roll(&self.slot);
                 Ok(value)
             }
             Err(e) => {
@@ -583,5 +644,27 @@ impl LoadedPolicy {
             return PolicyError::Timeout { slot, timeout_ms: self.limits.timeout_ms };
         }
         PolicyError::Trap { slot, detail: error_chain(&e) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_logs_are_rate_limited_across_calls_and_the_drops_counted() {
+        let mut budget = LogBudget { policy: "noisy".into(), ..LogBudget::default() };
+        let admitted = (0..MAX_LOG_LINES_PER_WINDOW + 30).filter(|_| budget.admit("10-noisy.wasm")).count();
+        assert_eq!(admitted, MAX_LOG_LINES_PER_WINDOW as usize);
+        assert_eq!(budget.dropped, 30);
+        // A call later in the same window: still over.
+        budget.roll("10-noisy.wasm");
+        assert!(!budget.admit("10-noisy.wasm"));
+        assert_eq!(budget.dropped, 31);
+        // The window is over: the drops are reported, and lines pass again.
+        budget.window_start = std::time::Instant::now().checked_sub(LOG_WINDOW + Duration::from_secs(1));
+        assert!(budget.admit("10-noisy.wasm"));
+        assert_eq!((budget.lines, budget.dropped), (1, 0));
+        assert_eq!(budget.policy, "noisy", "the policy's name survives the window");
     }
 }

@@ -74,6 +74,14 @@ impl PolicySource {
         }
     }
 
+    /// The drop-in directory's counters (scans, swaps, refused files).
+    pub fn reload_stats(&self) -> Option<super::reload::ReloadStats> {
+        match self {
+            PolicySource::Dir(reloader) => Some(reloader.stats()),
+            PolicySource::Specs(_) => None,
+        }
+    }
+
     /// SIGHUP: re-reads the policies (the directory: asks for a rescan,
     /// applied by a later [`poll`](Self::poll)).
     pub fn reload(&self, set: &mut PolicySet) {

@@ -119,7 +119,7 @@ enum StatsCall {
 }
 
 /// How CPU figures are collected (`--collect`, config `collect`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CollectMode {
     /// procfs `schedstat` on a local `qemu:///system` connection, with a
@@ -925,6 +925,13 @@ impl LibvirtBackend {
 }
 
 impl Backend for LibvirtBackend {
+    fn connection(&self) -> crate::backend::Connection {
+        let backoff_s = match self.conn {
+            Some(_) => 0.0,
+            None => self.next_connect.saturating_duration_since(Instant::now()).as_secs_f64(),
+        };
+        crate::backend::Connection { failed_connects: self.failed_connects, backoff_s }
+    }
     fn collect(&mut self) -> Result<Observation, BackendError> {
         let started = Instant::now();
         let samples = if self.fast_path() { self.fast_records()? } else { self.records(StatsCall::All)? };
