@@ -198,8 +198,9 @@ impl Limits {
     }
 }
 
-/// The guard's settings.
-#[derive(Clone, Debug, Deserialize)]
+/// The guard's settings. Serializable: a record file's header carries
+/// them, so that a replay runs the guard the recording daemon ran.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     /// Host CPUs reserved for the host: never a pin target.

@@ -35,8 +35,10 @@ pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod proposal;
+pub mod record;
 pub mod simulate;
 pub mod snapshot;
+pub mod timeline;
 
 #[cfg(test)]
 mod fuzz;
