@@ -53,6 +53,10 @@ pub struct RunOptions {
     pub restore: bool,
     /// The drop-in policy directory, watched when `policies` is empty.
     pub policy_dir: std::path::PathBuf,
+    /// Record every quantum here (`--record`).
+    pub record: Option<crate::record::RecordOptions>,
+    /// A shadow policy (`--shadow`): decides every quantum, never applied.
+    pub shadow: Option<String>,
 }
 
 /// Errors that stop the daemon before it starts.
@@ -82,6 +86,9 @@ pub enum DaemonError {
     /// The state dir is unsafe, or another daemon holds its lock.
     #[error(transparent)]
     State(#[from] crate::persist::StateError),
+    /// The record directory cannot be used.
+    #[error(transparent)]
+    Record(#[from] crate::record::RecordError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -151,6 +158,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     let (source, policies) = PolicySource::start(&config, &options.policies, &options.policy_dir, cache)?;
     let mut pipeline = Pipeline::new(backend, policies, config.clone(), options.dry_run);
     source.wait_first(pipeline.policies_mut(), Duration::from_secs(2));
+    let mut observers =
+        crate::observe::Observers::start(options.record.clone(), options.shadow.as_deref(), &options.connect, options.dry_run, &config)?;
     let mut next_tick = Instant::now();
     let mut done = 0u64;
     let mut fed_back = 0usize;
@@ -162,8 +171,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
         }
         source.poll(pipeline.policies_mut());
         let started = Instant::now();
-        match pipeline.step() {
-            Ok(outcome) => {
+        match pipeline.step_traced() {
+            Ok((outcome, trace)) => {
                 failing = false;
                 let count = |o: Outcome| outcome.verdicts.iter().filter(|v| v.outcome == o).count();
                 let (accepted, clamped, rejected) = (count(Outcome::Accepted), count(Outcome::Clamped), count(Outcome::Rejected));
@@ -180,6 +189,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
                     "quantum summary"
                 );
                 fed_back = clamped + rejected;
+                observers.quantum(&trace, || pipeline.policies().slots().iter().map(|s| s.name().to_string()).collect());
             }
             Err(error) => {
                 // Recorded as an error, not its Display: the log then shows
@@ -210,6 +220,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             std::thread::sleep((next_tick - now).min(Duration::from_millis(50)));
         }
     }
+    observers.finish();
     let why = if signals.stop.load(Ordering::SeqCst) { "signal" } else { "quanta reached" };
     if options.restore && !options.dry_run {
         match pipeline.backend_mut().restore() {

@@ -230,6 +230,7 @@ pub struct RecordReader {
     current: Option<SegmentReader<BufReader<File>>>,
     damage: Vec<Damage>,
     stopped: bool,
+    total_bytes: u64,
 }
 
 impl RecordReader {
@@ -244,7 +245,13 @@ impl RecordReader {
         if files.is_empty() {
             return Err(RecordError::Empty { path: dir.into() });
         }
-        Ok(RecordReader { files: files.into_iter(), current: None, damage: Vec::new(), stopped: false })
+        let total_bytes = files.iter().filter_map(|f| std::fs::symlink_metadata(f).ok()).map(|m| m.len()).sum();
+        Ok(RecordReader { files: files.into_iter(), current: None, damage: Vec::new(), stopped: false, total_bytes })
+    }
+
+    /// Bytes of all its segments when it was opened (a progress bar's total).
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
     }
 
     /// The cut tails skipped so far.
