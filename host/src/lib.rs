@@ -36,6 +36,7 @@ pub mod persist;
 pub mod pipeline;
 pub mod plot;
 pub mod policy;
+pub mod progress;
 pub mod proposal;
 pub mod record;
 pub mod replay;

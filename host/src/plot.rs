@@ -82,12 +82,17 @@ fn draw(records: &[TimelineRecord], title: &str, path: &Path) -> DrawResult {
     Ok(())
 }
 
-fn cpu_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, records: &[TimelineRecord], x: std::ops::Range<f64>) -> DrawResult
+fn cpu_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    records: &[TimelineRecord],
+    x: std::ops::Range<f64>,
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
     let ncpu = records.iter().map(|r| r.cpus.len()).max().unwrap_or(0);
-    let ymax = records.iter().flat_map(|r| r.cpus.iter().map(|c| c.demand).chain([r.lower_bound])).fold(0.0, f64::max).max(0.1) * 1.12;
+    // Head room above the data for the legend.
+    let ymax = records.iter().flat_map(|r| r.cpus.iter().map(|c| c.demand).chain([r.lower_bound])).fold(0.0, f64::max).max(0.1) * 1.45;
     let pins_total: usize = records.iter().map(|r| r.pins_applied()).sum();
     let caption = if ncpu <= MAX_CPU_LINES {
         format!("CPU: demand per pCPU vs the lower bound ({ncpu} pCPUs)")
@@ -100,7 +105,13 @@ where
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(x.clone(), -ymax * 0.08..ymax)?;
-    chart.configure_mesh().x_desc("quantum").y_desc("demand, CPUs").label_style(("sans-serif", 14)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("quantum")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("demand, CPUs")
+        .label_style(("sans-serif", 14))
+        .draw()?;
     let series = |f: &dyn Fn(&TimelineRecord) -> f64| records.iter().map(|r| (r.quantum as f64, f(r))).collect::<Vec<_>>();
     if ncpu <= MAX_CPU_LINES {
         for c in 0..ncpu {
@@ -142,7 +153,13 @@ where
         }))?
         .label(format!("pins changed ({pins_total} in all)"))
         .legend(|(x, y)| PathElement::new(vec![(x + 10, y - 6), (x + 10, y + 6)], PIN_MARK.stroke_width(2)));
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     Ok(())
 }
 
@@ -166,7 +183,27 @@ where
     let total = range.len();
     let mut by_change: Vec<(&str, u64)> = range.into_iter().map(|(n, (lo, hi))| (n, hi - lo)).collect();
     by_change.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    let top: Vec<&str> = by_change.iter().take(TOP_DOMAINS).map(|d| d.0).collect();
+    // Domains whose target and use follow each other within 3 % over the
+    // run (a group of alike VMs) are drawn once, their count in the legend.
+    type Series = Vec<(u64, u64, Option<u64>)>;
+    let mut series: std::collections::HashMap<&str, Series> = std::collections::HashMap::new();
+    for r in records {
+        for d in &r.domains {
+            series.entry(d.name.as_str()).or_default().push((r.quantum, d.target_kib, d.used_kib));
+        }
+    }
+    let mut top: Vec<&str> = Vec::new();
+    let mut twins: Vec<usize> = Vec::new();
+    for (name, _) in &by_change {
+        match top.iter().position(|t| alike(&series[t], &series[name])) {
+            Some(i) => twins[i] += 1,
+            None if top.len() < TOP_DOMAINS => {
+                top.push(name);
+                twins.push(0);
+            }
+            None => {}
+        }
+    }
     let value = |r: &TimelineRecord, name: &str, used: bool| {
         r.domains.iter().find(|d| d.name == name).map(|d| gib(if used { d.used_kib.unwrap_or(0) } else { d.target_kib }))
     };
@@ -175,7 +212,7 @@ where
         .flat_map(|r| r.domains.iter().filter(|d| top.contains(&d.name.as_str())).map(|d| gib(d.target_kib.max(d.used_kib.unwrap_or(0)))))
         .fold(0.0, f64::max)
         .max(0.1)
-        * 1.12;
+        * 1.35;
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("Memory: balloon target (solid) vs guest used (dashed), top {} of {total} domains by change", top.len()),
@@ -185,7 +222,13 @@ where
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(x, 0.0..ymax)?;
-    chart.configure_mesh().x_desc("quantum").y_desc("GiB").label_style(("sans-serif", 14)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("quantum")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("GiB")
+        .label_style(("sans-serif", 14))
+        .draw()?;
     for (i, name) in top.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         // A domain that comes and goes breaks its line: one segment per
@@ -205,28 +248,45 @@ where
                 } else {
                     let s = chart.draw_series(LineSeries::new(run, color.stroke_width(3)))?;
                     if k == 0 {
-                        s.label(name.to_string()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                        let label = if twins[i] > 0 { format!("{name} (+{} alike)", twins[i]) } else { name.to_string() };
+                        s.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
                     }
                 }
             }
         }
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     Ok(())
 }
 
-fn host_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, records: &[TimelineRecord], x: std::ops::Range<f64>) -> DrawResult
+fn host_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    records: &[TimelineRecord],
+    x: std::ops::Range<f64>,
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
-    let ymax = records.iter().map(|r| gib(r.host.available_kib.max(r.host.reserve_kib))).fold(0.0, f64::max).max(0.1) * 1.12;
+    let ymax = records.iter().map(|r| gib(r.host.available_kib.max(r.host.reserve_kib))).fold(0.0, f64::max).max(0.1) * 1.3;
     let mut chart = ChartBuilder::on(area)
         .caption("Host memory: available vs the reserve", ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(x, 0.0..ymax)?;
-    chart.configure_mesh().x_desc("quantum").y_desc("GiB").label_style(("sans-serif", 14)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("quantum")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("GiB")
+        .label_style(("sans-serif", 14))
+        .draw()?;
     let available: Vec<(f64, f64)> = records.iter().map(|r| (r.quantum as f64, gib(r.host.available_kib))).collect();
     let reserve: Vec<(f64, f64)> = records.iter().map(|r| (r.quantum as f64, gib(r.host.reserve_kib))).collect();
     chart
@@ -237,6 +297,27 @@ where
         .draw_series(DashedLineSeries::new(reserve, 8, 5, PIN_MARK.stroke_width(3)))?
         .label("reserve")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PIN_MARK.stroke_width(3)));
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     Ok(())
+}
+
+/// Two domains' (quantum, target, used) series are alike: the same quanta,
+/// targets and uses within 3 % of the larger.
+fn alike(a: &[(u64, u64, Option<u64>)], b: &[(u64, u64, Option<u64>)]) -> bool {
+    let close = |x: u64, y: u64| x.abs_diff(y) <= x.max(y) / 33;
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(p, q)| {
+            p.0 == q.0
+                && close(p.1, q.1)
+                && match (p.2, q.2) {
+                    (Some(x), Some(y)) => close(x, y),
+                    (x, y) => x == y,
+                }
+        })
 }

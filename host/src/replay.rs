@@ -298,7 +298,12 @@ pub fn replay(
                         merge_stats(&mut slot_stats, &old.policies);
                     }
                     report.sessions += 1;
-                    session = Some(Session { id: header.session, policies: load()?, guard: Guard::new(header.guard.clone()), guard_config: header.guard });
+                    session = Some(Session {
+                        id: header.session,
+                        policies: load()?,
+                        guard: Guard::new(header.guard.clone()),
+                        guard_config: header.guard,
+                    });
                 }
             }
             RecordItem::Quantum(frame) => {
@@ -335,7 +340,10 @@ pub fn replay(
                 report.only_candidate += diff.only_candidate.len() as u64;
                 report.only_recorded += diff.only_recorded.len() as u64;
                 let trace = Trace { snapshot: frame.snapshot.clone(), proposals, fell_back, checked };
-                if !diff.only_candidate.is_empty() || !diff.only_recorded.is_empty() || !diff.rejected.is_empty() || !diff.fell_back.is_empty()
+                if !diff.only_candidate.is_empty()
+                    || !diff.only_recorded.is_empty()
+                    || !diff.rejected.is_empty()
+                    || !diff.fell_back.is_empty()
                 {
                     report.differences.push(diff);
                 }
