@@ -8,6 +8,7 @@ mod guard_table;
 mod hot_swap;
 mod languages;
 mod libvirt_e2e;
+mod record_replay;
 mod sandbox_limits;
 mod simulate;
 mod util;
