@@ -448,3 +448,38 @@ impl std::fmt::Display for ReplayReport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_are_multiset_differences() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(minus(&v(&["a", "a", "b", "c"]), &v(&["a", "c", "d"])), v(&["a", "b"]));
+        assert_eq!(minus(&v(&[]), &v(&["a"])), v(&[]));
+        assert_eq!(minus(&v(&["a"]), &v(&[])), v(&["a"]));
+    }
+
+    #[test]
+    fn a_projection_moves_demand_where_the_pins_put_it() {
+        use vm_balancer_sdk::builder::{DomainBuilder, SnapshotBuilder};
+        // Two busy vCPUs on pCPU 0 of 2: ratio 2; one moved to pCPU 1: ratio 1.
+        let s = SnapshotBuilder::new(2, 8 << 20)
+            .domain(DomainBuilder::new("a").vcpu(0, 0.9).memory_mib(1024, 1024, Some(100)))
+            .domain(DomainBuilder::new("b").vcpu(0, 0.9).memory_mib(1024, 1024, Some(100)))
+            .build();
+        let guard = GuardConfig::default();
+        let (before, _, _) = project(&s, &[], &guard);
+        let pin = Action::Pin { domain: "b".into(), vcpu: 0, cpus: vec![1], reason: String::new() };
+        let (after, _, _) = project(&s, &[pin], &guard);
+        assert!((before - 2.0).abs() < 0.05 && (after - 1.0).abs() < 0.05, "{before} {after}");
+        // Shrinking a guest to its floor counts it as near the floor, and
+        // what it gives back is host headroom.
+        let (_, near0, room0) = project(&s, &[], &guard);
+        let shrink = Action::SetMemory { domain: "a".into(), target_kib: 160 << 10, reason: String::new() };
+        let (_, near1, room1) = project(&s, &[shrink], &guard);
+        assert_eq!((near0, near1), (0, 1));
+        assert!(room1 > room0, "{room0} {room1}");
+    }
+}

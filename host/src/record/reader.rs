@@ -204,6 +204,12 @@ fn decode_value<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     rmp_serde::from_slice(&plain).map_err(|e| format!("MessagePack: {e}"))
 }
 
+/// [`decode_value`], for the unit tests.
+#[cfg(test)]
+pub(super) fn decode_value_for_tests<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    decode_value(body)
+}
+
 /// Decodes a whole segment held in memory: its frames, then how it ended
 /// (a cut tail, an error, or cleanly). For the fuzz test and tools.
 pub fn decode_segment(path: &Path, bytes: &[u8]) -> (Vec<Positioned>, Result<Option<Damage>, RecordError>) {

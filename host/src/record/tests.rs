@@ -166,3 +166,23 @@ fn fuzz_record_frames() {
         },
     );
 }
+
+#[test]
+fn params_of_every_kind_come_back_as_they_were() {
+    use vm_balancer_sdk::Param;
+    let (_dir, frames, _) = recorded("churn", 1);
+    let mut frame = frames[0].clone();
+    let table: std::collections::BTreeMap<String, Param> = [("x".to_string(), Param::Int(-3))].into();
+    frame.snapshot.params = [
+        ("b".to_string(), Param::Bool(true)),
+        ("i".to_string(), Param::Int(7)),
+        ("f".to_string(), Param::Float(5.0)),
+        ("s".to_string(), Param::Str("web".into())),
+        ("l".to_string(), Param::List(vec![Param::Float(0.5), Param::Int(1)])),
+        ("m".to_string(), Param::Map(table)),
+    ]
+    .into();
+    let body = encode_body(KIND_QUANTUM, &frame).unwrap();
+    let back: Frame = reader::decode_value_for_tests(&body).unwrap();
+    assert_eq!(back, frame);
+}
