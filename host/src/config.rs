@@ -272,8 +272,10 @@ impl Limits {
     }
 }
 
-/// The guard's settings.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// The guard's settings. Serializable: `config check` prints them, and a
+/// record file's header carries them, so that a replay runs the guard the
+/// recording daemon ran.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     /// Host CPUs reserved for the host: never a pin target.

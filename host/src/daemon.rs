@@ -64,6 +64,10 @@ pub struct RunOptions {
     pub policy_dir: std::path::PathBuf,
     /// `--collect`: overrides the config's `collect`.
     pub collect: Option<crate::backend::libvirt::CollectMode>,
+    /// Record every quantum here (`--record`).
+    pub record: Option<crate::record::RecordOptions>,
+    /// A shadow policy (`--shadow`): decides every quantum, never applied.
+    pub shadow: Option<String>,
 }
 
 /// Errors that stop the daemon before it starts.
@@ -96,6 +100,9 @@ pub enum DaemonError {
     /// The metrics endpoint could not be started.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The record directory cannot be used.
+    #[error(transparent)]
+    Record(#[from] crate::record::RecordError),
 }
 
 /// Parses a quantum length: `500ms`, `1s`, `1.5s`, `2m`, or bare seconds.
@@ -177,6 +184,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
     );
     let notifier = crate::notify::Notifier::from_env();
     let mut ready = false;
+    let mut observers =
+        crate::observe::Observers::start(options.record.clone(), options.shadow.as_deref(), &options.connect, options.dry_run, &config)?;
     let mut next_tick = Instant::now();
     let mut done = 0u64;
     let mut fed_back = 0usize;
@@ -193,8 +202,8 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             reporter.reloads(stats.swaps, stats.refused);
         }
         let started = Instant::now();
-        match pipeline.step() {
-            Ok(outcome) => {
+        match pipeline.step_traced() {
+            Ok((outcome, trace)) => {
                 failing = false;
                 let count = |o: Outcome| outcome.verdicts.iter().filter(|v| v.outcome == o).count();
                 let (accepted, clamped, rejected) = (count(Outcome::Accepted), count(Outcome::Clamped), count(Outcome::Rejected));
@@ -212,6 +221,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
                     "quantum summary"
                 );
                 fed_back = clamped + rejected;
+                observers.quantum(&trace, || pipeline.policies().slots().iter().map(|s| s.name().to_string()).collect());
             }
             Err(error) => {
                 reporter.skipped(pipeline.backend().connection());
@@ -249,6 +259,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), DaemonError> {
             std::thread::sleep((next_tick - now).min(Duration::from_millis(50)));
         }
     }
+    observers.finish();
     let why = if signals.stop.load(Ordering::SeqCst) { "signal" } else { "quanta reached" };
     notifier.stopping();
     reporter.summarize(pipeline.policies());

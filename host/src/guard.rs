@@ -52,6 +52,10 @@ pub struct Checked {
     pub accepted: Vec<Action>,
     /// A verdict for every action not dropped.
     pub verdicts: Vec<Verdict>,
+    /// For each proposal, in order, the index of its verdict in
+    /// `verdicts`; `None` when it was dropped (it changed nothing). The
+    /// timeline and the record join proposals to verdicts through it.
+    pub verdict_of: Vec<Option<usize>>,
 }
 
 impl Checked {
@@ -181,6 +185,7 @@ impl Guard {
             };
             let (outcome, applied, reason) = match result {
                 Check::NoChange => {
+                    checked.verdict_of.push(None);
                     self.stats.dropped += 1;
                     tracing::debug!(%slot, by, %action, "dropped: changes nothing");
                     continue;
@@ -208,6 +213,7 @@ impl Guard {
                     (Outcome::Rejected, action, why)
                 }
             };
+            checked.verdict_of.push(Some(checked.verdicts.len()));
             checked.verdicts.push(Verdict { slot, action: applied, outcome, reason });
         }
         checked

@@ -33,13 +33,20 @@ pub mod guard;
 pub mod host_check;
 pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod persist;
 pub mod pipeline;
+pub mod plot;
 pub mod policy;
+pub mod progress;
 pub mod proposal;
+pub mod record;
+pub mod replay;
+pub mod shadow;
 pub mod simulate;
 pub mod snapshot;
 pub mod status;
+pub mod timeline;
 pub mod top;
 
 #[cfg(test)]

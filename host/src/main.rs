@@ -13,7 +13,7 @@ use vm_balancer::config::Config;
 use vm_balancer::policy::cache::CompileCache;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::Snapshot;
-use vm_balancer::simulate::simulate_cached;
+use vm_balancer::simulate::simulate_observed;
 
 /// Exit statuses, the same for every subcommand (README: "Exit status").
 const EXIT_STATUS_HELP: &str = "\
@@ -75,6 +75,43 @@ enum Command {
         /// Print the report as JSON (with per-slot decide times under `timing`).
         #[arg(long)]
         json: bool,
+        /// Write one JSON record per quantum to FILE (JSON lines; the
+        /// format: examples/TIMELINE.md).
+        #[arg(long, value_name = "FILE.jsonl")]
+        timeline: Option<PathBuf>,
+        /// Draw the run to an SVG: pCPU demand against the lower bound,
+        /// balloon targets against use, host memory against the reserve.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
+    /// Feed a record's snapshots (`run --record DIR`) to candidate policies
+    /// through the guard the recording ran, and report where they would
+    /// have acted differently. Open loop: the snapshots do not react to the
+    /// candidates' actions.
+    Replay {
+        /// The record directory.
+        dir: PathBuf,
+        /// Candidate policy: a component file or builtin:NAME. Repeat for
+        /// several slots, in order (as `run --policy`).
+        #[arg(long = "policy", value_name = "FILE|builtin:NAME", required = true)]
+        policies: Vec<String>,
+        /// Print the report as JSON (every differing quantum under `differences`).
+        #[arg(long)]
+        json: bool,
+        /// Write the candidates' timeline on the recorded snapshots (JSON lines).
+        #[arg(long, value_name = "FILE.jsonl")]
+        timeline: Option<PathBuf>,
+        /// Draw it to an SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
+    /// Draw a timeline file (`simulate --timeline`, `replay --timeline`) to an SVG.
+    Plot {
+        /// The timeline (JSON lines).
+        timeline: PathBuf,
+        /// The SVG to write.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: PathBuf,
     },
     /// Run the daemon on a libvirt host: every quantum, collect, decide,
     /// guard and apply. SIGINT/SIGTERM finish the quantum, restore what the
@@ -96,6 +133,22 @@ enum Command {
         /// On exit, leave pins and balloon targets as they are.
         #[arg(long)]
         no_restore: bool,
+        /// Record every quantum (snapshot, each slot's actions, the guard's
+        /// verdicts, what was applied) to DIR, for `vm-balancer replay`.
+        /// DIR is made 0700 and must be the daemon's own; files are 0600.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
+        /// With --record: segment size, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 64, requires = "record", value_parser = clap::value_parser!(u64).range(1..=4096))]
+        record_segment_mib: u64,
+        /// With --record: segments kept (the oldest are deleted).
+        #[arg(long, value_name = "N", default_value_t = 16, requires = "record", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        record_keep: u64,
+        /// Run this policy beside the active ones every quantum, never
+        /// applied; log and count where it disagrees. It runs on its own
+        /// thread: a slow or failing shadow cannot delay the quantum.
+        #[arg(long, value_name = "FILE|builtin:NAME")]
+        shadow: Option<String>,
     },
     /// Check a config file and print every effective setting with where it
     /// comes from (default, file or cli).
@@ -450,9 +503,34 @@ fn run(cli: Cli, loaded: Loaded) -> Result<ExitCode> {
             print!("{}", vm_balancer::status::explain(&status, &domain)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simulate { scenario, policies, quanta, json } => {
+        Command::Simulate { scenario, policies, quanta, json, timeline, plot } => {
             let scenario = Scenario::load(&scenario)?;
-            let report = simulate_cached(&scenario, &policies, &config, quanta, user_cache(&config))?;
+            let n = quanta.unwrap_or(scenario.quanta);
+            let progress = vm_balancer::progress::Progress::new(n, &format!("simulate {}", scenario.name), false);
+            let mut writer = timeline.as_deref().map(vm_balancer::timeline::TimelineWriter::create).transpose()?;
+            let mut records = Vec::new();
+            let report = simulate_observed(&scenario, &policies, &config, quanta, user_cache(&config), |trace, sim| {
+                progress.set(trace.snapshot.quantum + 1);
+                if writer.is_none() && plot.is_none() {
+                    return Ok(());
+                }
+                let record = vm_balancer::timeline::TimelineRecord::build(trace, Some(sim.last_quantum()));
+                if let Some(w) = &mut writer {
+                    w.write(&record)?;
+                }
+                if plot.is_some() {
+                    records.push(record);
+                }
+                Ok(())
+            })?;
+            progress.finish();
+            if let Some(w) = writer {
+                w.finish()?;
+            }
+            if let Some(path) = &plot {
+                let title = format!("{}: {} ({} quanta)", scenario.name, report.policies.join(" + "), report.quanta);
+                vm_balancer::plot::plot(&records, &title, path)?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -472,13 +550,34 @@ fn run(cli: Cli, loaded: Loaded) -> Result<ExitCode> {
             };
             policy_check(&config, &file, input, repeat)
         }
-        Command::Run { settings: _, dry_run, quanta, policies, no_restore } => {
+        Command::Replay { dir, policies, json, timeline, plot } => replay(&config, dir, policies, json, timeline, plot),
+        Command::Plot { timeline, plot } => {
+            let records = vm_balancer::timeline::read(&timeline)?;
+            vm_balancer::plot::plot(&records, &timeline.display().to_string(), &plot)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { settings: _, dry_run, quanta, policies, no_restore, record, record_segment_mib, record_keep, shadow } => {
             let connect = config.connect.clone();
             let quantum = std::time::Duration::from_millis(u64::from(config.quantum_ms));
             let policy_dir = config.policy_dir.clone();
             refuse_unworkable_host(&config, &connect)?;
-            let options =
-                vm_balancer::daemon::RunOptions { connect, quantum, dry_run, quanta, policies, restore: !no_restore, policy_dir, collect: Some(config.collect) };
+            let record = record.map(|dir| vm_balancer::record::RecordOptions {
+                dir,
+                segment_max_bytes: record_segment_mib << 20,
+                keep_segments: record_keep as usize,
+            });
+            let options = vm_balancer::daemon::RunOptions {
+                connect,
+                quantum,
+                dry_run,
+                quanta,
+                policies,
+                restore: !no_restore,
+                policy_dir,
+                collect: Some(config.collect),
+                record,
+                shadow,
+            };
             vm_balancer::daemon::run(config, options)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -533,6 +632,54 @@ fn refuse_unworkable_host(config: &Config, connect: &str) -> Result<()> {
 fn status_socket(config: &Config, connect: Option<String>, state_dir: Option<PathBuf>) -> PathBuf {
     let connect = connect.unwrap_or_else(|| config.connect.clone());
     vm_balancer::status::socket_path(&state_dir.unwrap_or_else(|| config.state_dir.clone()), &connect)
+}
+
+/// `vm-balancer replay`.
+fn replay(
+    config: &Config,
+    dir: PathBuf,
+    specs: Vec<String>,
+    json: bool,
+    timeline: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let options = vm_balancer::replay::ReplayOptions { dir: dir.clone(), specs, config: config.clone(), cache: user_cache(config) };
+    let mut writer = timeline.as_deref().map(vm_balancer::timeline::TimelineWriter::create).transpose()?;
+    let mut records = Vec::new();
+    let mut progress: Option<vm_balancer::progress::Progress> = None;
+    let report = vm_balancer::replay::replay(&options, |trace, _recorded, (done, total)| {
+        progress.get_or_insert_with(|| vm_balancer::progress::Progress::new(total, &format!("replay {}", dir.display()), true)).set(done);
+        if writer.is_none() && plot.is_none() {
+            return Ok(());
+        }
+        let record = vm_balancer::timeline::TimelineRecord::build(trace, None);
+        if let Some(w) = &mut writer {
+            w.write(&record)?;
+        }
+        if plot.is_some() {
+            records.push(record);
+        }
+        Ok(())
+    })?;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    if let Some(path) = &plot {
+        let title = format!("replay of {}: {} (open loop, {} quanta)", dir.display(), report.policies.join(" + "), report.quanta);
+        vm_balancer::plot::plot(&records, &title, path)?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if let Some(why) = &report.stopped {
+        eprintln!("warning: replay stopped before the end of the record: {why}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The per-user compile cache of the offline commands, if there is a home.

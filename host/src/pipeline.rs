@@ -42,6 +42,22 @@ impl PartialEq for CollectTime {
     }
 }
 
+/// Everything one quantum saw and decided, for the observers that run
+/// after apply (record, shadow, timeline): the snapshot exactly as the
+/// policies received it, every slot's raw proposals, and the guard's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Trace {
+    /// The snapshot the policies decided on.
+    pub snapshot: std::sync::Arc<vm_balancer_sdk::Snapshot>,
+    /// Every slot's proposals, in slot order, before the guard.
+    pub proposals: Vec<crate::proposal::Proposal>,
+    /// Slots whose quantum the fallback decided.
+    pub fell_back: Vec<String>,
+    /// The guard's verdicts and the actions it let through (applied, or
+    /// only logged in a dry run).
+    pub checked: Checked,
+}
+
 /// The daemon's pipeline over some backend. Its stages are private: each
 /// quantum goes through [`step`](Self::step) in order, and the accessors
 /// are for reading results (reports, tests) and for the policy source's
@@ -146,6 +162,13 @@ impl<B: Backend> Pipeline<B> {
     /// Runs one quantum. Only a backend failure to collect is an error;
     /// policy failures and guard rejections are outcomes.
     pub fn step(&mut self) -> Result<QuantumOutcome, BackendError> {
+        self.step_traced().map(|(outcome, _)| outcome)
+    }
+
+    /// [`step`](Self::step), also returning what the quantum saw and
+    /// decided. The trace is built from values the quantum made anyway
+    /// (moved, or shared), except the verdicts the outcome shares.
+    pub fn step_traced(&mut self) -> Result<(QuantumOutcome, Trace), BackendError> {
         let started = std::time::Instant::now();
         let observation = self.backend.collect()?;
         let collect_time = CollectTime(started.elapsed());
@@ -156,19 +179,20 @@ impl<B: Backend> Pipeline<B> {
         let snapshot = snapshot::assemble(observation, self.quantum, &self.config, &self.params, std::mem::take(&mut self.feedback));
         let Decided { proposals, fell_back: fallback_slots } = self.policies.decide(&snapshot);
         let proposed = proposals.len();
-        let checked: Checked = self.guard.check(&snapshot, proposals);
+        let checked: Checked = self.guard.check(&snapshot, proposals.clone());
         self.applier.apply(&mut self.backend, &snapshot, &checked.accepted, self.dry_run);
         self.feedback = checked.feedback();
         let outcome = QuantumOutcome {
             quantum: self.quantum,
             domains: snapshot.domains.len(),
             proposed,
-            verdicts: checked.verdicts,
-            fallback_slots,
+            verdicts: checked.verdicts.clone(),
+            fallback_slots: fallback_slots.clone(),
             snapshot: std::sync::Arc::new(snapshot),
             collect_time,
         };
+        let snapshot = std::sync::Arc::clone(&outcome.snapshot);
         self.quantum += 1;
-        Ok(outcome)
+        Ok((outcome, Trace { snapshot, proposals, fell_back: fallback_slots, checked }))
     }
 }

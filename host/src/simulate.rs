@@ -29,6 +29,9 @@ pub enum SimulateError {
     /// A per-policy limit does not fit the scenario's quantum.
     #[error("the config does not fit this scenario's quantum")]
     Config(#[source] crate::config::ConfigError),
+    /// The timeline could not be written.
+    #[error(transparent)]
+    Timeline(#[from] crate::timeline::TimelineError),
     /// A guard setting cannot work on the scenario's host.
     #[error("the config cannot work on scenario {scenario:?}'s host")]
     Host {
@@ -56,9 +59,24 @@ pub fn simulate_cached(
     quanta: Option<u64>,
     cache: Option<std::sync::Arc<CompileCache>>,
 ) -> Result<Report, SimulateError> {
+    simulate_observed(scenario, specs, config, quanta, cache, |_, _| Ok(()))
+}
+
+/// [`simulate_cached`], calling `on_quantum` after each quantum with its
+/// trace and the simulator (the timeline, the plot and the progress bar
+/// hang here). An error from it stops the run.
+pub fn simulate_observed(
+    scenario: &Scenario,
+    specs: &[String],
+    config: &Config,
+    quanta: Option<u64>,
+    cache: Option<std::sync::Arc<CompileCache>>,
+    mut on_quantum: impl FnMut(&crate::pipeline::Trace, &SimBackend) -> Result<(), SimulateError>,
+) -> Result<Report, SimulateError> {
     let mut pipeline = pipeline(scenario, specs, config, cache)?;
     for _ in 0..quanta.unwrap_or(scenario.quanta) {
-        pipeline.step()?;
+        let (_, trace) = pipeline.step_traced()?;
+        on_quantum(&trace, pipeline.backend())?;
     }
     Ok(Report::build(scenario, &pipeline))
 }

@@ -18,6 +18,6 @@ pub mod model;
 pub mod scenario;
 pub mod validate;
 
-pub use model::{Metrics, SimBackend};
+pub use model::{Metrics, SimBackend, SimDomainQuantum, SimQuantum};
 pub use scenario::{Scenario, ScenarioError};
 pub use validate::InvalidScenario;

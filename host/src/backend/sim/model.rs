@@ -38,6 +38,38 @@ pub struct Metrics {
     pub peak_vms: usize,
 }
 
+/// What the simulator saw in its last quantum, beyond what the snapshot
+/// carries: the exact per-pCPU demand (background included), the lower
+/// bound, and each guest's true use and pressure. The per-quantum timeline
+/// reads it, so its figures add up to the report's totals exactly.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SimQuantum {
+    /// Demand on each pCPU (background + its vCPUs' demand), CPUs.
+    pub cpu_demand: Vec<f64>,
+    /// What each pCPU served (its busy fraction), CPUs.
+    pub cpu_load: Vec<f64>,
+    /// `max(total demand / pCPUs, largest vCPU demand)`, CPUs.
+    pub lower_bound: f64,
+    /// Busiest pCPU's demand over the lower bound (1.0 when idle), as in
+    /// [`Metrics::load_ratio`].
+    pub load_ratio: f64,
+    /// Per live domain, in the observation's order.
+    pub domains: Vec<SimDomainQuantum>,
+}
+
+/// One guest's memory truth in a quantum.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SimDomainQuantum {
+    /// Domain name.
+    pub name: String,
+    /// Memory the guest uses, KiB (may exceed its balloon target).
+    pub used_kib: u64,
+    /// Its balloon is below its use (it swaps).
+    pub pressure: bool,
+    /// The shortfall exceeds its swap.
+    pub oom: bool,
+}
+
 struct SimVcpu {
     affinity: Vec<u32>,
     cpu: u32,
@@ -65,6 +97,7 @@ pub struct SimBackend {
     vms: Vec<SimVm>,
     next_cpu: u32,
     metrics: Metrics,
+    last: SimQuantum,
 }
 
 impl SimBackend {
@@ -92,12 +125,26 @@ impl SimBackend {
             }
         }
         let lowest = scenario.host.memory_mib * KIB_PER_MIB;
-        SimBackend { scenario, rng, t: 0, vms, next_cpu: 0, metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() } }
+        SimBackend {
+            scenario,
+            rng,
+            t: 0,
+            vms,
+            next_cpu: 0,
+            metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() },
+            last: SimQuantum::default(),
+        }
     }
 
     /// What was measured so far.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// What the last [`collect`](Backend::collect) saw (the timeline's
+    /// exact figures).
+    pub fn last_quantum(&self) -> &SimQuantum {
+        &self.last
     }
 
     /// The scenario.
@@ -251,7 +298,9 @@ impl Backend for SimBackend {
         }
         let lower_bound = (total_demand / ncpu as f64).max(max_vcpu_demand);
         let busiest = cpu_demand.iter().copied().fold(0.0, f64::max);
-        self.metrics.load_ratio.push(if lower_bound > 1e-9 { busiest / lower_bound } else { 1.0 });
+        let load_ratio = if lower_bound > 1e-9 { busiest / lower_bound } else { 1.0 };
+        self.metrics.load_ratio.push(load_ratio);
+        let mut last_domains = Vec::new();
         self.metrics.unserved_cpu_s.push(unserved * quantum_s);
         self.metrics.demand_cpu_s.push(total_demand * quantum_s);
         self.metrics.pin_changes.push(0);
@@ -271,12 +320,14 @@ impl Backend for SimBackend {
             let spec = &self.scenario.vms[vm.spec];
             let used_kib = (vm.used_mib * KIB_PER_MIB as f64) as u64;
             let deficit_kib = used_kib.saturating_sub(vm.target_kib);
-            if deficit_kib > 0 {
+            let (pressure, oom) = (deficit_kib > 0, deficit_kib > spec.swap_mib * KIB_PER_MIB);
+            if pressure {
                 self.metrics.pressure_events += 1;
-                if deficit_kib > spec.swap_mib * KIB_PER_MIB {
+                if oom {
                     self.metrics.oom_events += 1;
                 }
             }
+            last_domains.push(SimDomainQuantum { name: vm.name.clone(), used_kib, pressure, oom });
             let free_kib = vm.target_kib.saturating_sub(used_kib);
             let stats = spec.balloon_stats;
             domains.push(Domain {
@@ -318,6 +369,7 @@ impl Backend for SimBackend {
             },
             domains,
         };
+        self.last = SimQuantum { cpu_demand, cpu_load: cpu_usage, lower_bound, load_ratio, domains: last_domains };
         self.t += 1;
         Ok(observation)
     }
