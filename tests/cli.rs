@@ -197,7 +197,7 @@ fn a_second_daemon_for_the_same_uri_exits_2_naming_the_first() {
     let state = tempfile::tempdir().unwrap();
     let config = format!("state_dir = {:?}\n", state.path().join("state"));
     let args = ["--connect", "test:///default", "--quantum", "200ms", "--policy", "builtin:cpu"];
-    let first = crate::util::Daemon::start("lock-first", "info", Some(&config), &args);
+    let first = crate::util::Daemon::start("lock-first", "info,vm_balancer::daemon=debug", Some(&config), &args);
     crate::util::wait_until("the first daemon's first quantum", std::time::Duration::from_secs(60), || !first.summaries().is_empty());
     let (_dir, file) = crate::util::temp_file("lock.toml", config.as_bytes());
     let second = crate::util::vm_balancer(&["--config", crate::util::s(&file), "run", "--connect", "test:///default", "--quanta", "1"]);

@@ -29,6 +29,9 @@ fn cleanup() {
     }
 }
 
+/// One path's samples: name, collect ms, calls, (listing, CPU, balloon) ms, balloons refreshed.
+type Row = (&'static str, Vec<f64>, Vec<f64>, Vec<[f64; 3]>, Vec<f64>);
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -82,8 +85,7 @@ fn main() {
         for b in [&mut fast, &mut bulk] {
             b.collect().unwrap(); // first sight
         }
-        let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<[f64; 3]>, Vec<f64>)> =
-            vec![("fast", vec![], vec![], vec![], vec![]), ("bulk", vec![], vec![], vec![], vec![])];
+        let mut rows: Vec<Row> = vec![("fast", vec![], vec![], vec![], vec![]), ("bulk", vec![], vec![], vec![], vec![])];
         for _ in 0..10 {
             std::thread::sleep(Duration::from_secs(1));
             for (row, b) in rows.iter_mut().zip([&mut fast, &mut bulk]) {

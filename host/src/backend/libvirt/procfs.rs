@@ -202,7 +202,7 @@ mod tests {
         let threads = roots.map_vcpus(1100).unwrap();
         assert!(roots.read(&threads).is_some());
         let stat = roots.proc.join("1100/stat");
-        let text = std::fs::read_to_string(&stat).unwrap().replace(" 501 0 ", " 999 0 ");
+        let text = std::fs::read_to_string(&stat).unwrap().replace(" 501 0\n", " 999 0\n");
         std::fs::write(&stat, text).unwrap();
         assert_eq!(roots.read(&threads), None, "pid recycled: another start time");
         // A command name with spaces and parentheses does not shift the fields.
