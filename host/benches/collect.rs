@@ -14,6 +14,9 @@
 //!   listing and the balloon subset instead: see `cargo bench --bench
 //!   libvirt` for their per-domain cost).
 
+#[path = "common/usage.rs"]
+mod usage;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -67,7 +70,7 @@ fn main() {
     let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
     let sim = format!("sim:{}", root.join("examples/scenarios/large.toml").display());
-    // Reaped by wait4 below, which also returns its resource usage.
+    // Reaped by `usage::wait_for_usage`, which also returns its resource usage.
     #[allow(clippy::zombie_processes)]
     let child = Command::new(exe)
         .args([
@@ -86,20 +89,10 @@ fn main() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("daemon starts");
-    let (mut status, mut usage) = (0i32, std::mem::MaybeUninit::<libc::rusage>::zeroed());
-    // SAFETY: `child.id()` is our own child, not yet reaped; `usage` is a
-    // properly sized, zeroed rusage that wait4 fills.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, usage.as_mut_ptr()) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
-    // SAFETY: wait4 succeeded, so it wrote the rusage.
-    let usage = unsafe { usage.assume_init() };
-    let cpu_s = usage.ru_utime.tv_sec as f64
-        + usage.ru_utime.tv_usec as f64 / 1e6
-        + usage.ru_stime.tv_sec as f64
-        + usage.ru_stime.tv_usec as f64 / 1e6;
+    let (cpu_s, rss_mib) = usage::wait_for_usage(child);
     println!(
         "daemon on the simulator, 1,000 domains, {run_s} s at a 1 s quantum: CPU {cpu_s:.2} s ({:.1} % of one core, simulator model and policy compile included), peak RSS {:.1} MiB",
         100.0 * cpu_s / run_s as f64,
-        usage.ru_maxrss as f64 / 1024.0
+        rss_mib
     );
 }

@@ -10,6 +10,9 @@
 //! - the daemon's CPU time and peak RSS over `VMB_BENCH_RUN_S` seconds
 //!   (default 60) at a 1 s quantum, dry run.
 
+#[path = "common/usage.rs"]
+mod usage;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -129,27 +132,17 @@ fn main() {
     }
     let run_s: u64 = std::env::var("VMB_BENCH_RUN_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let exe = env!("CARGO_BIN_EXE_vm-balancer");
-    // Reaped by wait4 below, which also returns its resource usage.
+    // Reaped by `usage::wait_for_usage`, which also returns its resource usage.
     #[allow(clippy::zombie_processes)]
     let child = Command::new(exe)
         .args(["run", "--dry-run", "--quantum", "1s", "--quanta", &run_s.to_string(), "--policy", "builtin:cpu", "--policy", "builtin:mem"])
         .spawn()
         .expect("daemon starts");
-    let (mut status, mut usage) = (0i32, std::mem::MaybeUninit::<libc::rusage>::zeroed());
-    // SAFETY: `child.id()` is our own child, not yet reaped; `usage` is a
-    // properly sized, zeroed rusage that wait4 fills.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, usage.as_mut_ptr()) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
-    // SAFETY: wait4 succeeded, so it wrote the rusage.
-    let usage = unsafe { usage.assume_init() };
-    let cpu_s = usage.ru_utime.tv_sec as f64
-        + usage.ru_utime.tv_usec as f64 / 1e6
-        + usage.ru_stime.tv_sec as f64
-        + usage.ru_stime.tv_usec as f64 / 1e6;
+    let (cpu_s, rss_mib) = usage::wait_for_usage(child);
     println!(
         "daemon   {run_s} s at 1 s quantum, {guests} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
         100.0 * cpu_s / run_s as f64,
-        usage.ru_maxrss as f64 / 1024.0
+        rss_mib
     );
     cleanup();
 }
