@@ -89,10 +89,5 @@ fn main() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("daemon starts");
-    let (cpu_s, rss_mib) = usage::wait_for_usage(child);
-    println!(
-        "daemon on the simulator, 1,000 domains, {run_s} s at a 1 s quantum: CPU {cpu_s:.2} s ({:.1} % of one core, simulator model and policy compile included), peak RSS {:.1} MiB",
-        100.0 * cpu_s / run_s as f64,
-        rss_mib
-    );
+    usage::report(child, run_s, "daemon on the simulator, 1,000 domains at a 1 s quantum (simulator model included)");
 }

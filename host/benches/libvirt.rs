@@ -138,11 +138,6 @@ fn main() {
         .args(["run", "--dry-run", "--quantum", "1s", "--quanta", &run_s.to_string(), "--policy", "builtin:cpu", "--policy", "builtin:mem"])
         .spawn()
         .expect("daemon starts");
-    let (cpu_s, rss_mib) = usage::wait_for_usage(child);
-    println!(
-        "daemon   {run_s} s at 1 s quantum, {guests} guests: CPU {cpu_s:.2} s ({:.2} % of one core), peak RSS {:.1} MiB",
-        100.0 * cpu_s / run_s as f64,
-        rss_mib
-    );
+    usage::report(child, run_s, &format!("daemon, {guests} real guests at a 1 s quantum (dry run)"));
     cleanup();
 }

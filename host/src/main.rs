@@ -293,6 +293,7 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
+    vm_balancer::ffi::limit_malloc_arenas();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
         // Report commands die quietly when their reader goes away (the

@@ -19,6 +19,15 @@
 //!   starving guests need more than the host can give above its reserve,
 //!   guests with more than half their band free are squeezed toward half
 //!   the band (MOM's "squeeze harder"), at twice the normal step.
+//! - **Old figures are not trusted to shrink.** The daemon refreshes balloon
+//!   stats for a rolling subset of domains (`DomainMemory::age_ms` says how
+//!   old each domain's are). A guest whose figures are older than
+//!   `mem.stale_ms` is never a donor: it may have filled since. Its growth
+//!   is extrapolated over the figures' age too, so an aged guest that was
+//!   growing is provisioned for where it is now, not where it was. A domain
+//!   whose monitor is not answering (`Domain::not_answering_ms`) is left
+//!   alone: the guard would reject any action on it, and a grant would
+//!   strand host memory the others could use.
 #![deny(missing_docs)]
 
 use rustc_hash::FxHashMap;
@@ -38,6 +47,9 @@ pub struct MemParams {
     pub max_shrink_pct: f64,
     /// How many quanta of observed growth to provision ahead.
     pub growth_factor: f64,
+    /// Figures older than this (ms) never justify a shrink (the guard's
+    /// `guard.stale_after_ms` default).
+    pub stale_ms: u64,
 }
 
 impl MemParams {
@@ -48,6 +60,7 @@ impl MemParams {
             free_min_mib: s.param_f64("mem.free_min_mib", 64.0).max(0.0) as u64,
             max_shrink_pct: s.param_f64("mem.max_shrink_pct", 5.0),
             growth_factor: s.param_f64("mem.growth_factor", 2.0).max(0.0),
+            stale_ms: s.param_f64("mem.stale_ms", 10_000.0).max(0.0) as u64,
         }
     }
 }
@@ -55,10 +68,20 @@ impl MemParams {
 /// The default memory policy. State: each guest's used memory last quantum.
 #[derive(Default, Debug)]
 pub struct MemPolicy {
-    /// Domain → (used KiB, quantum it was seen). Updated in place, so a
-    /// steady domain costs no allocation per quantum. (FxHash: the keys are
-    /// the daemon's domain names, and SipHash showed in wasm profiles.)
-    last_used_kib: FxHashMap<String, (u64, u64)>,
+    /// Domain → what was last seen of it. Updated in place, so a steady
+    /// domain costs no allocation per quantum. (FxHash: the keys are the
+    /// daemon's domain names, and SipHash showed in wasm profiles.)
+    last_used_kib: FxHashMap<String, Seen>,
+}
+
+/// A domain's used memory as last seen, and the growth it showed.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    used_kib: u64,
+    /// Quantum of the last snapshot that listed the domain.
+    quantum: u64,
+    /// Growth per quantum of the last fresh figures.
+    growth_kib: u64,
 }
 
 struct Donor {
@@ -94,28 +117,42 @@ impl Policy for MemPolicy {
             let (Some(used), Some(free)) = (m.used_kib(), m.free_kib()) else {
                 continue; // No balloon stats: nothing safe to decide.
             };
+            if d.not_answering_ms > 0 {
+                // Remember it, so its growth is not lost, but leave it alone.
+                self.last_used_kib.entry(d.name.clone()).or_insert(Seen { used_kib: used, quantum: snap.quantum, growth_kib: 0 }).quantum =
+                    snap.quantum;
+                continue;
+            }
+            // Figures refreshed this quantum, or unchanged since they were
+            // last refreshed (rolling balloon subset)?
+            let fresh = m.age_ms == 0;
             let growth = match self.last_used_kib.get_mut(d.name.as_str()) {
-                Some(entry) => {
-                    let growth = used.saturating_sub(entry.0);
-                    *entry = (used, snap.quantum);
-                    growth
+                Some(seen) => {
+                    if fresh || used != seen.used_kib {
+                        seen.growth_kib = used.saturating_sub(seen.used_kib);
+                    }
+                    seen.used_kib = used;
+                    seen.quantum = snap.quantum;
+                    seen.growth_kib
                 }
                 None => {
-                    self.last_used_kib.insert(d.name.clone(), (used, snap.quantum));
+                    self.last_used_kib.insert(d.name.clone(), Seen { used_kib: used, quantum: snap.quantum, growth_kib: 0 });
                     0
                 }
             };
             let band = ((m.max_kib as f64 * p.free_pct / 100.0) as u64).max(p.free_min_mib * MIB);
-            let predicted_used = used + (growth as f64 * p.growth_factor) as u64;
+            // Aged figures: the guest has kept growing since they were taken.
+            let age_quanta = m.age_ms as f64 / f64::from(snap.quantum_ms.max(1));
+            let predicted_used = used + (growth as f64 * (p.growth_factor + age_quanta)) as u64;
             let want = (predicted_used + band).min(m.max_kib);
             let predicted_free = m.target_kib.saturating_sub(predicted_used);
             if (predicted_free < band / 2 || m.under_pressure_signals()) && want > m.target_kib {
                 grows.push(Grow { domain: di, need_kib: want - m.target_kib, free_ratio: free as f64 / band.max(1) as f64 });
-            } else if free > band / 2 {
+            } else if free > band / 2 && m.age_ms <= p.stale_ms {
                 donors.push(Donor { domain: di, used, free, band, want });
             }
         }
-        self.last_used_kib.retain(|_, (_, seen)| *seen == snap.quantum);
+        self.last_used_kib.retain(|_, seen| seen.quantum == snap.quantum);
 
         // Squeeze when the host is below its reserve, or when starving guests
         // need more than the host pool holds: then the donors' spare band is
@@ -261,6 +298,47 @@ mod tests {
             .build();
         let t = target_of(&MemPolicy::default().decide(&snap).unwrap(), "roomy").unwrap();
         assert_eq!(t, 921, "double step (10 % of max) when host is short");
+    }
+
+    #[test]
+    fn stale_figures_never_shrink_a_guest_and_fresh_ones_do() {
+        let roomy = |age_ms| {
+            SnapshotBuilder::new(2, 8 << 20)
+                .host_memory(100 * MIB, 200 * MIB)
+                .domain(DomainBuilder::new("roomy").memory_mib(1024, 1024, Some(250)).memory_age(age_ms))
+                .build()
+        };
+        assert!(MemPolicy::default().decide(&roomy(10_001)).unwrap().is_empty(), "stale: no shrink");
+        assert!(target_of(&MemPolicy::default().decide(&roomy(10_000)).unwrap(), "roomy").is_some(), "at the bound: still trusted");
+        assert!(target_of(&MemPolicy::default().decide(&roomy(0)).unwrap(), "roomy").is_some());
+    }
+
+    #[test]
+    fn aged_figures_of_a_growing_guest_are_extrapolated_over_their_age() {
+        let mut policy = MemPolicy::default();
+        // 4 GiB max: band 819 MiB; a 1600 MiB balloon.
+        let at = |q, usable, age_ms| {
+            SnapshotBuilder::new(2, 8 << 20)
+                .quantum(q)
+                .domain(DomainBuilder::new("g").memory_mib(4096, 1600, Some(usable)).memory_age(age_ms))
+                .build()
+        };
+        assert!(policy.decide(&at(0, 1000, 0)).unwrap().is_empty(), "used 600, free inside the dead band");
+        // Fresh: used 700, growth 100 per quantum, predicted used 900, free 700 > band / 2.
+        assert!(policy.decide(&at(1, 900, 0)).unwrap().is_empty());
+        // The same figures 2 quanta later, not refreshed: the growth is kept
+        // and extrapolated over 2 + 2 quanta: used 1100, free 500 > 409.
+        assert!(policy.decide(&at(2, 900, 2000)).unwrap().is_empty());
+        // 10 quanta old: used 700 + 12 x 100 = 1900 > the balloon: grow.
+        let t = target_of(&policy.decide(&at(3, 900, 10_000)).unwrap(), "g").unwrap();
+        assert_eq!(t, 1900 + 819, "grown to the extrapolated need");
+    }
+
+    #[test]
+    fn a_domain_that_does_not_answer_is_left_alone() {
+        let snap =
+            SnapshotBuilder::new(2, 8 << 20).domain(DomainBuilder::new("hung").memory_mib(2048, 512, Some(10)).not_answering(5000)).build();
+        assert!(MemPolicy::default().decide(&snap).unwrap().is_empty());
     }
 
     #[test]
