@@ -380,6 +380,7 @@ mod tests {
             let mut snap = b.build();
             snap.quantum = q;
             let actions = policy.decide(&snap).unwrap();
+            if std::env::var_os("VMB_TRACE").is_some() { eprintln!("q{q} {home:?} {actions:?}"); }
             let mut moved = false;
             for a in &actions {
                 if let Action::Pin { domain, cpus, .. } = a {

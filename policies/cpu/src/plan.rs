@@ -80,8 +80,8 @@ enum Stop {
 /// Improving exchanges from the busiest pCPUs, each lowering the pair's
 /// larger load by at least the gain (so the sorted load vector falls:
 /// ties at the maximum do not stop it, and nothing cycles). Returns the
-/// (item, from, to) of each move, in order, and why it stopped.
-fn descend(s: &mut State, d: &[f32], gain: Gain, max_moves: usize, once: bool) -> (Vec<(usize, usize, usize)>, Stop) {
+/// (item, from, to, exchange number) of each move, in order, and why it stopped.
+fn descend(s: &mut State, d: &[f32], gain: Gain, max_moves: usize, once: bool) -> (Vec<(usize, usize, usize, usize)>, Stop) {
     let m = s.load.len();
     let mut steps = Vec::new();
     if m < 2 {
@@ -91,6 +91,7 @@ fn descend(s: &mut State, d: &[f32], gain: Gain, max_moves: usize, once: bool) -
     let mut stuck = vec![false; m];
     let mut evals = 0usize;
     let mut order: Vec<u64> = Vec::with_capacity(m);
+    let mut exchanges = 0;
     loop {
         let Some(a) = (0..m).filter(|c| !stuck[*c]).max_by(|x, y| s.load[*x].total_cmp(&s.load[*y])) else {
             return (steps, Stop::Stuck);
@@ -115,7 +116,7 @@ fn descend(s: &mut State, d: &[f32], gain: Gain, max_moves: usize, once: bool) -
             let b = (key & u64::from(u32::MAX)) as usize;
             let lb = s.load[b];
             let bar = best.map_or(la - gain.min, |x| x.score);
-            if (la + lb) / 2.0 - slack >= bar || (!small && la - largest - slack >= bar) {
+            if (la + lb) / 2.0 - slack >= bar || (!small && la - largest >= bar) {
                 break;
             }
             if let Some(x) = best_exchange(s, d, a, b, gain, bar, best.is_some(), &mut evals) {
@@ -128,14 +129,15 @@ fn descend(s: &mut State, d: &[f32], gain: Gain, max_moves: usize, once: bool) -
         match best {
             Some(x) => {
                 for &i in &x.out[..x.n_out] {
-                    steps.push((i, a, x.b));
+                    steps.push((i, a, x.b, exchanges));
                     s.shift(d, i, x.b, !once);
                 }
                 for &j in &x.back[..x.n_back] {
-                    steps.push((j, x.b, a));
+                    steps.push((j, x.b, a, exchanges));
                     s.shift(d, j, a, !once);
                 }
                 stuck[x.b] = false;
+                exchanges += 1;
                 if steps.len() >= max_moves || evals > EVAL_BUDGET {
                     return (steps, Stop::Budget);
                 }
@@ -154,39 +156,25 @@ fn best_exchange(s: &State, d: &[f32], a: usize, b: usize, gain: Gain, bar: f32,
     let (la, lb) = (s.load[a], s.load[b]);
     let (on_a, on_b) = (&s.on[a], &s.on[b]);
     let small = on_a.len() <= SMALL && on_b.len() <= SMALL;
-    let mut found: Option<Exchange> = None;
-    let mut bar = bar;
-    let mut any = any;
-    let mut consider = |delta: f32, shifted: f32, out: &[usize], back: &[usize]| {
-        if delta <= 0.0 {
-            return;
-        }
-        let score = larger(la - delta, lb + delta);
-        if score < la - gain.required(shifted) && (!any || score < bar) {
-            let mut x = Exchange { score, out: [0; 2], n_out: out.len(), back: [0; 2], n_back: back.len(), b };
-            x.out[..out.len()].copy_from_slice(out);
-            x.back[..back.len()].copy_from_slice(back);
-            (found, bar, any) = (Some(x), score, true);
-        }
-    };
+    let mut best = Best { found: None, bar, any, la, lb, gain, b };
     for (k, &x) in on_a.iter().enumerate() {
         let dx = d[x];
         *evals += 1;
-        if !small && any && la - dx >= bar {
+        if !small && best.any && la - dx >= best.bar {
             continue;
         }
         *evals += on_b.len();
-        consider(dx, dx, &[x], &[]);
+        best.consider(dx, dx, &[x], &[]);
         for (l, &y) in on_b.iter().enumerate() {
             let dy = d[y];
             if dy < dx {
-                consider(dx - dy, dx + dy, &[x], &[y]);
+                best.consider(dx - dy, dx + dy, &[x], &[y]);
             }
             if small {
                 for &y2 in &on_b[l + 1..] {
                     let dy2 = d[y2];
                     if dy + dy2 < dx {
-                        consider(dx - dy - dy2, dx + dy + dy2, &[x], &[y, y2]);
+                        best.consider(dx - dy - dy2, dx + dy + dy2, &[x], &[y, y2]);
                     }
                 }
             }
@@ -198,13 +186,40 @@ fn best_exchange(s: &State, d: &[f32], a: usize, b: usize, gain: Gain, bar: f32,
                 for &y in on_b {
                     let dy = d[y];
                     if dy < dx + dx2 {
-                        consider(dx + dx2 - dy, dx + dx2 + dy, &[x, x2], &[y]);
+                        best.consider(dx + dx2 - dy, dx + dx2 + dy, &[x, x2], &[y]);
                     }
                 }
             }
         }
     }
-    found
+    best.found
+}
+
+/// The best exchange found so far between `a` and `b`.
+struct Best {
+    found: Option<Exchange>,
+    bar: f32,
+    any: bool,
+    la: f32,
+    lb: f32,
+    gain: Gain,
+    b: usize,
+}
+
+impl Best {
+    #[inline(always)]
+    fn consider(&mut self, delta: f32, shifted: f32, out: &[usize], back: &[usize]) {
+        if delta <= 0.0 {
+            return;
+        }
+        let score = larger(self.la - delta, self.lb + delta);
+        if score < self.la - self.gain.required(shifted) && (!self.any || score < self.bar) {
+            let mut x = Exchange { score, out: [0; 2], n_out: out.len(), back: [0; 2], n_back: back.len(), b: self.b };
+            x.out[..out.len()].copy_from_slice(out);
+            x.back[..back.len()].copy_from_slice(back);
+            (self.found, self.bar, self.any) = (Some(x), score, true);
+        }
+    }
 }
 
 /// A target placement of the movable items from scratch: largest first onto
@@ -385,7 +400,10 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, ga
         state.on[items[i].home].push(i);
     }
     let before = state.busiest();
-    let (steps, stop) = descend(&mut state, &d, gain, budget, true);
+    // Where exchanges alone get (looking a little past this quantum's
+    // budget, so that a plan is compared with where they lead, not with
+    // their first steps).
+    let (steps, stop) = descend(&mut state, &d, gain, 4 * budget + 8, true);
     let reached = state.busiest();
     let mut out = Vec::new();
     if stop == Stop::Stuck && !movable.is_empty() {
@@ -423,8 +441,16 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], budget: usize, ga
             }
         }
     }
-    load.copy_from_slice(&state.load);
-    for (i, _, to) in steps {
+    // The first exchanges within the budget (an exchange is never split:
+    // half a swap could raise the busiest pCPU).
+    let mut last = usize::MAX;
+    for (i, from, to, exchange) in steps {
+        if exchange != last && out.len() >= budget {
+            break;
+        }
+        last = exchange;
+        load[from] -= d[i];
+        load[to] += d[i];
         items[i].home = to;
         items[i].movable = false;
         items[i].moved = true;
@@ -460,7 +486,7 @@ mod tests {
 
     #[test]
     fn lpt_spreads_siblings_over_equal_pcpus() {
-        let items: Vec<Item> = (0..4).map(|v| item(0, 0.5, 0)).collect();
+        let items: Vec<Item> = (0..4).map(|_| item(0, 0.5, 0)).collect();
         let group = lpt(&items, &[0, 1, 2, 3], &[0.0; 4]);
         let mut g = group.clone();
         g.sort();
