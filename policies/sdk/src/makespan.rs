@@ -15,6 +15,8 @@
 
 /// Relative tolerance under which two loads count as equal.
 const EPS: f64 = 1e-9;
+/// Work limit of the local search that seeds the exact search (candidates looked at).
+const IMPROVE_EVALS: usize = 2_000_000;
 
 /// A lower bound on the best makespan of `demands` over `bins` pCPUs with
 /// no base load.
@@ -69,7 +71,7 @@ pub fn best_placement_with_base(demands: &[f64], base: &[f64], node_budget: u64)
     let sorted: Vec<f64> = order.iter().map(|i| demands[*i].max(0.0)).collect();
     // Seed: LPT, then local search.
     let mut seed = lpt(&sorted, base);
-    improve(&sorted, base, &mut seed, 200 * (sorted.len() + m));
+    improve(&sorted, base, &mut seed, IMPROVE_EVALS);
     let seed_makespan = makespan(&sorted, base, &seed);
     let mut search = Search {
         d: &sorted,
@@ -124,53 +126,77 @@ fn loads(d: &[f64], base: &[f64], assignment: &[usize]) -> Vec<f64> {
 /// Local search on the busiest pCPU: moves, 1↔1, 2↔1 and 1↔2 exchanges
 /// against every other pCPU, each taken when the pair's larger load drops
 /// (so ties at the maximum do not stop it: the sorted load vector falls).
-/// At most `steps` exchanges.
-fn improve(d: &[f64], base: &[f64], assignment: &mut [usize], steps: usize) {
+/// 2↔1 and 1↔2 only between pCPUs of at most 8 demands each (their cost is
+/// cubic). Stops after about `max_evals` candidates.
+fn improve(d: &[f64], base: &[f64], assignment: &mut [usize], max_evals: usize) {
     let m = base.len();
     let mut load = loads(d, base, assignment);
-    for _ in 0..steps {
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
+    for (i, b) in assignment.iter().enumerate() {
+        on[*b].push(i);
+    }
+    let mut evals = 0usize;
+    while evals < max_evals {
         let a = (0..m).max_by(|x, y| load[*x].total_cmp(&load[*y])).unwrap_or(0);
-        let on_a: Vec<usize> = (0..d.len()).filter(|i| assignment[*i] == a).collect();
-        let tol = EPS * load[a].max(1.0);
+        let la = load[a];
+        let tol = EPS * la.max(1.0);
         // (new pair max, items a→b, items b→a, b)
-        let mut best: Option<(f64, Vec<usize>, Vec<usize>, usize)> = None;
+        let mut best: Option<(f64, [usize; 2], usize, [usize; 2], usize, usize)> = None;
         for b in (0..m).filter(|b| *b != a) {
-            let on_b: Vec<usize> = (0..d.len()).filter(|i| assignment[*i] == b).collect();
-            let (la, lb) = (load[a], load[b]);
+            let lb = load[b];
+            let bar = best.map_or(la - tol, |x| x.0 - tol);
+            if (la + lb) / 2.0 >= bar {
+                continue;
+            }
+            let (on_a, on_b) = (&on[a], &on[b]);
+            let small = on_a.len() <= 8 && on_b.len() <= 8;
             let mut consider = |delta: f64, out: &[usize], back: &[usize]| {
                 if delta <= tol {
                     return;
                 }
                 let score = (la - delta).max(lb + delta);
-                if score < la - tol && best.as_ref().is_none_or(|x| score < x.0 - tol) {
-                    best = Some((score, out.to_vec(), back.to_vec(), b));
+                if score < best.map_or(la - tol, |x| x.0 - tol) {
+                    let (mut o, mut k) = ([0; 2], [0; 2]);
+                    o[..out.len()].copy_from_slice(out);
+                    k[..back.len()].copy_from_slice(back);
+                    best = Some((score, o, out.len(), k, back.len(), b));
                 }
             };
             for (k, &x) in on_a.iter().enumerate() {
+                evals += 1 + on_b.len();
                 consider(d[x], &[x], &[]);
-                for &y in &on_b {
+                for (l, &y) in on_b.iter().enumerate() {
                     consider(d[x] - d[y], &[x], &[y]);
-                    for &y2 in on_b.iter().filter(|y2| **y2 > y) {
-                        consider(d[x] - d[y] - d[y2], &[x], &[y, y2]);
+                    if small {
+                        for &y2 in &on_b[l + 1..] {
+                            consider(d[x] - d[y] - d[y2], &[x], &[y, y2]);
+                        }
                     }
                 }
-                for &x2 in &on_a[k + 1..] {
-                    for &y in &on_b {
-                        consider(d[x] + d[x2] - d[y], &[x, x2], &[y]);
+                if small {
+                    evals += on_a.len() * on_b.len() * 2;
+                    for &x2 in &on_a[k + 1..] {
+                        for &y in on_b {
+                            consider(d[x] + d[x2] - d[y], &[x, x2], &[y]);
+                        }
                     }
                 }
             }
         }
-        let Some((_, out, back, b)) = best else { return };
-        for x in out {
+        let Some((_, out, n_out, back, n_back, b)) = best else { return };
+        for &x in &out[..n_out] {
             assignment[x] = b;
             load[a] -= d[x];
             load[b] += d[x];
+            on[a].retain(|i| *i != x);
+            on[b].push(x);
         }
-        for y in back {
+        for &y in &back[..n_back] {
             assignment[y] = a;
             load[b] -= d[y];
             load[a] += d[y];
+            on[b].retain(|i| *i != y);
+            on[a].push(y);
         }
     }
 }
