@@ -282,7 +282,11 @@ impl fmt::Display for Report {
         writeln!(f, "policies {}", self.policies.join(", "))?;
         writeln!(f, "cpu")?;
         writeln!(f, "  busiest pCPU / lower bound   mean {:.3}   steady {:.3}   (1.000 is ideal)", c.mean_load_ratio, c.steady_load_ratio)?;
-        let unproven = if c.best_unproven_quanta > 0 { format!("   (best found, not proven, in {} quanta)", c.best_unproven_quanta) } else { String::new() };
+        let unproven = if c.best_unproven_quanta > 0 {
+            format!("   (best found, not proven, in {} quanta)", c.best_unproven_quanta)
+        } else {
+            String::new()
+        };
         writeln!(f, "  busiest pCPU / best placement mean {:.3}   steady {:.3}{unproven}", c.mean_best_ratio, c.steady_best_ratio)?;
         let within = c.within_5pct_of_best_at.map_or("never".to_string(), |q| format!("quantum {q}"));
         writeln!(f, "  within 5 % of the best from  {within}")?;

@@ -521,4 +521,3 @@ fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)
     items[i].movable = false;
     items[i].moved = true;
 }
-

@@ -195,7 +195,9 @@ fn main() {
     }
     println!("{seeds} seeds a cell, {QUANTA} quanta each, {:.0} s", started.elapsed().as_secs_f64());
     println!();
-    println!("| group | policy | within 1.05× best after 3 | after 10 | ratio mean / worst | pins to converge | steady pins | decide median |");
+    println!(
+        "| group | policy | within 1.05× best after 3 | after 10 | ratio mean / worst | pins to converge | steady pins | decide median |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for ((group, p), cell) in &cells {
         println!("| {} | {} | {} |", &group[2..], policies[*p], cell.row().replace(" | ", " | "));

@@ -360,7 +360,6 @@ mod tests {
         assert_eq!(shown, ["0.00", "1.00", "2.35", "1.00", "-0.50", "12.30", "NaN"]);
     }
 
-
     /// A tiny host model (what the simulator does): each pCPU shares its
     /// time max-min fairly among its vCPUs, the rest of each demand is steal.
     /// One-vCPU domains `vm{i}` with the given demands and pCPUs. Runs the
@@ -380,7 +379,9 @@ mod tests {
             let mut snap = b.build();
             snap.quantum = q;
             let actions = policy.decide(&snap).unwrap();
-            if std::env::var_os("VMB_TRACE").is_some() { eprintln!("q{q} {home:?} {actions:?}"); }
+            if std::env::var_os("VMB_TRACE").is_some() {
+                eprintln!("q{q} {home:?} {actions:?}");
+            }
             let mut moved = false;
             for a in &actions {
                 if let Action::Pin { domain, cpus, .. } = a {
@@ -482,14 +483,25 @@ mod tests {
             let m = 2 + rng.next(5) as usize;
             let n = (m + rng.next(2 * m as u64 + 1) as usize).min(16);
             let items: Vec<Item> = (0..n)
-                .map(|i| Item { domain: i, vcpu: 0, demand: (1 + rng.next(20)) as f32 / 20.0, home: rng.next(m as u64) as usize, movable: true, moved: false })
+                .map(|i| Item {
+                    domain: i,
+                    vcpu: 0,
+                    demand: (1 + rng.next(20)) as f32 / 20.0,
+                    home: rng.next(m as u64) as usize,
+                    movable: true,
+                    moved: false,
+                })
                 .collect();
             let base = vec![0.0f32; m];
             let planned = plan::planned_makespan(&items, &base);
             let demands: Vec<f64> = items.iter().map(|it| f64::from(it.demand)).collect();
             let best = vm_balancer_sdk::makespan::best_placement(&demands, m, 10_000_000);
             assert!(best.proven_optimal, "seed {seed}");
-            assert!((f64::from(planned) - best.makespan).abs() < 1e-4, "seed {seed}: {demands:?} on {m}: planned {planned}, best {}", best.makespan);
+            assert!(
+                (f64::from(planned) - best.makespan).abs() < 1e-4,
+                "seed {seed}: {demands:?} on {m}: planned {planned}, best {}",
+                best.makespan
+            );
         }
     }
 

@@ -421,7 +421,9 @@ impl Backend for SimBackend {
         }
         let observation = Observation {
             host: ObservedHost {
-                cpus: (0..ncpu).map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: host.node_of(c as u32) }).collect(),
+                cpus: (0..ncpu)
+                    .map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: host.node_of(c as u32) })
+                    .collect(),
                 memory: ObservedMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib },
             },
             domains,
