@@ -141,7 +141,7 @@ fn improve(d: &[f64], base: &[f64], assignment: &mut [usize], max_evals: usize) 
         let la = load[a];
         let tol = EPS * la.max(1.0);
         // (new pair max, items a→b, items b→a, b)
-        let mut best: Option<(f64, [usize; 2], usize, [usize; 2], usize, usize)> = None;
+        let mut best: Option<Candidate> = None;
         for b in (0..m).filter(|b| *b != a) {
             let lb = load[b];
             let bar = best.map_or(la - tol, |x| x.0 - tol);
@@ -200,6 +200,9 @@ fn improve(d: &[f64], base: &[f64], assignment: &mut [usize], max_evals: usize) 
         }
     }
 }
+
+/// (new pair max, items a→b and their count, items b→a and their count, b).
+type Candidate = (f64, [usize; 2], usize, [usize; 2], usize, usize);
 
 fn suffix_sums(d: &[f64]) -> Vec<f64> {
     let mut s = vec![0.0; d.len() + 1];
