@@ -150,6 +150,21 @@ pub struct CpuReport {
     pub pin_changes: u64,
     /// Pin changes decided from convergence on.
     pub steady_pin_changes: u64,
+    /// Busiest pCPU demand / the best placement's, averaged over all quanta
+    /// (1.0: as good as any placement can be; the lower bound may be unreachable).
+    pub mean_best_ratio: f64,
+    /// The same from convergence on.
+    pub steady_best_ratio: f64,
+    /// First quantum from which the busiest pCPU stays within 5 % of the
+    /// best placement; `None` if it does not end there.
+    pub within_5pct_of_best_at: Option<u64>,
+    /// Quanta whose best placement was the best found rather than proven
+    /// optimal (large instances; the lower bound still brackets it).
+    pub best_unproven_quanta: u64,
+    /// VMs with vCPUs on more than one NUMA node: mean over the run.
+    pub mean_cross_node_vms: f64,
+    /// The same in the last quantum.
+    pub final_cross_node_vms: u64,
 }
 
 /// Memory figures.
@@ -222,6 +237,13 @@ impl Report {
                 unserved_pct: if demand > 0.0 { 100.0 * unserved / demand } else { 0.0 },
                 pin_changes: m.pin_changes.iter().sum(),
                 steady_pin_changes: m.pin_changes.iter().skip(converged_at).sum(),
+                mean_best_ratio: mean(&m.best_ratio).unwrap_or(1.0),
+                steady_best_ratio: mean(&m.best_ratio[converged_at.min(m.best_ratio.len())..])
+                    .unwrap_or_else(|| m.best_ratio.last().copied().unwrap_or(1.0)),
+                within_5pct_of_best_at: within_of_best(&m.best_ratio, 1.05),
+                best_unproven_quanta: m.best_unproven_quanta,
+                mean_cross_node_vms: mean(&m.cross_node_vms.iter().map(|x| *x as f64).collect::<Vec<_>>()).unwrap_or(0.0),
+                final_cross_node_vms: m.cross_node_vms.last().copied().unwrap_or(0),
             },
             memory: MemoryReport {
                 pressure_events: m.pressure_events,
@@ -238,6 +260,20 @@ impl Report {
     }
 }
 
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// The first quantum from which every ratio is within `factor` (None if the
+/// last is not).
+pub fn within_of_best(ratios: &[f64], factor: f64) -> Option<u64> {
+    let within = |r: &f64| *r <= factor + 1e-9;
+    if !ratios.last().is_some_and(within) {
+        return None;
+    }
+    Some(ratios.iter().rposition(|r| !within(r)).map_or(0, |i| i as u64 + 1))
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.cpu;
@@ -246,9 +282,18 @@ impl fmt::Display for Report {
         writeln!(f, "policies {}", self.policies.join(", "))?;
         writeln!(f, "cpu")?;
         writeln!(f, "  busiest pCPU / lower bound   mean {:.3}   steady {:.3}   (1.000 is ideal)", c.mean_load_ratio, c.steady_load_ratio)?;
+        let unproven = if c.best_unproven_quanta > 0 {
+            format!("   (best found, not proven, in {} quanta)", c.best_unproven_quanta)
+        } else {
+            String::new()
+        };
+        writeln!(f, "  busiest pCPU / best placement mean {:.3}   steady {:.3}{unproven}", c.mean_best_ratio, c.steady_best_ratio)?;
+        let within = c.within_5pct_of_best_at.map_or("never".to_string(), |q| format!("quantum {q}"));
+        writeln!(f, "  within 5 % of the best from  {within}")?;
         writeln!(f, "  converged at quantum         {}", c.converged_at)?;
         writeln!(f, "  unserved demand              {:.1} CPU-s ({:.2} %)", c.unserved_cpu_s, c.unserved_pct)?;
         writeln!(f, "  pin changes                  {} total, {} in steady state", c.pin_changes, c.steady_pin_changes)?;
+        writeln!(f, "  VMs across NUMA nodes        mean {:.1}, last quantum {}", c.mean_cross_node_vms, c.final_cross_node_vms)?;
         writeln!(f, "memory")?;
         writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
         writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;

@@ -22,6 +22,7 @@ mod action;
 pub mod builder;
 mod codec;
 mod log;
+pub mod makespan;
 mod param;
 mod snapshot;
 

@@ -36,6 +36,13 @@ pub struct Metrics {
     pub lowest_host_available_kib: u64,
     /// Most VMs alive at once.
     pub peak_vms: usize,
+    /// Busiest pCPU's demand over the best placement's (1.0 when idle), per quantum.
+    pub best_ratio: Vec<f64>,
+    /// Quanta whose best placement is the best found, not proven optimal
+    /// (large instances: the pair lower bound / found brackets it).
+    pub best_unproven_quanta: u64,
+    /// VMs whose vCPUs sit on more than one NUMA node, per quantum.
+    pub cross_node_vms: Vec<u64>,
 }
 
 /// What the simulator saw in its last quantum, beyond what the snapshot
@@ -53,6 +60,9 @@ pub struct SimQuantum {
     /// Busiest pCPU's demand over the lower bound (1.0 when idle), as in
     /// [`Metrics::load_ratio`].
     pub load_ratio: f64,
+    /// The best placement's busiest pCPU demand (proven optimal on small
+    /// instances, the best found on large ones), CPUs.
+    pub best: f64,
     /// Per live domain, in the observation's order.
     pub domains: Vec<SimDomainQuantum>,
 }
@@ -98,6 +108,20 @@ pub struct SimBackend {
     next_cpu: u32,
     metrics: Metrics,
     last: SimQuantum,
+    /// The last best placement: (vCPU demands, its makespan, proven).
+    /// Constant demands are solved once, not every quantum.
+    best_cache: Option<(Vec<f64>, f64, bool)>,
+}
+
+/// Branch-and-bound nodes per distinct demand vector: small instances are
+/// solved exactly, large ones keep LPT plus local search (certified by the
+/// lower bound).
+fn node_budget(vcpus: usize) -> u64 {
+    if vcpus <= 64 {
+        200_000
+    } else {
+        2_000
+    }
 }
 
 impl SimBackend {
@@ -133,6 +157,7 @@ impl SimBackend {
             next_cpu: 0,
             metrics: Metrics { lowest_host_available_kib: lowest, ..Metrics::default() },
             last: SimQuantum::default(),
+            best_cache: None,
         }
     }
 
@@ -229,6 +254,28 @@ impl SimBackend {
         }
     }
 
+    /// The best placement's makespan of the live vCPUs' demands over the
+    /// pCPUs' background, cached while the demands stay the same.
+    fn best_placement(&mut self, background: &[f64]) -> f64 {
+        let demands: Vec<f64> = self.vms.iter().filter(|vm| vm.alive).flat_map(|vm| vm.vcpus.iter().map(|v| v.demand)).collect();
+        if let Some((cached, best, _)) = &self.best_cache {
+            if *cached == demands {
+                let best = *best;
+                if !self.best_cache.as_ref().is_some_and(|c| c.2) {
+                    self.metrics.best_unproven_quanta += 1;
+                }
+                return best;
+            }
+        }
+        let budget = node_budget(demands.len());
+        let found = vm_balancer_sdk::makespan::best_placement_with_base(&demands, background, budget);
+        if !found.proven_optimal {
+            self.metrics.best_unproven_quanta += 1;
+        }
+        self.best_cache = Some((demands, found.makespan, found.proven_optimal));
+        found.makespan
+    }
+
     fn vm_mut(&mut self, domain: &str) -> Result<&mut SimVm, BackendError> {
         self.vms.iter_mut().find(|vm| vm.alive && vm.name == domain).ok_or_else(|| BackendError::DomainGone { domain: domain.to_string() })
     }
@@ -300,6 +347,16 @@ impl Backend for SimBackend {
         let busiest = cpu_demand.iter().copied().fold(0.0, f64::max);
         let load_ratio = if lower_bound > 1e-9 { busiest / lower_bound } else { 1.0 };
         self.metrics.load_ratio.push(load_ratio);
+        let best = self.best_placement(&background).max(lower_bound.min(busiest));
+        self.metrics.best_ratio.push(if best > 1e-9 { (busiest / best).max(1.0) } else { 1.0 });
+        let host_spec = &self.scenario.host;
+        let cross = self
+            .vms
+            .iter()
+            .filter(|vm| vm.alive)
+            .filter(|vm| vm.vcpus.windows(2).any(|w| host_spec.node_of(w[0].cpu) != host_spec.node_of(w[1].cpu)))
+            .count();
+        self.metrics.cross_node_vms.push(cross as u64);
         let mut last_domains = Vec::new();
         self.metrics.unserved_cpu_s.push(unserved * quantum_s);
         self.metrics.demand_cpu_s.push(total_demand * quantum_s);
@@ -364,12 +421,14 @@ impl Backend for SimBackend {
         }
         let observation = Observation {
             host: ObservedHost {
-                cpus: (0..ncpu).map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: 0 }).collect(),
+                cpus: (0..ncpu)
+                    .map(|c| ObservedCpu { id: c as u32, online: true, usage: cpu_usage[c] as f32, node: host.node_of(c as u32) })
+                    .collect(),
                 memory: ObservedMemory { total_kib: host.memory_mib * KIB_PER_MIB, available_kib },
             },
             domains,
         };
-        self.last = SimQuantum { cpu_demand, cpu_load: cpu_usage, lower_bound, load_ratio, domains: last_domains };
+        self.last = SimQuantum { cpu_demand, cpu_load: cpu_usage, lower_bound, load_ratio, best, domains: last_domains };
         self.t += 1;
         Ok(observation)
     }

@@ -84,6 +84,17 @@ pub struct HostSpec {
     /// Busy fraction of each pCPU from non-VM work, by CPU id (missing = 0).
     #[serde(default)]
     pub background: Vec<f32>,
+    /// NUMA nodes; the pCPUs are split evenly into contiguous blocks
+    /// (pCPU `c` is on node `c * numa_nodes / cpus`).
+    #[serde(default = "one")]
+    pub numa_nodes: u32,
+}
+
+impl HostSpec {
+    /// The NUMA node of pCPU `cpu`.
+    pub fn node_of(&self, cpu: u32) -> u32 {
+        (u64::from(cpu) * u64::from(self.numa_nodes.max(1)) / u64::from(self.cpus.max(1))) as u32
+    }
 }
 
 /// Initial placement of a group's vCPUs.

@@ -92,6 +92,9 @@ impl Scenario {
                 format!("must be below host.memory_mib = {}: no guest could ever grow", host.memory_mib),
             ));
         }
+        if !(1..=host.cpus.max(1)).contains(&host.numa_nodes) {
+            return Err(key("host.numa_nodes", host.numa_nodes, "must be 1..=host.cpus"));
+        }
         if !host.background.is_empty() && host.background.len() != host.cpus as usize {
             return Err(key(
                 "host.background",
