@@ -1,6 +1,7 @@
 //! Benchmark: placement quality against the best placement, on families of
 //! random constant-demand instances, for the default CPU policy, `classic`
-//! and the previous default (`legacy.rs`, the planner before issue 12).
+//! and the plan-then-move draft of issue 12 (`policies/cpu-plan`, not the
+//! default: see its crate docs).
 //! Run: `cargo bench --bench quality` (`VMB_QUALITY_SEEDS=N` seeds a cell,
 //! default 2; `VMB_QUALITY_CPUS=2,4` to pick host sizes).
 //!
@@ -16,8 +17,6 @@
 //! 1.05 × the best after 3 and after 10 quanta, mean and worst ratio to the
 //! best (after 10), pin changes to converge (until within 1.05 for good,
 //! else all), pin changes in steady state (from then on), decide time.
-
-mod legacy;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -155,7 +154,7 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![2, 4, 8, 16, 64, 256]);
-    let policies = ["default", "classic", "previous"];
+    let policies = ["default", "classic", "plan draft"];
     // (group label, policy) → runs; groups: per host size, per vCPUs/VM, per mix, per pins, all.
     let mut cells: BTreeMap<(String, usize), Cell> = BTreeMap::new();
     let mut misses: Vec<String> = Vec::new();
@@ -169,7 +168,7 @@ fn main() {
                         let runs = [
                             run::<vmb_policy_cpu::CpuPolicy>(&sc),
                             run::<vmb_policy_classic::ClassicPolicy>(&sc),
-                            run::<legacy::CpuPolicy>(&sc),
+                            run::<vmb_policy_cpu_plan::CpuPolicy>(&sc),
                         ];
                         if runs[0].at3 > 1.05 + 1e-9 {
                             misses.push(format!(
