@@ -23,7 +23,9 @@ pub fn wait_for_usage(child: std::process::Child) -> (f64, f64) {
 /// state's cost without start-up (policy compilation, first placements).
 pub fn sample(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
-    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as f64) };
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process alive");
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let fields: Vec<&str> = stat.rsplit_once(')').expect("stat format").1.split_whitespace().collect();

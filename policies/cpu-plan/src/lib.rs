@@ -269,7 +269,6 @@ pub(crate) fn larger(a: f32, b: f32) -> f32 {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
