@@ -352,6 +352,9 @@ mod tests {
         assert_refused("reserve_mib = 4096", "", &["host.reserve_mib = 4096", "host.memory_mib = 4096"]);
         assert_refused("base_used_mib = 5000", "", &["host.base_used_mib = 5000"]);
         scenario("background = [0.5, 0.0]", "").validate().unwrap();
+        assert_refused("numa_nodes = 0", "", &["host.numa_nodes = 0", "1..=host.cpus"]);
+        assert_refused("numa_nodes = 3", "", &["host.numa_nodes = 3", "1..=host.cpus"]);
+        scenario("numa_nodes = 2", "").validate().unwrap();
         let mut s = scenario("", "");
         s.quantum_ms = 5;
         assert!(s.validate().unwrap_err().to_string().contains("quantum_ms = 5"));
