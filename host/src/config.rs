@@ -301,7 +301,8 @@ pub struct GuardConfig {
     /// Guest memory figures older than this (ms) are stale: the guard never
     /// shrinks a guest on them. The balloon driver reports every second
     /// (stats period 1 s, `balloon.last-update` has 1 s resolution), so a
-    /// healthy guest's figures are 0-2 s old, plus up to
+    /// healthy guest's figures are 0-2 s old, plus a quantum on the fast
+    /// path (its background refresh is taken a quantum later), plus up to
     /// `balloon_refresh_quanta` quanta on a host of more than 32 domains.
     pub stale_after_ms: u64,
 }

@@ -1,15 +1,26 @@
 //! The fast path's memory between quanta: each domain's vCPU thread map,
 //! and its last balloon figures with when they were refreshed.
 //!
-//! Why a rolling balloon refresh: the balloon group costs a QEMU monitor
-//! round trip per domain (about 1.3 ms each here, more for a busy guest),
-//! and memory moves more slowly than CPU load. Each quantum refreshes the
-//! domains that are due (not refreshed for `refresh_quanta`), urgent (a
-//! balloon moving to a new target, or swapping / faulting at its last
-//! refresh) or new, and at least [`MIN_REFRESH_PER_QUANTUM`] of the oldest
-//! others, so a small host is refreshed whole every quantum as before. A
-//! domain not refreshed is reported with its last figures; its guest
-//! figures age by `balloon.last-update`, which the guard reads.
+//! Why a rolling balloon refresh, mostly off the critical path: the balloon
+//! group costs a QEMU monitor round trip per domain (1.3–3.6 ms each here,
+//! more for a busy guest), and memory moves more slowly than CPU load. At
+//! 1,000 domains a refresh of a quarter of them costs most of a 1 s
+//! quantum, so it cannot be waited for. Each quantum:
+//! - the *urgent* domains (new, a balloon moving to a new target, swapping
+//!   or faulting at its last refresh, or CPU figures procfs could not give)
+//!   are refreshed in the collection itself, at most
+//!   [`MIN_REFRESH_PER_QUANTUM`] of them (the rest wait for the background);
+//! - the others that are due (not refreshed for `refresh_quanta`), and at
+//!   least [`MIN_REFRESH_PER_QUANTUM`] of the oldest, are refreshed by one
+//!   call on a background thread, whose answer the next quantum takes. While
+//!   it is in flight no other starts, so a slow libvirtd stretches the
+//!   refresh interval instead of piling up calls.
+//!
+//! A domain not refreshed is reported with its last figures; its guest
+//! figures age by `balloon.last-update` (the snapshot's `age_ms`), which the
+//! guard and the memory policy read. A refresh that came back without the
+//! guest's figures (a busy monitor) leaves them out until a full one, so
+//! they age and the domain is checked for a hung monitor.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,7 +28,8 @@ use super::procfs::{ProcRoots, VcpuThreads};
 use super::state::{DomainSample, VcpuCounters};
 
 /// Domains refreshed per quantum at the least (all of them on a host with
-/// fewer): the whole balloon group for 32 domains costs about 40 ms.
+/// fewer), and the most refreshed within the collection itself: the
+/// balloon group for 32 domains costs 40–115 ms.
 pub(super) const MIN_REFRESH_PER_QUANTUM: usize = 32;
 
 /// Balloon fields that only the guest (through the monitor) reports: left
@@ -35,6 +47,18 @@ struct Cached {
     balloon: HashMap<String, u64>,
     at: Option<u64>,
     pressure: bool,
+    /// The last refresh came back without the guest's own figures.
+    partial: bool,
+}
+
+/// Which domains' balloons are refreshed this quantum, as indices into the
+/// candidates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct RefreshPlan {
+    /// Within the collection (urgent ones).
+    pub now: Vec<usize>,
+    /// On the background thread, taken next quantum.
+    pub background: Vec<usize>,
 }
 
 /// What the fast path remembers, by domain UUID.
@@ -82,32 +106,48 @@ impl FastPath {
         true
     }
 
-    /// The domains (indices into `candidates`: (uuid, urgent)) whose
-    /// balloon is refreshed this quantum.
-    pub fn balloon_subset(&self, candidates: &[(String, bool)], quantum: u64, refresh_quanta: u64) -> Vec<usize> {
-        let mut chosen = Vec::new();
+    /// Which of `candidates` ((uuid, urgent)) are refreshed this quantum,
+    /// and how (see the module docs). `in_flight`: a background refresh has
+    /// not come back yet, so none starts.
+    pub fn plan_refresh(&self, candidates: &[(String, bool)], quantum: u64, refresh_quanta: u64, in_flight: bool) -> RefreshPlan {
+        // Urgent: (0 = named urgent or under pressure, 1 = new, index).
+        let mut urgent: Vec<(u8, usize)> = Vec::new();
+        let mut due = Vec::new();
         let mut others: Vec<(u64, usize)> = Vec::new();
-        for (i, (uuid, urgent)) in candidates.iter().enumerate() {
+        for (i, (uuid, named_urgent)) in candidates.iter().enumerate() {
             let cached = self.balloons.get(uuid);
             match cached.and_then(|c| c.at) {
-                None => chosen.push(i),
-                Some(at) if *urgent || cached.is_some_and(|c| c.pressure) || quantum.saturating_sub(at) >= refresh_quanta.max(1) => {
-                    chosen.push(i)
-                }
+                None => urgent.push((1, i)),
+                Some(_) if *named_urgent || cached.is_some_and(|c| c.pressure) => urgent.push((0, i)),
+                Some(at) if quantum.saturating_sub(at) >= refresh_quanta.max(1) => due.push((at, i)),
                 Some(at) => others.push((at, i)),
             }
         }
-        others.sort_unstable();
-        let room = MIN_REFRESH_PER_QUANTUM.saturating_sub(chosen.len());
-        chosen.extend(others.into_iter().take(room).map(|(_, i)| i));
-        chosen.sort_unstable();
-        chosen
+        urgent.sort_unstable();
+        let overflow = urgent.split_off(urgent.len().min(MIN_REFRESH_PER_QUANTUM));
+        let mut plan = RefreshPlan { now: urgent.into_iter().map(|(_, i)| i).collect(), background: Vec::new() };
+        if !in_flight {
+            due.sort_unstable();
+            others.sort_unstable();
+            plan.background.extend(overflow.into_iter().map(|(_, i)| i));
+            plan.background.extend(due.into_iter().map(|(_, i)| i));
+            let room = MIN_REFRESH_PER_QUANTUM.saturating_sub(plan.background.len() + plan.now.len());
+            plan.background.extend(others.into_iter().take(room).map(|(_, i)| i));
+        }
+        plan.now.sort_unstable();
+        plan.background.sort_unstable();
+        plan
     }
 
-    /// Keeps the balloon fields of a refresh (a partial one, without the
-    /// guest's figures, keeps the guest figures of the last full one).
+    /// Keeps the balloon fields of a refresh made at `quantum` (a partial
+    /// one, without the guest's figures, marks those as missing). A
+    /// background answer older than what is kept is dropped.
     pub fn remember_balloon(&mut self, uuid: &str, balloon: &HashMap<String, u64>, quantum: u64) {
         let cached = self.balloons.entry(uuid.to_string()).or_default();
+        if cached.at.is_some_and(|at| at > quantum) {
+            return;
+        }
+        cached.partial = !balloon.contains_key("last-update");
         let grew = |key: &str| balloon.get(key).zip(cached.balloon.get(key)).is_some_and(|(new, old)| new > old);
         cached.pressure = grew("swap_in") || grew("major_fault");
         for (k, v) in balloon {
@@ -116,14 +156,13 @@ impl FastPath {
         cached.at = Some(quantum);
     }
 
-    /// Fills the balloon fields `sample` lacks from the last refresh: all of
-    /// them for a domain not refreshed this quantum (`whole`), all but the
-    /// guest's own figures for one whose refresh did not bring them (they
-    /// then age in the domain's state).
-    pub fn fill_balloon(&self, uuid: &str, sample: &mut DomainSample, whole: bool) {
+    /// Fills the balloon fields `sample` lacks from the last refresh, but
+    /// the guest's own figures only if that refresh brought them (else they
+    /// age in the domain's state).
+    pub fn fill_balloon(&self, uuid: &str, sample: &mut DomainSample) {
         let Some(cached) = self.balloons.get(uuid) else { return };
         for (k, v) in &cached.balloon {
-            if whole || !GUEST_KEYS.contains(&k.as_str()) {
+            if !cached.partial || !GUEST_KEYS.contains(&k.as_str()) {
                 sample.balloon.entry(k.clone()).or_insert(*v);
             }
         }
@@ -140,37 +179,83 @@ impl FastPath {
 mod tests {
     use super::*;
 
+    /// Runs `plan_refresh` for `quanta`, with background answers taken one
+    /// quantum later; returns the largest age (in quanta) of any domain's
+    /// figures after the first `refresh_quanta + 1` quanta.
+    fn roll(fp: &mut FastPath, domains: &[(String, bool)], quanta: u64, refresh_quanta: u64) -> u64 {
+        let mut in_flight: Vec<usize> = Vec::new();
+        let mut refreshed: HashMap<String, u64> = HashMap::new();
+        let mut worst = 0;
+        for quantum in 0..quanta {
+            let launched = quantum.saturating_sub(1);
+            for i in in_flight.drain(..) {
+                fp.remember_balloon(&domains[i].0, &HashMap::new(), launched);
+                refreshed.insert(domains[i].0.clone(), launched);
+            }
+            let plan = fp.plan_refresh(domains, quantum, refresh_quanta, false);
+            assert!(plan.now.len() <= MIN_REFRESH_PER_QUANTUM, "quantum {quantum}: {} waited for", plan.now.len());
+            assert!(plan.now.iter().all(|i| !plan.background.contains(i)), "quantum {quantum}: a domain in both");
+            for &i in &plan.now {
+                fp.remember_balloon(&domains[i].0, &HashMap::new(), quantum);
+                refreshed.insert(domains[i].0.clone(), quantum);
+            }
+            for (i, (uuid, urgent)) in domains.iter().enumerate() {
+                if *urgent && quantum > 0 {
+                    assert!(plan.now.contains(&i), "quantum {quantum}: urgent {uuid} not refreshed at once");
+                }
+            }
+            in_flight = plan.background;
+            if quantum > refresh_quanta {
+                worst = worst.max(domains.iter().map(|(u, _)| refreshed.get(u).map_or(u64::MAX, |at| quantum - at)).max().unwrap());
+            }
+        }
+        worst
+    }
+
     #[test]
     fn small_hosts_refresh_every_balloon_and_big_ones_roll() {
         let mut fp = FastPath::default();
         let few: Vec<(String, bool)> = (0..10).map(|i| (format!("u{i}"), false)).collect();
-        assert_eq!(fp.balloon_subset(&few, 0, 4).len(), 10, "new domains are all due");
+        let first = fp.plan_refresh(&few, 0, 4, false);
+        assert_eq!((first.now.len(), first.background.len()), (10, 0), "new domains are urgent");
         for (u, _) in &few {
             fp.remember_balloon(u, &HashMap::new(), 0);
         }
-        assert_eq!(fp.balloon_subset(&few, 1, 4).len(), 10, "fewer than the minimum: all of them");
+        let next = fp.plan_refresh(&few, 1, 4, false);
+        assert_eq!((next.now.len(), next.background.len()), (0, 10), "fewer than the minimum: all of them, in the background");
+        assert_eq!(fp.plan_refresh(&few, 1, 4, true), RefreshPlan::default(), "none starts while one is in flight");
+        assert!(roll(&mut FastPath::default(), &few, 12, 4) <= 1, "a small host is refreshed every quantum, one late");
 
         let many: Vec<(String, bool)> = (0..200).map(|i| (format!("m{i}"), i == 150)).collect();
-        let mut refreshed: HashMap<String, u64> = HashMap::new();
-        for quantum in 0..12 {
-            let subset = fp.balloon_subset(&many, quantum, 4);
-            for &i in &subset {
-                fp.remember_balloon(&many[i].0, &HashMap::new(), quantum);
-                refreshed.insert(many[i].0.clone(), quantum);
-            }
-            if quantum > 0 {
-                assert!(subset.contains(&150), "an urgent domain is refreshed every quantum");
-                assert!(subset.len() < 200, "quantum {quantum}: {} refreshed", subset.len());
-            }
-            if quantum >= 4 {
-                let oldest = many.iter().map(|(u, _)| quantum - refreshed[u]).max().unwrap();
-                assert!(oldest < 4 + 1, "quantum {quantum}: a domain not refreshed for {oldest} quanta");
-            }
-        }
+        let worst = roll(&mut FastPath::default(), &many, 16, 4);
+        assert!(worst <= 4 + 1, "a domain not refreshed for {worst} quanta (refresh_quanta 4, answers one late)");
     }
 
     #[test]
-    fn pressure_makes_a_domain_urgent_and_partial_refreshes_keep_the_guest_figures() {
+    fn a_thousand_new_domains_wait_for_at_most_the_minimum_and_the_rest_go_to_the_background() {
+        let fp = FastPath::default();
+        let new: Vec<(String, bool)> = (0..1000).map(|i| (format!("n{i}"), false)).collect();
+        let plan = fp.plan_refresh(&new, 0, 4, false);
+        assert_eq!(plan.now.len(), MIN_REFRESH_PER_QUANTUM);
+        assert_eq!(plan.background.len(), 1000 - MIN_REFRESH_PER_QUANTUM);
+        // Every one of them has figures within two quanta at most.
+        assert!(roll(&mut FastPath::default(), &new, 8, 4) <= 5);
+    }
+
+    #[test]
+    fn a_late_background_answer_never_replaces_newer_figures() {
+        let mut fp = FastPath::default();
+        let fresh = HashMap::from([("current".to_string(), 200), ("last-update".to_string(), 9)]);
+        let old = HashMap::from([("current".to_string(), 100), ("last-update".to_string(), 5)]);
+        fp.remember_balloon("u", &fresh, 3);
+        fp.remember_balloon("u", &old, 2);
+        let mut sample = DomainSample::default();
+        fp.fill_balloon("u", &mut sample);
+        assert_eq!(sample.balloon.get("current"), Some(&200));
+    }
+
+    #[test]
+    fn pressure_makes_a_domain_urgent_and_partial_refreshes_age_the_guest_figures() {
         let mut fp = FastPath::default();
         let full = HashMap::from([
             ("current".to_string(), 100),
@@ -187,15 +272,17 @@ mod tests {
         }
         let mut all = others.clone();
         all.push(("u".to_string(), false));
-        assert!(fp.balloon_subset(&all, 2, 10).contains(&40), "swapping at its last refresh");
+        assert!(fp.plan_refresh(&all, 2, 10, true).now.contains(&40), "swapping at its last refresh: urgent");
         let mut sample = DomainSample::default();
-        fp.fill_balloon("u", &mut sample, false);
+        fp.fill_balloon("u", &mut sample);
         assert_eq!(
             (sample.balloon.get("current"), sample.balloon.get("unused"), sample.balloon.get("last-update")),
-            (Some(&100), None, None)
+            (Some(&100), None, None),
+            "a partial refresh leaves the guest's figures out, so they age"
         );
+        fp.remember_balloon("u", &full, 2);
         let mut sample = DomainSample::default();
-        fp.fill_balloon("u", &mut sample, true);
+        fp.fill_balloon("u", &mut sample);
         assert_eq!((sample.balloon.get("unused"), sample.balloon.get("last-update")), (Some(&40), Some(&7)));
     }
 

@@ -130,8 +130,8 @@ pub enum CollectMode {
     Bulk,
 }
 
-/// What one stats call's thread sends back.
-type StatsAnswer = Result<Vec<Record>, VirError>;
+/// What one stats call's thread sends back, and how long the call took.
+type StatsAnswer = (Result<Vec<Record>, VirError>, Duration);
 
 /// How the backend connects and behaves.
 #[derive(Clone, Debug)]
@@ -233,6 +233,20 @@ pub struct LibvirtBackend {
     watch: Option<ffi::LifecycleWatch>,
     /// The fast path's last listing, reused while no lifecycle event came.
     listing: Option<Listing>,
+    /// The balloon refresh running on a background thread, if any.
+    background: Option<BackgroundRefresh>,
+    /// The background refresh taken this quantum: its call's duration and
+    /// the domains it brought.
+    background_taken: Option<(Duration, usize)>,
+}
+
+/// A background balloon refresh: its answer, and when it started.
+#[derive(Debug)]
+struct BackgroundRefresh {
+    answers: mpsc::Receiver<StatsAnswer>,
+    quantum: u64,
+    since: Instant,
+    domains: usize,
 }
 
 /// A state-only listing, and the event count and quantum it was made at.
@@ -250,10 +264,16 @@ pub struct CollectTiming {
     pub listing: Duration,
     /// CPU figures from procfs.
     pub cpu: Duration,
-    /// The balloon subset call.
+    /// The balloon subset call within the collection (urgent domains).
     pub balloon: Duration,
-    /// Domains whose balloon was refreshed.
+    /// Domains whose balloon was refreshed within the collection.
     pub balloons_refreshed: usize,
+    /// Domains whose balloon refresh started on the background thread.
+    pub balloons_in_background: usize,
+    /// The background refresh taken this quantum, if one was: its call's
+    /// own duration (on its thread, off the collection) and the domains it
+    /// brought.
+    pub background_taken: Option<(Duration, usize)>,
 }
 
 fn hypervisor(uri: &str, operation: &'static str, error: VirError) -> BackendError {
@@ -328,6 +348,8 @@ impl LibvirtBackend {
             lifecycle: Arc::new(AtomicU64::new(0)),
             watch: None,
             listing: None,
+            background: None,
+            background_taken: None,
         }
     }
 
@@ -388,7 +410,9 @@ impl LibvirtBackend {
 
     /// The fast path's records: a state-only listing (no monitor, no job),
     /// CPU figures from procfs, and the balloon (and, where procfs could not
-    /// say, vcpu) groups of a rolling subset, under the collection deadline.
+    /// say, vcpu) groups of the urgent domains, under the collection
+    /// deadline; the others' balloons from the background refresh (see
+    /// [`fast`](self::fast)).
     fn fast_records(&mut self) -> Result<Vec<Record>, BackendError> {
         let started = Instant::now();
         let mut records = self.listing()?;
@@ -410,12 +434,19 @@ impl LibvirtBackend {
             let urgent = self.domains.get(&uuid).is_none_or(KnownDomain::is_settling) || needs_libvirt_vcpus.contains(&i);
             candidates.push((i, uuid, urgent));
         }
+        self.background_taken = None;
+        self.take_background_refresh();
         let keyed: Vec<(String, bool)> = candidates.iter().map(|(_, u, urgent)| (u.clone(), *urgent)).collect();
-        let chosen: HashSet<usize> =
-            self.fast.balloon_subset(&keyed, quantum, self.options.balloon_refresh_quanta).into_iter().map(|k| candidates[k].0).collect();
+        let plan = self.fast.plan_refresh(&keyed, quantum, self.options.balloon_refresh_quanta, self.background.is_some());
+        if !plan.background.is_empty() {
+            let doms = plan.background.iter().map(|&k| records[candidates[k].0].0.clone()).collect();
+            self.start_background_refresh(doms);
+        }
+        let chosen: HashSet<usize> = plan.now.iter().map(|&k| candidates[k].0).collect();
         let doms: Vec<VirDomain> = chosen.iter().map(|&i| records[i].0.clone()).collect();
         let read_procfs = Instant::now();
-        let refreshed = match self.records(StatsCall::Subset(doms)) {
+        let refreshed = if doms.is_empty() { Ok(Vec::new()) } else { self.records(StatsCall::Subset(doms)) };
+        let refreshed = match refreshed {
             Ok(got) => got,
             Err(error @ (BackendError::CollectTimeout { .. } | BackendError::CollectStuck { .. } | BackendError::Hypervisor { .. })) => {
                 // The listing and CPU figures stand; the memory figures of
@@ -441,23 +472,70 @@ impl LibvirtBackend {
             cpu: read_procfs - listed,
             balloon: read_procfs.elapsed(),
             balloons_refreshed: chosen.len(),
+            balloons_in_background: plan.background.len(),
+            background_taken: self.background_taken,
         };
         for (i, uuid, _) in &candidates {
             let sample = &mut records[*i].1;
-            match by_uuid.remove(uuid).filter(|_| chosen.contains(i)) {
-                Some(fresh) => {
-                    self.fast.remember_balloon(uuid, &fresh.balloon, quantum);
-                    sample.balloon = fresh.balloon;
-                    if needs_libvirt_vcpus.contains(i) {
-                        sample.vcpu_current = fresh.vcpu_current;
-                        sample.vcpus = fresh.vcpus;
-                    }
-                    self.fast.fill_balloon(uuid, sample, false);
+            if let Some(fresh) = by_uuid.remove(uuid).filter(|_| chosen.contains(i)) {
+                self.fast.remember_balloon(uuid, &fresh.balloon, quantum);
+                sample.balloon = fresh.balloon;
+                if needs_libvirt_vcpus.contains(i) {
+                    sample.vcpu_current = fresh.vcpu_current;
+                    sample.vcpus = fresh.vcpus;
                 }
-                None => self.fast.fill_balloon(uuid, sample, !chosen.contains(i)),
             }
+            self.fast.fill_balloon(uuid, sample);
         }
         Ok(records)
+    }
+
+    /// Starts the background balloon refresh of `doms` (see
+    /// [`fast`](self::fast)); its answer is taken at a later quantum.
+    fn start_background_refresh(&mut self, doms: Vec<VirDomain>) {
+        let (tx, answers) = mpsc::channel();
+        let domains = doms.len();
+        match self.spawn_stats_call(&StatsCall::Subset(doms), &tx) {
+            Ok(()) => self.background = Some(BackgroundRefresh { answers, quantum: self.quantum, since: Instant::now(), domains }),
+            Err(error) => tracing::debug!(error = &error as &dyn std::error::Error, "no background balloon refresh this quantum"),
+        }
+    }
+
+    /// Takes the background refresh's answer if it came, into the fast
+    /// path's figures (as of the quantum it started at). One not back
+    /// within a whole refresh window (`balloon_refresh_quanta` deadlines,
+    /// twice over) is given up: its thread finishes or hangs on its own,
+    /// counted among the stuck calls, and the domains' figures age.
+    fn take_background_refresh(&mut self) {
+        let Some(refresh) = self.background.take() else { return };
+        match refresh.answers.try_recv() {
+            Ok((Ok(records), took)) => {
+                self.background_taken = Some((took, records.len()));
+                for (dom, sample) in records {
+                    if let Ok(uuid) = dom.get_uuid_string() {
+                        self.fast.remember_balloon(&uuid, &sample.balloon, refresh.quantum);
+                    }
+                }
+            }
+            Ok((Err(error), _)) => {
+                // Most likely a domain gone since the listing: list anew.
+                tracing::debug!(%error, domains = refresh.domains, "background balloon refresh failed");
+                self.listing = None;
+            }
+            Err(mpsc::TryRecvError::Empty) => {
+                let window = self.options.collect_deadline * 2 * self.options.balloon_refresh_quanta.clamp(1, 1000) as u32;
+                if refresh.since.elapsed() < window {
+                    self.background = Some(refresh);
+                } else {
+                    tracing::debug!(
+                        domains = refresh.domains,
+                        waited_ms = refresh.since.elapsed().as_millis() as u64,
+                        "background balloon refresh given up; its domains' figures age"
+                    );
+                }
+            }
+            Err(mpsc::TryRecvError::Disconnected) => {}
+        }
     }
 
     /// Changes nothing on the hypervisor at discovery (`--dry-run`,
@@ -756,6 +834,7 @@ impl LibvirtBackend {
         self.calls += 1;
         let spawned = std::thread::Builder::new().name("vmb-stats".into()).spawn(move || {
             let mut conn = conn;
+            let started = Instant::now();
             let list = match &what {
                 StatsCall::All => ffi::all_domain_stats(&conn, ffi::Groups::All),
                 StatsCall::Subset(doms) => ffi::domain_list_stats(doms, ffi::Groups::BalloonVcpu),
@@ -766,7 +845,7 @@ impl LibvirtBackend {
             in_flight.fetch_sub(1, Ordering::SeqCst);
             // The receiver is gone when the answer came too late: the
             // records are dropped (freed) here.
-            let _ = tx.send(result);
+            let _ = tx.send((result, started.elapsed()));
             let _ = conn.close();
         });
         if let Err(error) = spawned {
@@ -780,8 +859,8 @@ impl LibvirtBackend {
     fn wait_answer(&mut self, answers: &mpsc::Receiver<StatsAnswer>, until: Instant) -> Result<Option<Vec<Record>>, BackendError> {
         let uri = self.options.uri.clone();
         match answers.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(Ok(records)) => Ok(Some(records)),
-            Ok(Err(error)) => {
+            Ok((Ok(records), _)) => Ok(Some(records)),
+            Ok((Err(error), _)) => {
                 self.check_alive();
                 Err(hypervisor(&uri, "bulk domain stats", error))
             }
@@ -851,7 +930,8 @@ impl LibvirtBackend {
             // driver: its records always lack them. Asked only while a call
             // of ours is stuck, or if it was already quiet.
             let never_reported = self.domains.get(&uuid).is_some_and(|d| !d.has_guest_figures());
-            if never_reported && self.stuck_calls.load(Ordering::SeqCst) == 0 && !self.not_answering.contains_key(&uuid) {
+            let stuck = self.stuck_calls.load(Ordering::SeqCst).saturating_sub(usize::from(self.background.is_some()));
+            if never_reported && stuck == 0 && !self.not_answering.contains_key(&uuid) {
                 continue;
             }
             self.calls += 1;
