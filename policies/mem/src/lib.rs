@@ -58,7 +58,9 @@
 //!   times out. A guest whose reported target has not come within 1 % (or
 //!   1 MiB) of the target set, without progress, for `mem.stuck_quanta`
 //!   quanta is marked stuck and skipped for `mem.stuck_hold_quanta` quanta.
-//!   While a set target is unconfirmed the guest gets no new target. Guard
+//!   While a set target is unconfirmed the guest gets no new target, except
+//!   that a balloon stuck *shrinking* may still be grown if its guest starves
+//!   (that is the direction it needs). Guard
 //!   verdicts are honoured: a rejected target is forgotten, a clamped one
 //!   is what the balloon is expected to reach.
 //! - **Old figures are not trusted to shrink.** The daemon refreshes balloon
@@ -221,7 +223,7 @@ impl Tags {
                 let named = [("high", 2.0), ("normal", 1.0), ("low", 0.5)];
                 let shares =
                     named.iter().find(|(n, _)| value.eq_ignore_ascii_case(n)).map(|(_, s)| *s).or_else(|| value.parse::<f64>().ok());
-                if let Some(shares) = shares.filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e6) {
+                if let Some(shares) = shares.filter(|s| s.is_finite() && *s >= 1e-3 && *s <= 1e6) {
                     out.shares = shares;
                 }
             } else if key.eq_ignore_ascii_case("min_mib") {
@@ -257,6 +259,8 @@ struct Seen {
     set: Option<SetTarget>,
     /// Skipped until this quantum (a stuck balloon).
     stuck_until: u64,
+    /// The stuck balloon was asked to shrink: it may still be grown.
+    stuck_shrinking: bool,
 }
 
 /// A target the policy set, waiting for the balloon to reach it.
@@ -475,29 +479,40 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen)
     if d.not_answering_ms > 0 {
         return None; // The guard would reject any action; a grant would strand memory.
     }
+    // A balloon that will not inflate (give memory back) is not shrunk
+    // further, but may still be grown if the guest starves: that is the
+    // direction it needs. One that will not deflate is left alone.
+    let mut only_growth = false;
     if seen.stuck_until > q {
-        return None;
+        if !seen.stuck_shrinking {
+            return None;
+        }
+        only_growth = true;
     }
     if let Some(mut set) = seen.set {
         let gap = m.target_kib.abs_diff(set.target_kib);
         let tolerance = set.tolerance_kib;
         if gap <= tolerance {
-            if figures.is_none() {
-                return None; // Still moving: reported at its target, without figures.
-            }
+            // Still moving: reported at its target, without figures.
+            figures?;
             seen.set = None; // Arrived.
         } else {
             if gap.saturating_add(tolerance) <= set.gap_kib {
                 set.since = q; // Progress.
                 set.gap_kib = gap;
             }
+            let shrinking = set.target_kib < m.target_kib;
             if q.saturating_sub(set.since) >= p.stuck_quanta {
                 seen.set = None;
                 seen.stuck_until = q.saturating_add(p.stuck_hold_quanta);
+                seen.stuck_shrinking = shrinking;
             } else {
                 seen.set = Some(set);
             }
-            return None;
+            if !shrinking {
+                return None;
+            }
+            only_growth = true;
         }
     }
     let (used, free) = figures?; // No balloon stats: nothing safe to decide.
@@ -511,8 +526,14 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen)
     let headroom = p.headroom_kib(predicted_used, m.max_kib);
     let want = predicted_used.saturating_add(headroom).min(m.max_kib).min(m.target_kib.saturating_add(pct_of(m.max_kib, p.max_grow_pct)));
     let predicted_free = m.target_kib.saturating_sub(predicted_used);
-    if ((predicted_free as f64) < headroom as f64 * p.grow_below_pct / 100.0 || m.under_pressure_signals()) && want > m.target_kib {
+    // (Predicted to fill the balloon counts even where the headroom is 0,
+    // at max.)
+    let short = (predicted_free as f64) < headroom as f64 * p.grow_below_pct / 100.0 || predicted_used >= m.target_kib;
+    if (short || m.under_pressure_signals()) && want > m.target_kib {
         return Some(Consider::Grow { from: m.target_kib, want, shares: tags.shares });
+    }
+    if only_growth {
+        return None;
     }
     if m.age_ms > p.stale_ms {
         return None; // Old figures never justify a shrink.
@@ -856,6 +877,33 @@ mod tests {
         assert!(policy.seen["b"].stuck_until > 20, "marked stuck at quantum 5");
         assert!(policy.decide(&balloon(24, 1500, false)).unwrap().is_empty(), "still held");
         assert!(target_of(&policy.decide(&balloon(25, 1500, false)).unwrap(), "b").is_some(), "the hold (20 quanta from 5) is over");
+    }
+
+    #[test]
+    fn a_balloon_stuck_shrinking_is_still_grown_when_its_guest_starves() {
+        let mut policy = MemPolicy::default();
+        let t0 = target_of(&policy.decide(&balloon(0, 1500, false)).unwrap(), "b").unwrap();
+        assert!(t0 < 1500);
+        for q in 1..=6 {
+            assert!(policy.decide(&balloon(q, 1500, false)).unwrap().is_empty());
+        }
+        assert!(policy.seen["b"].stuck_until > 6);
+        // Now it fills up: grown at once, though its shrink is held.
+        let full = SnapshotBuilder::new(2, 8 << 20).quantum(7).domain(DomainBuilder::new("b").memory_mib(2048, 1500, Some(20))).build();
+        assert_eq!(target_of(&policy.decide(&full).unwrap(), "b"), Some(2048), "used jumped by 1180 MiB: extrapolated, to max");
+    }
+
+    #[test]
+    fn a_balloon_stuck_growing_is_left_alone() {
+        let mut policy = MemPolicy::default();
+        let starved = |q, target| {
+            SnapshotBuilder::new(2, 8 << 20).quantum(q).domain(DomainBuilder::new("b").memory_mib(2048, target, Some(10))).build()
+        };
+        assert!(target_of(&policy.decide(&starved(0, 512)).unwrap(), "b").is_some());
+        for q in 1..=10 {
+            assert!(policy.decide(&starved(q, 512)).unwrap().is_empty(), "q{q}: the grant never arrived: no new one");
+        }
+        assert!(policy.seen["b"].stuck_until > 10);
     }
 
     #[test]
