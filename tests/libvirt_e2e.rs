@@ -759,7 +759,10 @@ fn scenario_fast_path_agrees_with_libvirt(guests: &Guests) {
     let memory = seen.unwrap_or_else(|| panic!("the fast path never saw {idle}'s balloon at {lowered_kib} KiB"));
     assert!(background > 0, "no background balloon refresh started");
     assert!(memory.age_ms < 10_000, "guest figures {} ms old on the fast path", memory.age_ms);
-    eprintln!("e2e: fast path: burning guest's usage fast {burn_fast:.2} / bulk {burn_bulk:.2}; setmem seen, figures {} ms old", memory.age_ms);
+    eprintln!(
+        "e2e: fast path: burning guest's usage fast {burn_fast:.2} / bulk {burn_bulk:.2}; setmem seen, figures {} ms old",
+        memory.age_ms
+    );
     guests.destroy("fast-burn");
     guests.destroy("fast-idle");
 }

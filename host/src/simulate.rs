@@ -182,6 +182,17 @@ pub struct MemoryReport {
     pub lowest_host_available_mib: u64,
     /// Quanta in which guests held more memory than the host has.
     pub host_oom_events: u64,
+    /// Free memory left in the guests (balloon above use, summed), MiB,
+    /// mean over the run: what ballooning left idle.
+    pub mean_guest_free_mib: u64,
+    /// The same in the last quantum.
+    pub final_guest_free_mib: u64,
+    /// Spread of balloon targets among the VMs of one `[[vm]]` group
+    /// (identical guests when the group has no `spread`), `(max - min) /
+    /// mean` in %, the largest over groups, mean over the run.
+    pub mean_group_spread_pct: f64,
+    /// The same in the last quantum.
+    pub final_group_spread_pct: f64,
 }
 
 /// The whole report.
@@ -252,6 +263,11 @@ impl Report {
                 given_mib: m.given_kib / KIB_PER_MIB,
                 lowest_host_available_mib: m.lowest_host_available_kib / KIB_PER_MIB,
                 host_oom_events: m.host_oom_events,
+                mean_guest_free_mib: mean(&m.guest_free_kib.iter().map(|x| *x as f64).collect::<Vec<_>>()).unwrap_or(0.0) as u64
+                    / KIB_PER_MIB,
+                final_guest_free_mib: m.guest_free_kib.last().copied().unwrap_or(0) / KIB_PER_MIB,
+                mean_group_spread_pct: 100.0 * mean(&m.group_spread).unwrap_or(0.0),
+                final_group_spread_pct: 100.0 * m.group_spread.last().copied().unwrap_or(0.0),
             },
             slots: pipeline.policies().slots().iter().map(|s| (s.name().to_string(), s.stats().clone())).collect(),
             guard: pipeline.guard().stats().clone(),
@@ -298,6 +314,8 @@ impl fmt::Display for Report {
         writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
         writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;
         writeln!(f, "  lowest host available        {} MiB ({} host OOM quanta)", m.lowest_host_available_mib, m.host_oom_events)?;
+        writeln!(f, "  free in guests, mean / final {} MiB / {} MiB", m.mean_guest_free_mib, m.final_guest_free_mib)?;
+        writeln!(f, "  same-group target spread     {:.1} % mean / {:.1} % final", m.mean_group_spread_pct, m.final_group_spread_pct)?;
         writeln!(
             f,
             "guard    {} accepted, {} clamped, {} rejected, {} dropped",

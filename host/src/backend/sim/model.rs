@@ -1,6 +1,8 @@
 //! The simulated hypervisor: a [`Backend`] whose clock advances one quantum
 //! per [`collect`](Backend::collect).
 
+use std::collections::HashMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vm_balancer_sdk::{Domain, DomainMemory, Vcpu};
@@ -43,6 +45,13 @@ pub struct Metrics {
     pub best_unproven_quanta: u64,
     /// VMs whose vCPUs sit on more than one NUMA node, per quantum.
     pub cross_node_vms: Vec<u64>,
+    /// Free memory in the guests (balloon target above use, summed), KiB,
+    /// per quantum: what ballooning left idle.
+    pub guest_free_kib: Vec<u64>,
+    /// Spread of balloon targets among the live VMs of one `[[vm]]` group
+    /// (identical guests), `(max - min) / mean`, the largest over groups of
+    /// two or more, per quantum (0 without such a group).
+    pub group_spread: Vec<f64>,
 }
 
 /// What the simulator saw in its last quantum, beyond what the snapshot
@@ -254,6 +263,21 @@ impl SimBackend {
         }
     }
 
+    /// The largest `(max - min) / mean` of balloon targets among the live
+    /// VMs of one `[[vm]]` group of two or more (0 without one).
+    fn group_spread(&self) -> f64 {
+        let mut by_group: HashMap<usize, (u64, u64, u64, u64)> = HashMap::new();
+        for vm in self.vms.iter().filter(|vm| vm.alive) {
+            let e = by_group.entry(vm.spec).or_insert((u64::MAX, 0, 0, 0));
+            *e = (e.0.min(vm.target_kib), e.1.max(vm.target_kib), e.2 + vm.target_kib, e.3 + 1);
+        }
+        by_group
+            .values()
+            .filter(|(_, _, sum, n)| *n >= 2 && *sum > 0)
+            .map(|(min, max, sum, n)| (max - min) as f64 / (*sum as f64 / *n as f64))
+            .fold(0.0, f64::max)
+    }
+
     /// The best placement's makespan of the live vCPUs' demands over the
     /// pCPUs' background, cached while the demands stay the same.
     fn best_placement(&mut self, background: &[f64]) -> f64 {
@@ -372,10 +396,13 @@ impl Backend for SimBackend {
         let available_kib = capacity_kib.saturating_sub(held_kib);
         self.metrics.lowest_host_available_kib = self.metrics.lowest_host_available_kib.min(available_kib);
 
+        self.metrics.group_spread.push(self.group_spread());
+        let mut guest_free_kib = 0;
         let mut domains = Vec::new();
         for (i, vm) in self.vms.iter().enumerate().filter(|(_, vm)| vm.alive) {
             let spec = &self.scenario.vms[vm.spec];
             let used_kib = (vm.used_mib * KIB_PER_MIB as f64) as u64;
+            guest_free_kib += vm.target_kib.saturating_sub(used_kib);
             let deficit_kib = used_kib.saturating_sub(vm.target_kib);
             let (pressure, oom) = (deficit_kib > 0, deficit_kib > spec.swap_mib * KIB_PER_MIB);
             if pressure {
@@ -428,6 +455,7 @@ impl Backend for SimBackend {
             },
             domains,
         };
+        self.metrics.guest_free_kib.push(guest_free_kib);
         self.last = SimQuantum { cpu_demand, cpu_load: cpu_usage, lower_bound, load_ratio, best, domains: last_domains };
         self.t += 1;
         Ok(observation)
