@@ -84,7 +84,9 @@ impl Guests {
     }
 
     /// Creates a transient 256/384 MiB guest running `workload` (vmb.* args).
-    fn create(&self, what: &str, vcpus: u32, workload: &str, autodeflate: bool) -> String {
+    /// A transient guest; `host_mechanisms` turns on the balloon's
+    /// autodeflate and free page reporting.
+    fn create(&self, what: &str, vcpus: u32, workload: &str, host_mechanisms: bool) -> String {
         let name = self.name(what);
         let console = self.console(what);
         let _ = std::fs::remove_file(&console);
@@ -97,11 +99,11 @@ impl Guests {
                 <cmdline>console=ttyS0 quiet {workload}</cmdline></os>
               <features><acpi/><apic/></features>
               <devices>
-                <memballoon model='virtio' autodeflate='{}'><stats period='1'/></memballoon>
+                <memballoon model='virtio' autodeflate='{on}' freePageReporting='{on}'><stats period='1'/></memballoon>
                 <serial type='file'><source path='{}'/></serial>
               </devices></domain>",
-            if autodeflate { "on" } else { "off" },
-            console.display()
+            console.display(),
+            on = if host_mechanisms { "on" } else { "off" },
         );
         let file = std::env::temp_dir().join(format!("{name}.xml"));
         std::fs::write(&file, xml).unwrap();
@@ -682,7 +684,7 @@ fn scenario_fast_path_agrees_with_libvirt(guests: &Guests) {
     use vm_balancer::backend::libvirt::{CollectMode, LibvirtBackend, LibvirtOptions};
     use vm_balancer::backend::Backend;
     let burn = guests.create("fast-burn", 2, "vmb.burn=1", false);
-    let idle = guests.create("fast-idle", 1, "", false);
+    let idle = guests.create("fast-idle", 1, "", true);
     guests.wait_console("fast-burn", "vmb: ready", Duration::from_secs(60));
     guests.wait_console("fast-idle", "vmb: ready", Duration::from_secs(60));
     let roots = ProcRoots::default();
@@ -737,6 +739,10 @@ fn scenario_fast_path_agrees_with_libvirt(guests: &Guests) {
     let obs = fast.collect().unwrap();
     let d = obs.domains.iter().find(|d| d.name == idle).unwrap();
     assert!(d.memory.target_kib > 0 && d.memory.max_kib > 0, "balloon figures on the fast path: {:?}", d.memory);
+    // The host's own mechanisms are reported as the domain's XML sets them.
+    assert!(d.memory.autodeflate && d.memory.free_page_reporting, "{idle}: {:?}", d.memory);
+    let b = obs.domains.iter().find(|d| d.name == burn).unwrap();
+    assert!(!b.memory.autodeflate && !b.memory.free_page_reporting, "{burn}: {:?}", b.memory);
     // Balloons off the critical path: a balloon changed by somebody else is
     // seen through the background refresh (nothing is urgent for a
     // read-only backend), within a few quanta, with guest figures that are

@@ -100,6 +100,10 @@ pub struct Domain {
     pub not_answering_ms: u64,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 fn is_zero(value: &u64) -> bool {
     *value == 0
 }
@@ -156,6 +160,12 @@ pub struct DomainMemory {
     /// (`<memballoon autodeflate='on'>`).
     #[serde(default)]
     pub autodeflate: bool,
+    /// The guest reports freed pages to the host, which drops them from its
+    /// process without the balloon (`<memballoon freePageReporting='on'>`):
+    /// `rss_kib` then falls by itself, and less needs ballooning back.
+    /// Optional on the wire (absent: false), so older snapshots decode.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub free_page_reporting: bool,
     /// How old the guest-reported figures (`unused_kib`, `available_kib`,
     /// `usable_kib`) are, in milliseconds: 0 when fresh this quantum. They
     /// age when the guest's balloon driver stops reporting

@@ -227,6 +227,8 @@ pub(super) struct KnownDomain {
     pub tags: Vec<String>,
     /// Balloon autodeflate is on.
     pub autodeflate: bool,
+    /// The balloon's free page reporting is on.
+    pub free_page_reporting: bool,
     /// vCPU count at discovery; a change triggers a new discovery.
     pub nvcpus: u32,
     /// Its vCPUs, by number.
@@ -252,13 +254,14 @@ impl KnownDomain {
     /// A domain at first sight: no sample yet, vCPUs to be read, the
     /// current balloon size remembered for restore.
     pub fn first_sight(name: &str, id: Option<u32>, xml: DomainXml, nvcpus: u32, target_kib: Option<u64>, quantum: u64) -> Self {
-        let DomainXml { excluded, tags, autodeflate } = xml;
+        let DomainXml { excluded, tags, autodeflate, free_page_reporting } = xml;
         KnownDomain {
             name: name.to_string(),
             id,
             excluded,
             tags,
             autodeflate,
+            free_page_reporting,
             nvcpus,
             vcpus: BTreeMap::new(),
             prev: None,
@@ -316,7 +319,12 @@ impl KnownDomain {
 
     /// What the XML said (kept across re-discoveries of the same run).
     pub fn xml(&self) -> DomainXml {
-        DomainXml { excluded: self.excluded, tags: self.tags.clone(), autodeflate: self.autodeflate }
+        DomainXml {
+            excluded: self.excluded,
+            tags: self.tags.clone(),
+            autodeflate: self.autodeflate,
+            free_page_reporting: self.free_page_reporting,
+        }
     }
 
     /// Drops the last sample: the next quantum has no deltas (a new vCPU
@@ -445,6 +453,7 @@ impl KnownDomain {
             swap_out_kib: delta(balloon("swap_out"), prev.as_ref().and_then(|p| p.swap_out)),
             major_faults: delta(balloon("major_fault"), prev.as_ref().and_then(|p| p.major)),
             autodeflate: self.autodeflate,
+            free_page_reporting: self.free_page_reporting,
             age_ms,
         };
         let not_answering_ms = self.not_answering.map_or(0, |busy| (busy.as_millis() as u64).max(1));

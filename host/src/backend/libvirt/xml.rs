@@ -18,12 +18,17 @@ pub struct DomainXml {
     pub tags: Vec<String>,
     /// `<memballoon autodeflate='on'>`: the guest may deflate on its own.
     pub autodeflate: bool,
+    /// `<memballoon freePageReporting='on'>`: the guest reports free pages,
+    /// which the host drops from QEMU's memory without the balloon.
+    pub free_page_reporting: bool,
 }
 
 /// Scans a domain's XML for the metadata element ([`METADATA_URI`]) and the
 /// balloon's autodeflate.
 pub fn parse_domain_xml(xml: &str) -> DomainXml {
-    let autodeflate = tag_with(xml, "<memballoon").is_some_and(|t| attr(t, "autodeflate").as_deref() == Some("on"));
+    let balloon = tag_with(xml, "<memballoon");
+    let autodeflate = balloon.is_some_and(|t| attr(t, "autodeflate").as_deref() == Some("on"));
+    let free_page_reporting = balloon.is_some_and(|t| attr(t, "freePageReporting").as_deref() == Some("on"));
     let mut excluded = false;
     let mut tags = Vec::new();
     if let Some(meta) = xml.find(&format!("\"{METADATA_URI}\"")).or_else(|| xml.find(&format!("'{METADATA_URI}'"))) {
@@ -35,7 +40,7 @@ pub fn parse_domain_xml(xml: &str) -> DomainXml {
             tags = t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
         }
     }
-    DomainXml { excluded, tags, autodeflate }
+    DomainXml { excluded, tags, autodeflate, free_page_reporting }
 }
 
 /// The first start tag beginning with `open`, up to its `>`.
@@ -62,16 +67,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn xml_scan_finds_opt_out_tags_and_autodeflate() {
+    fn xml_scan_finds_opt_out_tags_autodeflate_and_free_page_reporting() {
         let xml = r#"<domain><metadata><vmb:balancer xmlns:vmb="https://vm-balancer.invalid/1" exclude="yes" tags="db, latency"/></metadata>
             <devices><memballoon model='virtio' autodeflate='on'><stats period='1'/></memballoon></devices></domain>"#;
         assert_eq!(
             parse_domain_xml(xml),
-            DomainXml { excluded: true, tags: vec!["db".to_string(), "latency".to_string()], autodeflate: true }
+            DomainXml {
+                excluded: true,
+                tags: vec!["db".to_string(), "latency".to_string()],
+                autodeflate: true,
+                free_page_reporting: false
+            }
         );
         assert_eq!(
             parse_domain_xml("<domain><memballoon model='virtio'/></domain>"),
-            DomainXml { excluded: false, tags: vec![], autodeflate: false }
+            DomainXml { excluded: false, tags: vec![], autodeflate: false, free_page_reporting: false }
         );
+        let reporting = parse_domain_xml(r#"<domain><devices><memballoon model="virtio" freePageReporting="on"/></devices></domain>"#);
+        assert!(reporting.free_page_reporting && !reporting.autodeflate);
+        let off = parse_domain_xml("<domain><memballoon model='virtio' freePageReporting='off'/></domain>");
+        assert!(!off.free_page_reporting);
     }
 }

@@ -441,6 +441,7 @@ impl Backend for SimBackend {
                     swap_out_kib: stats.then_some(0),
                     major_faults: stats.then_some(deficit_kib / 4),
                     autodeflate: false,
+                    free_page_reporting: false,
                     age_ms: 0,
                 },
                 not_answering_ms: 0,

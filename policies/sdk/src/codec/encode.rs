@@ -106,6 +106,7 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         swap_out_kib,
         major_faults,
         autodeflate,
+        free_page_reporting,
         age_ms,
     } = memory;
     let optional = [
@@ -118,7 +119,7 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
         ("major_faults", *major_faults),
     ];
     key(buf, "memory");
-    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count() + usize::from(*age_ms != 0));
+    map(buf, 3 + optional.iter().filter(|(_, v)| v.is_some()).count() + usize::from(*free_page_reporting) + usize::from(*age_ms != 0));
     key(buf, "max_kib");
     uint(buf, *max_kib);
     key(buf, "target_kib");
@@ -131,6 +132,10 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
     }
     key(buf, "autodeflate");
     boolean(buf, *autodeflate);
+    if *free_page_reporting {
+        key(buf, "free_page_reporting");
+        boolean(buf, true);
+    }
     if *age_ms != 0 {
         key(buf, "age_ms");
         uint(buf, *age_ms);

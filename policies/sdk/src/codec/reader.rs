@@ -341,6 +341,7 @@ fn domain_memory(r: &mut Reader<'_>, m: &mut DomainMemory) -> Result<()> {
             b"swap_out_kib" => m.swap_out_kib = r.option(|r| r.u64("swap_out_kib"))?,
             b"major_faults" => m.major_faults = r.option(|r| r.u64("major_faults"))?,
             b"autodeflate" => m.autodeflate = r.bool("autodeflate")?,
+            b"free_page_reporting" => m.free_page_reporting = r.bool("free_page_reporting")?,
             b"age_ms" => m.age_ms = r.u64("age_ms")?,
             _ => r.skip()?,
         }

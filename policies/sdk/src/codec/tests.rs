@@ -32,6 +32,7 @@ fn rich_snapshot() -> Snapshot {
     snap.domains[0].memory.rss_kib = Some(5);
     snap.domains[0].memory.swap_out_kib = Some(0);
     snap.domains[0].memory.autodeflate = true;
+    snap.domains[0].memory.free_page_reporting = true;
     snap.verdicts.push(Verdict {
         slot: "cpu".into(),
         action: Action::pin("db", 0, vec![3], "why"),
@@ -517,6 +518,7 @@ impl Gen {
                 swap_out_kib: self.option(Gen::u64),
                 major_faults: self.option(Gen::u64),
                 autodeflate: self.rng.gen(),
+                free_page_reporting: self.rng.gen(),
                 age_ms: if self.chance(0.7) { 0 } else { self.u64() },
             },
             not_answering_ms: if self.chance(0.7) { 0 } else { self.u64() },
