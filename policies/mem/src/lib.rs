@@ -293,9 +293,9 @@ struct Grow {
 
 /// Water-fills `pool` over the growers' totals by shares: each ends at
 /// `clamp(level × shares, from, want)`, the highest level whose grants fit
-/// the pool. Returns the grant of each grower, KiB; their sum is at most `pool`.
-fn fair_grants(grows: &[Grow], pool: u64) -> Vec<u64> {
-    let need: u64 = grows.iter().map(|g| g.want - g.from).sum();
+/// the pool (`need`: the sum of their requests). Returns the grant of each
+/// grower, KiB; their sum is at most `pool`.
+fn fair_grants(grows: &[Grow], need: u64, pool: u64) -> Vec<u64> {
     if need <= pool {
         return grows.iter().map(|g| g.want - g.from).collect();
     }
@@ -391,8 +391,9 @@ impl Policy for MemPolicy {
         // Growth requests beyond the pool are a shortage: the donors' idle
         // memory is worth more to the growing guests than to them.
         let need_kib: u64 = grows.iter().map(|g| g.want - g.from).sum();
+        let short = need_kib > pool_kib;
         let mut tier = Tier::of(host, &p);
-        if need_kib > pool_kib {
+        if short {
             tier = tier.max(Tier::Soft);
         }
         let (keep, rate) = match tier {
@@ -434,8 +435,7 @@ impl Policy for MemPolicy {
 
         // The pool (available minus reserve) is the budget; in a shortage it
         // is shared by weight over the growers' totals.
-        let short = need_kib > pool_kib;
-        for (g, grant) in grows.iter().zip(fair_grants(&grows, pool_kib)) {
+        for (g, grant) in grows.iter().zip(fair_grants(&grows, need_kib, pool_kib)) {
             if grant < MIB {
                 continue;
             }

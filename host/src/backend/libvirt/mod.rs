@@ -235,9 +235,6 @@ pub struct LibvirtBackend {
     listing: Option<Listing>,
     /// The balloon refresh running on a background thread, if any.
     background: Option<BackgroundRefresh>,
-    /// The background refresh taken this quantum: its call's duration and
-    /// the domains it brought.
-    background_taken: Option<(Duration, usize)>,
 }
 
 /// A background balloon refresh: its answer, and when it started.
@@ -349,7 +346,6 @@ impl LibvirtBackend {
             watch: None,
             listing: None,
             background: None,
-            background_taken: None,
         }
     }
 
@@ -434,8 +430,7 @@ impl LibvirtBackend {
             let urgent = self.domains.get(&uuid).is_none_or(KnownDomain::is_settling) || needs_libvirt_vcpus.contains(&i);
             candidates.push((i, uuid, urgent));
         }
-        self.background_taken = None;
-        self.take_background_refresh();
+        let background_taken = self.take_background_refresh();
         let keyed: Vec<(String, bool)> = candidates.iter().map(|(_, u, urgent)| (u.clone(), *urgent)).collect();
         let plan = self.fast.plan_refresh(&keyed, quantum, self.options.balloon_refresh_quanta, self.background.is_some());
         if !plan.background.is_empty() {
@@ -473,7 +468,7 @@ impl LibvirtBackend {
             balloon: read_procfs.elapsed(),
             balloons_refreshed: chosen.len(),
             balloons_in_background: plan.background.len(),
-            background_taken: self.background_taken,
+            background_taken,
         };
         for (i, uuid, _) in &candidates {
             let sample = &mut records[*i].1;
@@ -506,16 +501,18 @@ impl LibvirtBackend {
     /// within a whole refresh window (`balloon_refresh_quanta` deadlines,
     /// twice over) is given up: its thread finishes or hangs on its own,
     /// counted among the stuck calls, and the domains' figures age.
-    fn take_background_refresh(&mut self) {
-        let Some(refresh) = self.background.take() else { return };
+    /// Returns the taken call's duration and the domains it brought.
+    fn take_background_refresh(&mut self) -> Option<(Duration, usize)> {
+        let refresh = self.background.take()?;
         match refresh.answers.try_recv() {
             Ok((Ok(records), took)) => {
-                self.background_taken = Some((took, records.len()));
+                let brought = records.len();
                 for (dom, sample) in records {
                     if let Ok(uuid) = dom.get_uuid_string() {
                         self.fast.remember_balloon(&uuid, &sample.balloon, refresh.quantum);
                     }
                 }
+                return Some((took, brought));
             }
             Ok((Err(error), _)) => {
                 // Most likely a domain gone since the listing: list anew.
@@ -536,6 +533,7 @@ impl LibvirtBackend {
             }
             Err(mpsc::TryRecvError::Disconnected) => {}
         }
+        None
     }
 
     /// Changes nothing on the hypervisor at discovery (`--dry-run`,
