@@ -1,0 +1,286 @@
+//! Plan, then move: from the quantum's demands, a target placement
+//! ([`crate::target`]), on one NUMA node per VM where that costs at most
+//! `cpu.numa_slack_pct` of the makespan; the target is taken only when it
+//! beats the current placement by the hysteresis margin; then the moves
+//! that reach it, within the quantum's budget, in an order that never
+//! raises the busiest pCPU.
+
+use crate::target::{self, Problem, Target, NONE};
+use crate::{larger, Hundredths, Item};
+
+/// How the planner decides; read from `[params.cpu]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// A target is taken only when the busiest pCPU's load drops by at
+    /// least `max(min_gain, gain_pct % of the current busiest load)`:
+    /// demand estimates are noisy in proportion to their size, so a plan
+    /// that gains less than the noise would flap.
+    pub(crate) min_gain: f32,
+    /// See `min_gain` (percent).
+    pub(crate) gain_pct: f32,
+    /// Moves per quantum; 0 means the automatic budget (see [`budget`]).
+    pub(crate) max_moves: usize,
+    /// The automatic budget reaches any target within this many quanta.
+    pub(crate) converge_quanta: usize,
+    /// A VM's vCPUs stay on one NUMA node when that costs at most this
+    /// share of the best makespan (percent).
+    pub(crate) numa_slack_pct: f32,
+}
+
+/// The quantum's move budget: `cpu.max_moves` when set; else enough to
+/// reach the target in `converge_quanta` quanta, at least `max(4, CPUs /
+/// 4)`, and at least `carry`, the budget of a previous quantum whose target
+/// was cut short (so a target is reached in `converge_quanta` quanta, not
+/// approached by halves). Why scale with the need: a host whose vCPUs all
+/// sit on one pCPU (unpinned guests at boot, a CPU back online) should not
+/// take dozens of quanta to spread, while on a converged host the need is
+/// a few moves and the floor is what limits churn. The floor of 4 lets a
+/// 1-for-2 or 2-for-2 exchange happen in one quantum.
+pub(crate) fn budget(s: &Settings, cpus: usize, needed: usize, carry: usize) -> usize {
+    if s.max_moves > 0 {
+        return s.max_moves;
+    }
+    (cpus / 4).max(4).max(needed.div_ceil(s.converge_quanta.max(1))).max(carry)
+}
+
+/// Plans this quantum's moves; updates homes and loads. `load` is each
+/// usable pCPU's load (vCPUs and host work); `node` each one's NUMA node.
+/// `carry` is the budget kept while a target is reached over several
+/// quanta (see [`budget`]). Returns (item index, reason) for each vCPU
+/// whose home changed, in order.
+pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: &Settings, carry: &mut usize) -> Vec<(usize, String)> {
+    let m = load.len();
+    if m < 2 {
+        return Vec::new();
+    }
+    let movable: Vec<usize> = (0..items.len()).filter(|i| items[*i].movable).collect();
+    if movable.is_empty() {
+        return Vec::new();
+    }
+    let mut base = load.to_vec();
+    for &i in &movable {
+        base[items[i].home] -= items[i].demand;
+    }
+    let demand: Vec<f32> = movable.iter().map(|i| items[*i].demand).collect();
+    let home: Vec<usize> = movable.iter().map(|i| items[*i].home).collect();
+    let domain: Vec<u32> = movable.iter().map(|i| items[*i].domain as u32).collect();
+    let problem = Problem { demand: &demand, home: &home, domain: &domain, base: &base };
+    let current = load.iter().copied().fold(0.0, larger);
+    let numa = Numa::new(node, items);
+    let spanning = numa.as_ref().map_or(0, |n| n.spanning(items, |i| items[i].home));
+    let balanced = current <= problem.lower_bound() + s.min_gain;
+    let hysteresis = larger(s.min_gain, s.gain_pct / 100.0 * current);
+
+    let planned = (!balanced).then(|| target::plan(&problem));
+    let local = numa.as_ref().filter(|_| !balanced || spanning > 0).map(|n| n.plan(&problem, items, &movable));
+    let best_known = planned.as_ref().map_or(current, |t| t.makespan.min(current));
+    let mut chosen: Option<(Target, &str)> = None;
+    if let (Some(n), Some(local)) = (&numa, local) {
+        let local_spanning = n.spanning(items, |i| movable.binary_search(&i).map_or(items[i].home, |k| local.at[k]));
+        let within_slack = local.makespan <= best_known * (1.0 + s.numa_slack_pct / 100.0) + 1e-5;
+        let gains = local.makespan < current - hysteresis;
+        let gathers = local_spanning < spanning && local.makespan <= current * (1.0 + s.numa_slack_pct / 100.0) + 1e-5;
+        if within_slack && (gains || gathers) {
+            chosen = Some((local, "plan, VMs on one NUMA node"));
+        }
+    }
+    if chosen.is_none() {
+        if let Some(t) = planned.filter(|t| t.makespan < current - hysteresis) {
+            chosen = Some((t, "plan"));
+        }
+    }
+    let (at, why, after) = match chosen {
+        Some((t, why)) => (t.at, why, t.makespan),
+        None => {
+            // Nothing worth a plan: only spread a VM's vCPUs that share a pCPU.
+            let mut at = home.clone();
+            target::spread(&problem, &mut at, current);
+            (at, "spread a VM's vCPUs", current)
+        }
+    };
+    let pending: Vec<usize> = (0..movable.len()).filter(|k| at[*k] != home[*k]).collect();
+    let allowed = budget(s, m, pending.len(), *carry);
+    *carry = if pending.len() > allowed && s.max_moves == 0 { allowed } else { 0 };
+    let order = order_moves(&demand, &home, &at, &pending, load, allowed);
+    let reason = format!("{why}: busiest pCPU load {} -> {}", Hundredths(current), Hundredths(after));
+    order
+        .into_iter()
+        .map(|k| {
+            let i = movable[k];
+            items[i].home = at[k];
+            items[i].movable = false;
+            items[i].moved = true;
+            (i, reason.clone())
+        })
+        .collect()
+}
+
+/// Orders the moves (`pending`, indexes into the problem's vCPUs) from
+/// `home` to `at`, at most `budget` of them, updating `load`. All of them
+/// when the budget allows (they land in one quantum). Otherwise each
+/// quantum's share must leave no pCPU above the current busiest load
+/// (irqbalance's rule: no move reverses the imbalance): safe single moves
+/// first, from the busiest source, then pairs of moves the opposite ways
+/// between two pCPUs.
+fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], load: &mut [f32], budget: usize) -> Vec<usize> {
+    let apply = |load: &mut [f32], k: usize| {
+        load[home[k]] -= demand[k];
+        load[at[k]] += demand[k];
+    };
+    if pending.len() <= budget {
+        for &k in pending {
+            apply(load, k);
+        }
+        return pending.to_vec();
+    }
+    let mut pending = pending.to_vec();
+    let mut done = Vec::new();
+    let max = load.iter().copied().fold(0.0, larger);
+    let tol = 1e-5 * larger(max, 1.0);
+    while done.len() < budget && !pending.is_empty() {
+        let single = pending
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| load[at[k]] + demand[k] <= max + tol)
+            .max_by(|(_, &x), (_, &y)| load[home[x]].total_cmp(&load[home[y]]))
+            .map(|(n, _)| n);
+        if let Some(n) = single {
+            let k = pending.swap_remove(n);
+            apply(load, k);
+            done.push(k);
+            continue;
+        }
+        if budget - done.len() < 2 {
+            break;
+        }
+        let mut pair = None;
+        'outer: for (n, &x) in pending.iter().enumerate() {
+            for (o, &y) in pending.iter().enumerate() {
+                if home[y] == at[x] && at[y] == home[x] {
+                    let shift = demand[x] - demand[y];
+                    if load[at[x]] + shift <= max + tol && load[home[x]] - shift <= max + tol {
+                        pair = Some((n, o));
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        let Some((n, o)) = pair else { break };
+        let (x, y) = (pending[n], pending[o]);
+        for k in [x, y] {
+            apply(load, k);
+            done.push(k);
+        }
+        pending.retain(|k| *k != x && *k != y);
+    }
+    done
+}
+
+/// The host's NUMA nodes, when it has more than one.
+struct Numa {
+    /// Each usable pCPU's node, as a dense index.
+    of_cpu: Vec<usize>,
+    /// Nodes' count.
+    nodes: usize,
+    /// Domains' count (the largest domain index + 1).
+    domains: usize,
+}
+
+impl Numa {
+    fn new(node: &[u32], items: &[Item]) -> Option<Self> {
+        let mut ids: Vec<u32> = node.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() < 2 {
+            return None;
+        }
+        let of_cpu = node.iter().map(|n| ids.binary_search(n).unwrap_or(0)).collect();
+        let domains = items.iter().map(|it| it.domain + 1).max().unwrap_or(0);
+        Some(Numa { of_cpu, nodes: ids.len(), domains })
+    }
+
+    /// VMs whose vCPUs (placed by `at`) span more than one node.
+    fn spanning(&self, items: &[Item], at: impl Fn(usize) -> usize) -> usize {
+        let mut first = vec![usize::MAX; self.domains];
+        let mut spans = vec![false; self.domains];
+        for (i, it) in items.iter().enumerate() {
+            let n = self.of_cpu[at(i)];
+            match first[it.domain] {
+                usize::MAX => first[it.domain] = n,
+                f if f != n => spans[it.domain] = true,
+                _ => {}
+            }
+        }
+        spans.iter().filter(|s| **s).count()
+    }
+
+    /// The target with each VM on one node: VMs stay on the node holding
+    /// most of their demand, then whole VMs move from the busiest node
+    /// (per pCPU) to the least busy while that lowers the pair's larger
+    /// load; then each node is planned on its own.
+    fn plan(&self, p: &Problem, items: &[Item], movable: &[usize]) -> Target {
+        let k = self.nodes;
+        // Per domain and node, demand (all its vCPUs, movable or not).
+        let mut held = vec![0.0f32; self.domains * k];
+        for it in items {
+            held[it.domain * k + self.of_cpu[it.home]] += it.demand + 1e-6;
+        }
+        let mut home_node: Vec<usize> = (0..self.domains)
+            .map(|d| (0..k).max_by(|a, b| held[d * k + a].total_cmp(&held[d * k + b]).then(b.cmp(a))).unwrap_or(0))
+            .collect();
+        let mut cpus = vec![0usize; k];
+        let mut node_load = vec![0.0f32; k];
+        for (c, &n) in self.of_cpu.iter().enumerate() {
+            cpus[n] += 1;
+            node_load[n] += p.base[c];
+        }
+        let mut movable_demand = vec![0.0f32; self.domains];
+        for (kk, &i) in movable.iter().enumerate() {
+            movable_demand[items[i].domain] += p.demand[kk];
+        }
+        for (d, &dd) in movable_demand.iter().enumerate() {
+            node_load[home_node[d]] += dd;
+        }
+        let per_cpu = |load: &[f32], n: usize| load[n] / cpus[n].max(1) as f32;
+        for _ in 0..self.domains.max(1) {
+            let h = (0..k).max_by(|a, b| per_cpu(&node_load, *a).total_cmp(&per_cpu(&node_load, *b))).unwrap_or(0);
+            let l = (0..k).min_by(|a, b| per_cpu(&node_load, *a).total_cmp(&per_cpu(&node_load, *b))).unwrap_or(0);
+            let before = per_cpu(&node_load, h);
+            let best = (0..self.domains)
+                .filter(|d| home_node[*d] == h && movable_demand[*d] > 0.0)
+                .map(|d| {
+                    let dd = movable_demand[d];
+                    let after = larger((node_load[h] - dd) / cpus[h] as f32, (node_load[l] + dd) / cpus[l] as f32);
+                    (after, d)
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            match best {
+                Some((after, d)) if after < before - 1e-4 * larger(before, 1.0) => {
+                    node_load[h] -= movable_demand[d];
+                    node_load[l] += movable_demand[d];
+                    home_node[d] = l;
+                }
+                _ => break,
+            }
+        }
+        // Each node on its own: its pCPUs, the VMs assigned to it.
+        let mut at = vec![NONE; p.demand.len()];
+        for n in 0..k {
+            let slots: Vec<usize> = (0..self.of_cpu.len()).filter(|c| self.of_cpu[*c] == n).collect();
+            let mut local = vec![NONE; self.of_cpu.len()];
+            for (j, &c) in slots.iter().enumerate() {
+                local[c] = j;
+            }
+            let members: Vec<usize> = (0..p.demand.len()).filter(|kk| home_node[items[movable[*kk]].domain] == n).collect();
+            let demand: Vec<f32> = members.iter().map(|kk| p.demand[*kk]).collect();
+            let home: Vec<usize> = members.iter().map(|kk| local[p.home[*kk]]).collect();
+            let domain: Vec<u32> = members.iter().map(|kk| p.domain[*kk]).collect();
+            let base: Vec<f32> = slots.iter().map(|c| p.base[*c]).collect();
+            let t = target::plan(&Problem { demand: &demand, home: &home, domain: &domain, base: &base });
+            for (j, &kk) in members.iter().enumerate() {
+                at[kk] = slots[t.at[j]];
+            }
+        }
+        p.target(at)
+    }
+}

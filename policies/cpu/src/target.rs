@@ -1,0 +1,637 @@
+//! A target placement for one set of pCPUs: where every movable vCPU should
+//! be, planned from the demands alone, then brought as close as possible to
+//! where the vCPUs already are.
+//!
+//! Why plan instead of only improving the current placement: a local search
+//! from where the vCPUs are stops in local optima (issue 12's stalls: a
+//! 1-for-2 exchange needed, a chain across three pCPUs, a partner far down
+//! the load order). A placement planned from scratch has none of those, but
+//! reaching it may move many vCPUs. So three candidates are built, each
+//! finished by the same local search, and the best makespan wins, with
+//! fewer moved vCPUs (weighted by demand) breaking near-ties:
+//! - **descent**: the current placement, improved;
+//! - **repair**: the current placement with the least it takes removed from
+//!   each pCPU above the planned level, put back largest first onto the
+//!   least-loaded pCPUs (few moves on a large host);
+//! - **plan**: the exact optimum on small instances (the SDK's branch and
+//!   bound) or LPT on large ones, relabelled onto the current pCPUs so that
+//!   the most demand stays where it is (greedy matching on overlap).
+//!
+//! Finally, a multi-vCPU VM's vCPUs sharing a pCPU are spread over pCPUs
+//! without a sibling where that keeps every pCPU within the makespan.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::larger;
+
+/// A vCPU with no current pCPU in this problem (it must be placed).
+pub(crate) const NONE: usize = usize::MAX;
+
+/// Instances up to this many movable vCPUs and pCPUs are planned exactly
+/// (a bounded branch and bound: tens of microseconds).
+const EXACT_ITEMS: usize = 16;
+/// See [`EXACT_ITEMS`].
+const EXACT_CPUS: usize = 8;
+/// Node budget of the exact plan; past it the best found is used.
+const EXACT_NODES: u64 = 20_000;
+/// Work limit of one local search (candidate exchanges looked at): keeps a
+/// 4,000-vCPU quantum within its budget whatever the placement.
+const IMPROVE_EVALS: usize = 200_000;
+/// 2↔1 and 1↔2 exchanges only between pCPUs with at most this many movable
+/// vCPUs each (their cost is cubic; with more vCPUs per pCPU, moves and
+/// swaps have enough granularity).
+const SMALL: usize = 8;
+/// Candidates within this share of the best makespan count as equal, and
+/// the one that moves less demand wins: on large instances, where no
+/// candidate is known to be the optimum, 1 % of the makespan is not worth
+/// moving many more vCPUs for. On small ones the exact optimum is known,
+/// and only a true tie goes to the candidate that moves less.
+const TIE_PCT: f32 = 1.0;
+/// [`TIE_PCT`] on instances planned exactly (float rounding only).
+const TIE_PCT_EXACT: f32 = 0.001;
+
+/// A placement problem: movable vCPUs over pCPUs that carry fixed loads.
+pub(crate) struct Problem<'a> {
+    /// Each vCPU's demand (≥ 0).
+    pub(crate) demand: &'a [f32],
+    /// Each vCPU's current pCPU (an index into `base`), or [`NONE`].
+    pub(crate) home: &'a [usize],
+    /// Each vCPU's domain, to spread siblings.
+    pub(crate) domain: &'a [u32],
+    /// Each pCPU's load that no plan moves (host work, cooling vCPUs).
+    pub(crate) base: &'a [f32],
+}
+
+/// A target placement and its busiest pCPU's load.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    /// Each vCPU's target pCPU.
+    pub(crate) at: Vec<usize>,
+    /// The busiest pCPU's load in the target.
+    pub(crate) makespan: f32,
+}
+
+impl Problem<'_> {
+    fn loads(&self, at: &[usize]) -> Vec<f32> {
+        let mut load = self.base.to_vec();
+        for (i, &c) in at.iter().enumerate() {
+            if c != NONE {
+                load[c] += self.demand[i];
+            }
+        }
+        load
+    }
+
+    /// `at` with its busiest pCPU's load.
+    pub(crate) fn target(&self, at: Vec<usize>) -> Target {
+        let makespan = self.loads(&at).into_iter().fold(0.0, larger);
+        Target { at, makespan }
+    }
+
+    /// Demand that `at` moves away from its current pCPU.
+    fn moved(&self, at: &[usize]) -> f32 {
+        at.iter().enumerate().filter(|(i, c)| self.home[*i] != **c).map(|(i, _)| self.demand[i]).sum()
+    }
+
+    /// `max(total / m, largest + least base)`: no placement does better.
+    pub(crate) fn lower_bound(&self) -> f32 {
+        let m = self.base.len().max(1) as f32;
+        let total: f32 = self.demand.iter().sum::<f32>() + self.base.iter().sum::<f32>();
+        let min_base = self.base.iter().copied().fold(f32::INFINITY, f32::min);
+        let largest = self.demand.iter().copied().fold(0.0, larger);
+        larger(total / m, largest + if min_base.is_finite() { min_base } else { 0.0 })
+    }
+}
+
+/// The target placement of `p`'s vCPUs (see the module docs).
+pub(crate) fn plan(p: &Problem) -> Target {
+    let m = p.base.len();
+    if m == 0 {
+        return Target { at: p.home.to_vec(), makespan: 0.0 };
+    }
+    let exact = p.demand.len() <= EXACT_ITEMS && m <= EXACT_CPUS;
+    let planned = {
+        let groups = if exact { exact_groups(p) } else { lpt(p) };
+        let mut at = relabel(p, &groups);
+        improve(p, &mut at);
+        p.target(at)
+    };
+    let descent = {
+        let mut at: Vec<usize> = p.home.to_vec();
+        if at.contains(&NONE) {
+            place_largest_first(p, &mut at);
+        }
+        improve(p, &mut at);
+        p.target(at)
+    };
+    let level = planned.makespan.min(descent.makespan);
+    let repaired = {
+        let mut at = repair(p, level);
+        improve(p, &mut at);
+        p.target(at)
+    };
+    let best = [planned, descent, repaired]
+        .into_iter()
+        .map(|t| {
+            let moved = p.moved(&t.at);
+            (t, moved)
+        })
+        .fold(None::<(Target, f32)>, |best, (t, moved)| match best {
+            None => Some((t, moved)),
+            Some((b, bm)) => {
+                let tie = if exact { TIE_PCT_EXACT } else { TIE_PCT } / 100.0 * larger(b.makespan.min(t.makespan), 1e-3);
+                let better = t.makespan < b.makespan - tie || (t.makespan <= b.makespan + tie && moved < bm);
+                Some(if better { (t, moved) } else { (b, bm) })
+            }
+        })
+        .map(|(t, _)| t)
+        .expect("three candidates");
+    let mut at = best.at;
+    spread(p, &mut at, best.makespan);
+    p.target(at)
+}
+
+/// The exact optimum's groups (the SDK's branch and bound, seeded by LPT
+/// and local search; past its node budget, the best found).
+fn exact_groups(p: &Problem) -> Vec<usize> {
+    let demands: Vec<f64> = p.demand.iter().map(|d| f64::from(*d)).collect();
+    let base: Vec<f64> = p.base.iter().map(|b| f64::from(*b)).collect();
+    vm_balancer_sdk::makespan::best_placement_with_base(&demands, &base, EXACT_NODES).assignment
+}
+
+/// `(load, pCPU)` packed so that integer order is load order, then index:
+/// a min-heap of these pops the least-loaded pCPU. Loads at or below zero
+/// (`-0.0` and rounding residue included) and NaN all count as 0: the bits
+/// of a positive float sort as the float, those of `-0.0` would not.
+fn key(load: f32, c: usize) -> Reverse<u64> {
+    let bits = if load > 0.0 { load.to_bits() } else { 0 };
+    Reverse((u64::from(bits) << 32) | c as u64)
+}
+
+fn key_cpu(k: Reverse<u64>) -> usize {
+    (k.0 & u64::from(u32::MAX)) as usize
+}
+
+/// vCPU indexes by demand, largest first (ties: index order).
+fn largest_first(p: &Problem, items: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = items.collect();
+    order.sort_unstable_by(|x, y| p.demand[*y].total_cmp(&p.demand[*x]).then(x.cmp(y)));
+    order
+}
+
+/// Largest-processing-time first from scratch: each vCPU, largest first,
+/// onto the least-loaded pCPU (over the fixed loads). Among pCPUs loaded
+/// alike, one without a sibling of the same VM is preferred.
+fn lpt(p: &Problem) -> Vec<usize> {
+    let mut at = vec![NONE; p.demand.len()];
+    let order = largest_first(p, 0..p.demand.len());
+    place(p, &mut at, &order, p.base.to_vec());
+    at
+}
+
+/// Places the vCPUs of `order` (largest first) onto the least-loaded pCPU
+/// of `load`, preferring, among equally loaded pCPUs, one without a sibling.
+fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) {
+    let m = load.len();
+    let mut heap: BinaryHeap<Reverse<u64>> = (0..m).map(|c| key(load[c], c)).collect();
+    // The domains placed on each pCPU: to spread siblings on ties.
+    let mut doms: Vec<Vec<u32>> = vec![Vec::new(); m];
+    for (i, &c) in at.iter().enumerate() {
+        if c != NONE {
+            doms[c].push(p.domain[i]);
+        }
+    }
+    let mut held: Vec<Reverse<u64>> = Vec::new();
+    for &i in order {
+        let Some(first) = heap.pop() else { break };
+        let dom = p.domain[i];
+        let mut pick = first;
+        let low = load[key_cpu(first)];
+        if doms[key_cpu(first)].contains(&dom) {
+            // Look at a few equally loaded pCPUs for one without a sibling.
+            for _ in 0..4 {
+                let Some(next) = heap.pop() else { break };
+                held.push(next);
+                let c = key_cpu(next);
+                if load[c] > low + 1e-6 * larger(low, 1.0) {
+                    break;
+                }
+                if !doms[c].contains(&dom) {
+                    held.pop();
+                    held.push(pick);
+                    pick = next;
+                    break;
+                }
+            }
+        }
+        heap.extend(held.drain(..));
+        let c = key_cpu(pick);
+        load[c] += p.demand[i];
+        doms[c].push(dom);
+        at[i] = c;
+        heap.push(key(load[c], c));
+    }
+}
+
+/// Places every vCPU that has no pCPU ([`NONE`]), largest first.
+fn place_largest_first(p: &Problem, at: &mut [usize]) {
+    let order = largest_first(p, (0..at.len()).filter(|i| at[*i] == NONE));
+    let load = p.loads(at);
+    place(p, at, &order, load);
+}
+
+/// The current placement with, from each pCPU above `level`, the least
+/// that brings it to `level` taken off (the smallest vCPU that is enough
+/// alone, else the largest, and again), then everything taken off (and
+/// every vCPU without a pCPU) put back largest first onto the least loaded.
+fn repair(p: &Problem, level: f32) -> Vec<usize> {
+    let m = p.base.len();
+    let mut at: Vec<usize> = p.home.to_vec();
+    let mut load = p.loads(&at);
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
+    for (i, &c) in at.iter().enumerate() {
+        if c != NONE {
+            on[c].push(i);
+        }
+    }
+    let eps = 1e-5 * larger(level, 1.0);
+    for (c, items) in on.iter_mut().enumerate() {
+        if load[c] <= level + eps {
+            continue;
+        }
+        // Smallest first, so the smallest sufficient one is found by a scan.
+        items.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
+        while load[c] > level + eps && !items.is_empty() {
+            let excess = load[c] - level;
+            let k = items.iter().position(|i| p.demand[*i] >= excess).unwrap_or(items.len() - 1);
+            let i = items.remove(k);
+            load[c] -= p.demand[i];
+            at[i] = NONE;
+        }
+    }
+    place_largest_first(p, &mut at);
+    at
+}
+
+/// Maps the planned groups onto pCPUs so that as much demand as possible
+/// stays where it is (greedy matching on overlap weight), keeping each
+/// pCPU within the plan's busiest load where the fixed loads allow.
+/// Returns each vCPU's target pCPU.
+fn relabel(p: &Problem, group: &[usize]) -> Vec<usize> {
+    let m = p.base.len();
+    let mut group_load = vec![0.0f32; m];
+    for (i, &g) in group.iter().enumerate() {
+        group_load[g] += p.demand[i];
+    }
+    let cap = (0..m).map(|g| p.base[g] + group_load[g]).fold(0.0, larger);
+    let tol = 1e-4 * larger(cap, 1.0);
+    // (group, current pCPU, demand in both), merged and heaviest first.
+    let mut overlap: Vec<(usize, usize, f32)> =
+        group.iter().enumerate().filter(|(i, _)| p.home[*i] != NONE).map(|(i, &g)| (g, p.home[i], p.demand[i])).collect();
+    overlap.sort_unstable_by_key(|(g, c, _)| (*g, *c));
+    let mut merged: Vec<(usize, usize, f32)> = Vec::with_capacity(overlap.len());
+    for (g, c, w) in overlap {
+        match merged.last_mut() {
+            Some(last) if last.0 == g && last.1 == c => last.2 += w,
+            _ => merged.push((g, c, w)),
+        }
+    }
+    merged.sort_unstable_by(|x, y| y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
+    let mut to = vec![NONE; m];
+    let mut taken = vec![false; m];
+    for (g, c, _) in merged {
+        if to[g] == NONE && !taken[c] && p.base[c] + group_load[g] <= cap + tol {
+            to[g] = c;
+            taken[c] = true;
+        }
+    }
+    // The rest: the heaviest groups onto the least-loaded free pCPUs.
+    let mut groups: Vec<usize> = (0..m).filter(|g| to[*g] == NONE).collect();
+    groups.sort_unstable_by(|x, y| group_load[*y].total_cmp(&group_load[*x]).then(x.cmp(y)));
+    let mut cpus: Vec<usize> = (0..m).filter(|c| !taken[*c]).collect();
+    cpus.sort_unstable_by(|x, y| p.base[*x].total_cmp(&p.base[*y]).then(x.cmp(y)));
+    for (g, c) in groups.into_iter().zip(cpus) {
+        to[g] = c;
+    }
+    let at: Vec<usize> = group.iter().map(|g| to[*g]).collect();
+    // The greedy matching can leave a heavy group only a pCPU with a
+    // larger fixed load than the one it was planned on: then the plan's
+    // own labels (each group on the pCPU it was planned for) are kept.
+    if p.target(at.clone()).makespan > cap + tol {
+        return group.to_vec();
+    }
+    at
+}
+
+/// One exchange between the busiest pCPU `a` and pCPU `b`: up to two vCPUs
+/// each way.
+#[derive(Clone, Copy, Debug)]
+struct Exchange {
+    /// The larger of the two loads after it.
+    score: f32,
+    out: [usize; 2],
+    n_out: usize,
+    back: [usize; 2],
+    n_back: usize,
+    b: usize,
+}
+
+/// Local search from the busiest pCPU: moves, 1↔1, 2↔1 and 1↔2 exchanges
+/// with every other pCPU, each taken when the pair's larger load drops (so
+/// the sorted load vector falls: ties at the maximum do not stop it, and
+/// nothing cycles). Stops when the busiest pCPU has no such exchange, or
+/// after about [`IMPROVE_EVALS`] candidates.
+fn improve(p: &Problem, at: &mut [usize]) {
+    let m = p.base.len();
+    if m < 2 {
+        return;
+    }
+    let d = p.demand;
+    let mut load = p.loads(at);
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
+    for (i, &c) in at.iter().enumerate() {
+        on[c].push(i);
+    }
+    let mut evals = 0usize;
+    let mut order: Vec<u64> = Vec::with_capacity(m);
+    while evals < IMPROVE_EVALS {
+        let a = (0..m).max_by(|x, y| load[*x].total_cmp(&load[*y])).unwrap_or(0);
+        let la = load[a];
+        let tol = 1e-5 * larger(la, 1.0);
+        let largest = on[a].iter().map(|i| d[*i]).fold(0.0, larger);
+        // Partners least loaded first: the bounds below then end the scan.
+        order.clear();
+        order.extend((0..m).filter(|b| *b != a).map(|b| key(load[b], b).0));
+        order.sort_unstable();
+        evals += m;
+        let mut best: Option<Exchange> = None;
+        for &k in &order {
+            let b = key_cpu(Reverse(k));
+            let lb = load[b];
+            let bar = best.map_or(la - tol, |x| x.score - tol);
+            // No exchange between two pCPUs ends below their mean, and
+            // (with one vCPU out) none leaves `a` below `la - largest`.
+            let (on_a, on_b) = (&on[a], &on[b]);
+            let small = on_a.len() <= SMALL && on_b.len() <= SMALL;
+            if (la + lb) / 2.0 >= bar {
+                break;
+            }
+            if !small && la - largest >= bar {
+                continue;
+            }
+            let consider = |delta: f32, out: &[usize], back: &[usize], best: &mut Option<Exchange>| {
+                if delta <= tol {
+                    return;
+                }
+                let score = larger(la - delta, lb + delta);
+                if score < best.map_or(la - tol, |x| x.score - tol) {
+                    let mut x = Exchange { score, out: [0; 2], n_out: out.len(), back: [0; 2], n_back: back.len(), b };
+                    x.out[..out.len()].copy_from_slice(out);
+                    x.back[..back.len()].copy_from_slice(back);
+                    *best = Some(x);
+                }
+            };
+            for (k, &x) in on_a.iter().enumerate() {
+                let dx = d[x];
+                evals += 1 + on_b.len();
+                consider(dx, &[x], &[], &mut best);
+                for (l, &y) in on_b.iter().enumerate() {
+                    if d[y] < dx {
+                        consider(dx - d[y], &[x], &[y], &mut best);
+                    }
+                    if small {
+                        for &y2 in &on_b[l + 1..] {
+                            if d[y] + d[y2] < dx {
+                                consider(dx - d[y] - d[y2], &[x], &[y, y2], &mut best);
+                            }
+                        }
+                    }
+                }
+                if small {
+                    evals += on_a.len() * on_b.len();
+                    for &x2 in &on_a[k + 1..] {
+                        for &y in on_b {
+                            if d[y] < dx + d[x2] {
+                                consider(dx + d[x2] - d[y], &[x, x2], &[y], &mut best);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let Some(x) = best else { return };
+        for &i in &x.out[..x.n_out] {
+            shift(d, &mut load, &mut on, at, i, x.b);
+        }
+        for &j in &x.back[..x.n_back] {
+            shift(d, &mut load, &mut on, at, j, a);
+        }
+    }
+}
+
+fn shift(d: &[f32], load: &mut [f32], on: &mut [Vec<usize>], at: &mut [usize], i: usize, to: usize) {
+    let from = at[i];
+    on[from].retain(|x| *x != i);
+    on[to].push(i);
+    load[from] -= d[i];
+    load[to] += d[i];
+    at[i] = to;
+}
+
+/// Spreads a VM's vCPUs that share a pCPU onto pCPUs without a sibling,
+/// by a move or a swap that keeps both pCPUs within `makespan` (it costs
+/// nothing). Each step lowers the number of sibling pairs sharing a pCPU,
+/// so it ends.
+pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
+    let m = p.base.len();
+    let n = at.len();
+    if m < 2 || n < 2 {
+        return;
+    }
+    // Sibling groups: vCPUs of one domain. Most VMs have one vCPU.
+    let mut by_domain: Vec<usize> = (0..n).collect();
+    by_domain.sort_unstable_by_key(|i| (p.domain[*i], *i));
+    let mut crowded: Vec<usize> = by_domain
+        .windows(2)
+        .filter(|w| p.domain[w[0]] == p.domain[w[1]])
+        .flat_map(|w| [w[0], w[1]])
+        .collect();
+    // Smallest first: a small vCPU fits a move where a large one needs a
+    // swap, and one move spreads a pair as well as two.
+    crowded.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
+    crowded.dedup();
+    if crowded.is_empty() {
+        return;
+    }
+    let mut load = p.loads(at);
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
+    for (i, &c) in at.iter().enumerate() {
+        on[c].push(i);
+    }
+    let has = |on: &[Vec<usize>], c: usize, dom: u32, except: usize| on[c].iter().any(|j| *j != except && p.domain[*j] == dom);
+    let cap = makespan + 1e-5 * larger(makespan, 1.0);
+    let mut work = 0usize;
+    for &i in &crowded {
+        let a = at[i];
+        let dom = p.domain[i];
+        if !has(&on, a, dom, i) {
+            continue;
+        }
+        // The best destination: a move if one fits, else the swap whose
+        // partner's demand is closest.
+        let mut pick: Option<(f32, usize, Option<usize>)> = None;
+        for b in (0..m).filter(|b| *b != a) {
+            work += 1 + on[b].len();
+            if work > IMPROVE_EVALS || has(&on, b, dom, NONE) {
+                continue;
+            }
+            if load[b] + p.demand[i] <= cap {
+                pick = Some((0.0, b, None));
+                break;
+            }
+            for &j in &on[b] {
+                let delta = p.demand[i] - p.demand[j];
+                if load[b] + delta <= cap && load[a] - delta <= cap && !has(&on, a, p.domain[j], i) {
+                    let cost = delta.abs();
+                    if pick.is_none_or(|(c, _, _)| cost < c) {
+                        pick = Some((cost, b, Some(j)));
+                    }
+                }
+            }
+        }
+        if let Some((_, b, swap)) = pick {
+            shift(p.demand, &mut load, &mut on, at, i, b);
+            if let Some(j) = swap {
+                shift(p.demand, &mut load, &mut on, at, j, a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn makespan_of(d: &[f32], base: &[f32]) -> f32 {
+        let home = vec![NONE; d.len()];
+        let domain: Vec<u32> = (0..d.len() as u32).collect();
+        plan(&Problem { demand: d, home: &home, domain: &domain, base }).makespan
+    }
+
+    #[test]
+    fn the_stall_family_reaches_one_and_a_half() {
+        // {L,L,L}, {H,H}, {H} on 3 pCPUs, plus an empty fourth: 1.5 each.
+        let d = [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5];
+        let home = [0, 0, 0, 1, 1, 2, 3, 3];
+        let domain: Vec<u32> = (0..8).collect();
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 4] });
+        assert!((t.makespan - 1.5).abs() < 1e-5, "{t:?}");
+    }
+
+    #[test]
+    fn a_one_for_two_exchange_is_found() {
+        // (A): four of 0.2 on one pCPU, two of 0.6 on the other.
+        let d = [0.2, 0.2, 0.2, 0.2, 0.6, 0.6];
+        let home = [0, 0, 0, 0, 1, 1];
+        let domain: Vec<u32> = (0..6).collect();
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        assert!((t.makespan - 1.0).abs() < 1e-5, "{t:?}");
+    }
+
+    #[test]
+    fn large_instances_come_within_lpt_bound() {
+        let d: Vec<f32> = (0..600).map(|i| ((i * 37) % 97) as f32 / 100.0 + 0.01).collect();
+        let base = vec![0.0; 200];
+        let lower = Problem { demand: &d, home: &vec![NONE; 600], domain: &vec![0; 600], base: &base }.lower_bound();
+        assert!(makespan_of(&d, &base) <= lower * 1.05, "{} vs {lower}", makespan_of(&d, &base));
+    }
+
+    #[test]
+    fn siblings_spread_where_it_costs_nothing() {
+        // Two VMs of two equal vCPUs, each VM's pair on one pCPU.
+        let d = [0.5, 0.5, 0.5, 0.5];
+        let home = [0, 0, 1, 1];
+        let domain = [0, 0, 1, 1];
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        assert_ne!(t.at[0], t.at[1], "{t:?}");
+        assert_ne!(t.at[2], t.at[3], "{t:?}");
+        assert!((t.makespan - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn relabel_keeps_demand_in_place() {
+        // Already optimal: the plan must not move anything.
+        let d = [1.0, 0.5, 1.0, 0.5];
+        let home = [0, 0, 1, 1];
+        let domain: Vec<u32> = (0..4).collect();
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        assert_eq!(t.at, home);
+    }
+
+    /// The exact optimum by the SDK's branch and bound with a large budget.
+    fn optimum(d: &[f32], base: &[f32]) -> f32 {
+        let d64: Vec<f64> = d.iter().map(|x| f64::from(*x)).collect();
+        let b64: Vec<f64> = base.iter().map(|x| f64::from(*x)).collect();
+        let best = vm_balancer_sdk::makespan::best_placement_with_base(&d64, &b64, 5_000_000);
+        assert!(best.proven_optimal);
+        best.makespan as f32
+    }
+
+    fn random_problem(rng: &mut rand_chacha::ChaCha8Rng, m: usize, n: usize) -> (Vec<f32>, Vec<usize>, Vec<u32>, Vec<f32>) {
+        use rand::Rng;
+        let d: Vec<f32> = (0..n)
+            .map(|_| match rng.gen_range(0..3) {
+                0 => rng.gen_range(0.02f32..1.0),
+                1 => [1.0f32, 0.5][rng.gen_range(0..2)],
+                _ => (rng.gen_range(1..=10) as f32) / 10.0,
+            })
+            .collect();
+        let home: Vec<usize> = (0..n).map(|_| if rng.gen_bool(0.1) { NONE } else { rng.gen_range(0..m) }).collect();
+        let domain: Vec<u32> = (0..n).map(|_| rng.gen_range(0..(n as u32 / 2 + 1))).collect();
+        let base: Vec<f32> = (0..m).map(|_| if rng.gen_bool(0.2) { rng.gen_range(0.0f32..0.5) } else { 0.0 }).collect();
+        (d, home, domain, base)
+    }
+
+    #[test]
+    fn the_target_is_the_exact_optimum_on_a_thousand_small_instances() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..1000u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let m = rng.gen_range(2..=EXACT_CPUS);
+            let n = rng.gen_range(1..=12);
+            let (d, home, domain, base) = random_problem(&mut rng, m, n);
+            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base });
+            let best = optimum(&d, &base);
+            assert!(t.makespan <= best + 1e-4, "seed {seed}: {} against the optimum {best}: {d:?} over {base:?}", t.makespan);
+            assert!(t.at.iter().all(|c| *c < m), "seed {seed}: every vCPU placed: {:?}", t.at);
+        }
+    }
+
+    #[test]
+    fn larger_instances_end_within_five_percent_of_the_best_found() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..60u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let m = rng.gen_range(9..=64);
+            let n = m * rng.gen_range(1..=4) + rng.gen_range(0..m);
+            let (d, home, domain, base) = random_problem(&mut rng, m, n);
+            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base });
+            let d64: Vec<f64> = d.iter().map(|x| f64::from(*x)).collect();
+            let b64: Vec<f64> = base.iter().map(|x| f64::from(*x)).collect();
+            let best = vm_balancer_sdk::makespan::best_placement_with_base(&d64, &b64, 200_000);
+            assert!(f64::from(t.makespan) <= best.makespan * 1.05 + 1e-4, "seed {seed}: {} against {}", t.makespan, best.makespan);
+        }
+    }
+
+    #[test]
+    fn odd_loads_never_break_the_plan() {
+        // -0.0, rounding residue below zero, and zero demands: every vCPU
+        // still lands on a real pCPU and the makespan is finite.
+        let d = [0.3, 0.0, 0.3, 0.3];
+        let home = [0, 0, 0, NONE];
+        let domain = [0, 1, 2, 3];
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[-1e-6, -0.0, 0.0] });
+        assert!(t.at.iter().all(|c| *c < 3) && t.makespan.is_finite() && t.makespan <= 0.3 + 1e-5, "{t:?}");
+    }
+}
