@@ -1,7 +1,7 @@
 //! Benchmark: placement quality against the best placement, on families of
-//! random constant-demand instances, for the default CPU policy, `classic`
-//! and the plan-then-move draft of issue 12 (`policies/cpu-plan`, not the
-//! default: see its crate docs).
+//! random constant-demand instances, for the default CPU policy
+//! (plan-then-move), `classic`, and the previous default (the greedy local
+//! search, `policies/cpu-greedy`).
 //! Run: `cargo bench --bench quality` (`VMB_QUALITY_SEEDS=N` seeds a cell,
 //! default 2; `VMB_QUALITY_CPUS=2,4` to pick host sizes).
 //!
@@ -154,7 +154,7 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![2, 4, 8, 16, 64, 256]);
-    let policies = ["default", "classic", "plan draft"];
+    let policies = ["default", "classic", "previous default"];
     // (group label, policy) → runs; groups: per host size, per vCPUs/VM, per mix, per pins, all.
     let mut cells: BTreeMap<(String, usize), Cell> = BTreeMap::new();
     let mut misses: Vec<String> = Vec::new();
@@ -168,7 +168,7 @@ fn main() {
                         let runs = [
                             run::<vmb_policy_cpu::CpuPolicy>(&sc),
                             run::<vmb_policy_classic::ClassicPolicy>(&sc),
-                            run::<vmb_policy_cpu_plan::CpuPolicy>(&sc),
+                            run::<vmb_policy_cpu_greedy::CpuPolicy>(&sc),
                         ];
                         if runs[0].at3 > 1.05 + 1e-9 {
                             misses.push(format!(
