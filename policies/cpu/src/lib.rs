@@ -17,7 +17,7 @@
 //!   CPU, 5 %), so demand noise never flaps a vCPU back and forth and a
 //!   converged host makes no moves.
 //! - **A budget that scales with the need** ([`plan::budget`]): at least
-//!   `max(2, CPUs / 4)` moves a quantum, more when the target needs more, so
+//!   `max(8, CPUs / 4)` moves a quantum, more when the target needs more, so
 //!   any target is reached within `cpu.converge_quanta` (2) quanta; a
 //!   share cut by the budget never raises the busiest pCPU (irqbalance's
 //!   rule). `cpu.max_moves` sets a hard cap instead. A per-vCPU cooldown
@@ -48,7 +48,7 @@ pub struct CpuParams {
     /// the noise of the load it lowers.
     pub min_gain_pct: f32,
     /// Moves per quantum; 0 means automatic: enough to reach the target in
-    /// `converge_quanta` quanta, at least `max(2, cpus / 4)`.
+    /// `converge_quanta` quanta, at least `max(8, cpus / 4)`.
     pub max_moves: usize,
     /// Quanta the automatic budget spreads a target's moves over.
     pub converge_quanta: usize,
@@ -85,8 +85,19 @@ pub struct CpuPolicy {
     /// (FxHash: the keys are the daemon's domain names, not attacker-chosen,
     /// and SipHash was a visible share of a 1,000-domain quantum in wasm.)
     last_moved: FxHashMap<String, Vec<(u32, u64)>>,
-    /// The move budget kept while a target is reached over several quanta.
-    carry_moves: usize,
+    /// A target being reached over several quanta (its budget and where
+    /// the vCPUs not moved yet are to go), so the next quantum finishes it
+    /// instead of planning around the half already moved.
+    carry: Carry,
+}
+
+/// What a target cut short by the move budget leaves for the next quantum.
+#[derive(Default, Debug)]
+struct Carry {
+    /// The budget it was begun with (0: nothing carried).
+    budget: usize,
+    /// Domain → (vCPU, host CPU id) still to move there.
+    left: FxHashMap<String, Vec<(u32, u32)>>,
 }
 
 /// A vCPU as the planner sees it.
@@ -130,7 +141,14 @@ impl Policy for CpuPolicy {
             converge_quanta: params.converge_quanta,
             numa_slack_pct: params.numa_slack_pct,
         };
-        let moves = plan::plan_moves(&mut items, &mut load, &nodes, &settings, &mut self.carry_moves);
+        let mut carried = plan::Carried { budget: self.carry.budget, hint: self.hint(snap, &slots, &items), left: Vec::new() };
+        let moves = plan::plan_moves(&mut items, &mut load, &nodes, &settings, &mut carried);
+        self.carry.budget = carried.budget;
+        self.carry.left.clear();
+        for (i, slot) in carried.left {
+            let d = &snap.domains[items[i].domain];
+            self.carry.left.entry(d.name.clone()).or_default().push((d.vcpus[items[i].vcpu].id, usable[slot]));
+        }
         Ok(self.actions(snap, &usable, &items, &unpinned, moves))
     }
 }
@@ -170,6 +188,28 @@ impl CpuPolicy {
             }
         }
         (items, unpinned)
+    }
+
+    /// Per item, the usable-CPU index a carried target sends it to, or
+    /// `target::NONE`. Empty when nothing is carried (the common case).
+    #[inline(never)]
+    fn hint(&self, snap: &Snapshot, slots: &SlotIndex, items: &[Item]) -> Vec<usize> {
+        if self.carry.budget == 0 || self.carry.left.is_empty() {
+            return Vec::new();
+        }
+        items
+            .iter()
+            .map(|it| {
+                let d = &snap.domains[it.domain];
+                let id = d.vcpus[it.vcpu].id;
+                self.carry
+                    .left
+                    .get(d.name.as_str())
+                    .and_then(|l| l.iter().find(|(v, _)| *v == id))
+                    .and_then(|(_, cpu)| slots.get(*cpu))
+                    .unwrap_or(target::NONE)
+            })
+            .collect()
     }
 
     /// The pins to send: each unpinned vCPU where it was placed, unless it

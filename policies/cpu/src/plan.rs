@@ -28,27 +28,43 @@ pub(crate) struct Settings {
 }
 
 /// The quantum's move budget: `cpu.max_moves` when set; else enough to
-/// reach the target in `converge_quanta` quanta, at least `max(4, CPUs /
+/// reach the target in `converge_quanta` quanta, at least `max(8, CPUs /
 /// 4)`, and at least `carry`, the budget of a previous quantum whose target
 /// was cut short (so a target is reached in `converge_quanta` quanta, not
 /// approached by halves). Why scale with the need: a host whose vCPUs all
 /// sit on one pCPU (unpinned guests at boot, a CPU back online) should not
 /// take dozens of quanta to spread, while on a converged host the need is
-/// a few moves and the floor is what limits churn. The floor of 4 lets a
-/// 1-for-2 or 2-for-2 exchange happen in one quantum.
+/// a few moves and the floor is what limits churn. The floor of 8 lets a
+/// small host's plan (a 1-for-2 exchange, a chain over three pCPUs) land in
+/// one quantum.
 pub(crate) fn budget(s: &Settings, cpus: usize, needed: usize, carry: usize) -> usize {
     if s.max_moves > 0 {
         return s.max_moves;
     }
-    (cpus / 4).max(4).max(needed.div_ceil(s.converge_quanta.max(1))).max(carry)
+    (cpus / 4).max(8).max(needed.div_ceil(s.converge_quanta.max(1))).max(carry)
+}
+
+/// A target being reached over several quanta.
+#[derive(Debug, Default)]
+pub(crate) struct Carried {
+    /// The budget it began with; 0 when nothing is carried.
+    pub(crate) budget: usize,
+    /// In: per item, the pCPU the carried target sends it to, or [`NONE`]
+    /// (empty: nothing carried).
+    pub(crate) hint: Vec<usize>,
+    /// Out: (item, pCPU) for each vCPU the target still has to move.
+    pub(crate) left: Vec<(usize, usize)>,
 }
 
 /// Plans this quantum's moves; updates homes and loads. `load` is each
 /// usable pCPU's load (vCPUs and host work); `node` each one's NUMA node.
-/// `carry` is the budget kept while a target is reached over several
-/// quanta (see [`budget`]). Returns (item index, reason) for each vCPU
+/// `carried` holds what a previous quantum's target cut short left, and
+/// takes what this one leaves. Returns (item index, reason) for each vCPU
 /// whose home changed, in order.
-pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: &Settings, carry: &mut usize) -> Vec<(usize, String)> {
+pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: &Settings, carried: &mut Carried) -> Vec<(usize, String)> {
+    let hint = std::mem::take(&mut carried.hint);
+    let carry = carried.budget;
+    carried.budget = 0;
     let m = load.len();
     if m < 2 {
         return Vec::new();
@@ -64,12 +80,20 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     let demand: Vec<f32> = movable.iter().map(|i| items[*i].demand).collect();
     let home: Vec<usize> = movable.iter().map(|i| items[*i].home).collect();
     let domain: Vec<u32> = movable.iter().map(|i| items[*i].domain as u32).collect();
-    let problem = Problem { demand: &demand, home: &home, domain: &domain, base: &base };
+    // The carried target, for the vCPUs still movable (the ones it moved
+    // already are cooling, in `base`).
+    let hint: Vec<usize> = if hint.is_empty() { Vec::new() } else { movable.iter().map(|i| hint[*i]).collect() };
+    let fixed: Vec<(u32, usize)> = items.iter().filter(|it| !it.movable).map(|it| (it.domain as u32, it.home)).collect();
+    let problem = Problem { demand: &demand, home: &home, domain: &domain, base: &base, hint: &hint, fixed: &fixed };
     let current = load.iter().copied().fold(0.0, larger);
     let numa = Numa::new(node, items);
     let spanning = numa.as_ref().map_or(0, |n| n.spanning(items, |i| items[i].home));
     let balanced = current <= problem.lower_bound() + s.min_gain;
-    let hysteresis = larger(s.min_gain, s.gain_pct / 100.0 * current);
+    // A target begun in an earlier quantum is finished while it beats the
+    // current placement by half the margin (the margin was paid when it
+    // began; the rest of it is not churn for nothing while it gains that).
+    let margin = larger(s.min_gain, s.gain_pct / 100.0 * current);
+    let hysteresis = if hint.is_empty() { margin } else { margin / 2.0 };
 
     let planned = (!balanced).then(|| target::plan(&problem));
     let local = numa.as_ref().filter(|_| !balanced || spanning > 0).map(|n| n.plan(&problem, items, &movable));
@@ -99,9 +123,17 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
         }
     };
     let pending: Vec<usize> = (0..movable.len()).filter(|k| at[*k] != home[*k]).collect();
-    let allowed = budget(s, m, pending.len(), *carry);
-    *carry = if pending.len() > allowed && s.max_moves == 0 { allowed } else { 0 };
+    let allowed = budget(s, m, pending.len(), carry);
     let order = order_moves(&demand, &home, &at, &pending, load, allowed);
+    if order.len() < pending.len() && s.max_moves == 0 {
+        carried.budget = allowed;
+        let done: Vec<bool> = {
+            let mut done = vec![false; movable.len()];
+            order.iter().for_each(|k| done[*k] = true);
+            done
+        };
+        carried.left = pending.iter().filter(|k| !done[**k]).map(|k| (movable[*k], at[*k])).collect();
+    }
     let reason = format!("{why}: busiest pCPU load {} -> {}", Hundredths(current), Hundredths(after));
     order
         .into_iter()
@@ -276,7 +308,8 @@ impl Numa {
             let home: Vec<usize> = members.iter().map(|kk| local[p.home[*kk]]).collect();
             let domain: Vec<u32> = members.iter().map(|kk| p.domain[*kk]).collect();
             let base: Vec<f32> = slots.iter().map(|c| p.base[*c]).collect();
-            let t = target::plan(&Problem { demand: &demand, home: &home, domain: &domain, base: &base });
+            let fixed: Vec<(u32, usize)> = p.fixed.iter().filter(|f| local[f.1] != NONE).map(|f| (f.0, local[f.1])).collect();
+            let t = target::plan(&Problem { demand: &demand, home: &home, domain: &domain, base: &base, hint: &[], fixed: &fixed });
             for (j, &kk) in members.iter().enumerate() {
                 at[kk] = slots[t.at[j]];
             }

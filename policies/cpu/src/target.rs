@@ -61,6 +61,14 @@ pub(crate) struct Problem<'a> {
     pub(crate) domain: &'a [u32],
     /// Each pCPU's load that no plan moves (host work, cooling vCPUs).
     pub(crate) base: &'a [f32],
+    /// Where a target begun in an earlier quantum sends each vCPU (or
+    /// [`NONE`]); empty when none was. It is one more candidate, so a
+    /// target cut short by the move budget is finished, not re-planned
+    /// around the half already moved.
+    pub(crate) hint: &'a [usize],
+    /// (domain, pCPU) of the vCPUs that stay where they are this quantum
+    /// (cooling down, or too small to matter): siblings to spread from.
+    pub(crate) fixed: &'a [(u32, usize)],
 }
 
 /// A target placement and its busiest pCPU's load.
@@ -125,14 +133,23 @@ pub(crate) fn plan(p: &Problem) -> Target {
         improve(p, &mut at);
         p.target(at)
     };
+    let carried = (!p.hint.is_empty()).then(|| {
+        let mut at: Vec<usize> = p.hint.iter().zip(p.home).map(|(h, c)| if *h == NONE { *c } else { *h }).collect();
+        if at.contains(&NONE) {
+            place_largest_first(p, &mut at);
+        }
+        improve(p, &mut at);
+        p.target(at)
+    });
     let level = planned.makespan.min(descent.makespan);
     let repaired = {
         let mut at = repair(p, level);
         improve(p, &mut at);
         p.target(at)
     };
-    let best = [planned, descent, repaired]
+    let best = [carried, Some(planned), Some(descent), Some(repaired)]
         .into_iter()
+        .flatten()
         .map(|t| {
             let moved = p.moved(&t.at);
             (t, moved)
@@ -146,7 +163,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
             }
         })
         .map(|(t, _)| t)
-        .expect("three candidates");
+        .expect("at least three candidates");
     let mut at = best.at;
     spread(p, &mut at, best.makespan);
     p.target(at)
@@ -201,6 +218,9 @@ fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) {
         if c != NONE {
             doms[c].push(p.domain[i]);
         }
+    }
+    for &(dom, c) in p.fixed {
+        doms[c].push(dom);
     }
     let mut held: Vec<Reverse<u64>> = Vec::new();
     for &i in order {
@@ -449,27 +469,33 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
     if m < 2 || n < 2 {
         return;
     }
-    // Sibling groups: vCPUs of one domain. Most VMs have one vCPU.
-    let mut by_domain: Vec<usize> = (0..n).collect();
-    by_domain.sort_unstable_by_key(|i| (p.domain[*i], *i));
-    let mut crowded: Vec<usize> = by_domain
-        .windows(2)
-        .filter(|w| p.domain[w[0]] == p.domain[w[1]])
-        .flat_map(|w| [w[0], w[1]])
-        .collect();
-    // Smallest first: a small vCPU fits a move where a large one needs a
-    // swap, and one move spreads a pair as well as two.
-    crowded.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
-    crowded.dedup();
+    // Sibling groups: vCPUs of one domain, movable or fixed. Most VMs
+    // have one vCPU.
+    let mut doms: Vec<u32> = p.domain.iter().copied().chain(p.fixed.iter().map(|f| f.0)).collect();
+    doms.sort_unstable();
+    let shared = |dom: u32| {
+        let at = doms.partition_point(|d| *d < dom);
+        doms.get(at + 1) == Some(&dom)
+    };
+    let mut crowded: Vec<usize> = (0..n).filter(|i| shared(p.domain[*i])).collect();
     if crowded.is_empty() {
         return;
     }
+    // Smallest first: a small vCPU fits a move where a large one needs a
+    // swap, and one move spreads a pair as well as two.
+    crowded.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
     let mut load = p.loads(at);
     let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
     for (i, &c) in at.iter().enumerate() {
         on[c].push(i);
     }
-    let has = |on: &[Vec<usize>], c: usize, dom: u32, except: usize| on[c].iter().any(|j| *j != except && p.domain[*j] == dom);
+    let mut fixed_on: Vec<Vec<u32>> = vec![Vec::new(); m];
+    for &(dom, c) in p.fixed {
+        fixed_on[c].push(dom);
+    }
+    let has = |on: &[Vec<usize>], c: usize, dom: u32, except: usize| {
+        fixed_on[c].contains(&dom) || on[c].iter().any(|j| *j != except && p.domain[*j] == dom)
+    };
     let cap = makespan + 1e-5 * larger(makespan, 1.0);
     let mut work = 0usize;
     for &i in &crowded {
@@ -516,7 +542,7 @@ mod tests {
     fn makespan_of(d: &[f32], base: &[f32]) -> f32 {
         let home = vec![NONE; d.len()];
         let domain: Vec<u32> = (0..d.len() as u32).collect();
-        plan(&Problem { demand: d, home: &home, domain: &domain, base }).makespan
+        plan(&Problem { demand: d, home: &home, domain: &domain, base, hint: &[], fixed: &[] }).makespan
     }
 
     #[test]
@@ -525,7 +551,7 @@ mod tests {
         let d = [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5];
         let home = [0, 0, 0, 1, 1, 2, 3, 3];
         let domain: Vec<u32> = (0..8).collect();
-        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 4] });
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 4], hint: &[], fixed: &[] });
         assert!((t.makespan - 1.5).abs() < 1e-5, "{t:?}");
     }
 
@@ -535,7 +561,7 @@ mod tests {
         let d = [0.2, 0.2, 0.2, 0.2, 0.6, 0.6];
         let home = [0, 0, 0, 0, 1, 1];
         let domain: Vec<u32> = (0..6).collect();
-        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2], hint: &[], fixed: &[] });
         assert!((t.makespan - 1.0).abs() < 1e-5, "{t:?}");
     }
 
@@ -543,7 +569,7 @@ mod tests {
     fn large_instances_come_within_lpt_bound() {
         let d: Vec<f32> = (0..600).map(|i| ((i * 37) % 97) as f32 / 100.0 + 0.01).collect();
         let base = vec![0.0; 200];
-        let lower = Problem { demand: &d, home: &vec![NONE; 600], domain: &vec![0; 600], base: &base }.lower_bound();
+        let lower = Problem { demand: &d, home: &vec![NONE; 600], domain: &vec![0; 600], base: &base, hint: &[], fixed: &[] }.lower_bound();
         assert!(makespan_of(&d, &base) <= lower * 1.05, "{} vs {lower}", makespan_of(&d, &base));
     }
 
@@ -553,7 +579,7 @@ mod tests {
         let d = [0.5, 0.5, 0.5, 0.5];
         let home = [0, 0, 1, 1];
         let domain = [0, 0, 1, 1];
-        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2], hint: &[], fixed: &[] });
         assert_ne!(t.at[0], t.at[1], "{t:?}");
         assert_ne!(t.at[2], t.at[3], "{t:?}");
         assert!((t.makespan - 1.0).abs() < 1e-5);
@@ -565,7 +591,7 @@ mod tests {
         let d = [1.0, 0.5, 1.0, 0.5];
         let home = [0, 0, 1, 1];
         let domain: Vec<u32> = (0..4).collect();
-        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2] });
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 2], hint: &[], fixed: &[] });
         assert_eq!(t.at, home);
     }
 
@@ -601,7 +627,7 @@ mod tests {
             let m = rng.gen_range(2..=EXACT_CPUS);
             let n = rng.gen_range(1..=12);
             let (d, home, domain, base) = random_problem(&mut rng, m, n);
-            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base });
+            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base, hint: &[], fixed: &[] });
             let best = optimum(&d, &base);
             assert!(t.makespan <= best + 1e-4, "seed {seed}: {} against the optimum {best}: {d:?} over {base:?}", t.makespan);
             assert!(t.at.iter().all(|c| *c < m), "seed {seed}: every vCPU placed: {:?}", t.at);
@@ -616,7 +642,7 @@ mod tests {
             let m = rng.gen_range(9..=64);
             let n = m * rng.gen_range(1..=4) + rng.gen_range(0..m);
             let (d, home, domain, base) = random_problem(&mut rng, m, n);
-            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base });
+            let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &base, hint: &[], fixed: &[] });
             let d64: Vec<f64> = d.iter().map(|x| f64::from(*x)).collect();
             let b64: Vec<f64> = base.iter().map(|x| f64::from(*x)).collect();
             let best = vm_balancer_sdk::makespan::best_placement_with_base(&d64, &b64, 200_000);
@@ -631,7 +657,7 @@ mod tests {
         let d = [0.3, 0.0, 0.3, 0.3];
         let home = [0, 0, 0, NONE];
         let domain = [0, 1, 2, 3];
-        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[-1e-6, -0.0, 0.0] });
+        let t = plan(&Problem { demand: &d, home: &home, domain: &domain, base: &[-1e-6, -0.0, 0.0], hint: &[], fixed: &[] });
         assert!(t.at.iter().all(|c| *c < 3) && t.makespan.is_finite() && t.makespan <= 0.3 + 1e-5, "{t:?}");
     }
 }
