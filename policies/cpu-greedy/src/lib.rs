@@ -522,7 +522,6 @@ fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)
     items[i].moved = true;
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

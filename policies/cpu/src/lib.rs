@@ -197,7 +197,7 @@ impl CpuPolicy {
         if self.carry.budget == 0 || self.carry.left.is_empty() {
             return Vec::new();
         }
-        items
+        let hint = items
             .iter()
             .map(|it| {
                 let d = &snap.domains[it.domain];
@@ -209,7 +209,12 @@ impl CpuPolicy {
                     .and_then(|(_, cpu)| slots.get(*cpu))
                     .unwrap_or(target::NONE)
             })
-            .collect()
+            .collect::<Vec<usize>>();
+        // None of them is still here (a new set of domains): nothing carried.
+        if hint.iter().all(|h| *h == target::NONE) {
+            return Vec::new();
+        }
+        hint
     }
 
     /// The pins to send: each unpinned vCPU where it was placed, unless it
@@ -400,7 +405,8 @@ mod tests {
         let mut policy = CpuPolicy::default();
         let snap = busy_guests_on_cpu0(4, 2);
         let first = policy.decide(&snap).unwrap();
-        let moved: Vec<&str> = first.iter().filter_map(|a| if let Action::Pin { domain, .. } = a { Some(domain.as_str()) } else { None }).collect();
+        let moved: Vec<&str> =
+            first.iter().filter_map(|a| if let Action::Pin { domain, .. } = a { Some(domain.as_str()) } else { None }).collect();
         assert_eq!(moved.len(), 2, "{first:?}");
         // Same (stale) picture next quantum: the moved vCPUs are cooling, the
         // remaining two may move; the moved ones must not move again.

@@ -134,7 +134,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // A large host first tries the cheapest plan: repaired to just above
     // the lower bound. Within the tie of the bound, nothing can beat it by
     // more than the tie, so it is the target and LPT is not needed.
-    if !exact && n > DESCENT_ITEMS && p.hint.is_empty() {
+    if !exact && n > DESCENT_ITEMS {
         let lower = p.lower_bound();
         let t = p.target(repair(p, lower + tie(lower) / 2.0));
         if t.makespan <= lower + tie(lower) {
@@ -305,6 +305,15 @@ impl Siblings {
         if at < self.cpus.len() && (slot.1 as usize) < self.capacity(dom) {
             self.cpus[at] = c as u32;
             self.slice[dom as usize].1 += 1;
+        }
+    }
+
+    fn remove(&mut self, dom: u32, c: usize) {
+        let (start, len) = self.slice[dom as usize];
+        let list = &mut self.cpus[start as usize..(start + len) as usize];
+        if let Some(k) = list.iter().position(|x| *x == c as u32) {
+            list.swap(k, len as usize - 1);
+            self.slice[dom as usize].1 -= 1;
         }
     }
 
@@ -604,8 +613,9 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
     }
     // vCPUs that share a pCPU with a sibling. Most VMs have one vCPU, and
     // most siblings are apart already.
-    let siblings = Siblings::new(p, at);
-    let mut crowded: Vec<usize> = (0..n).filter(|i| siblings.of(p.domain[*i]).iter().filter(|c| **c as usize == at[*i]).count() > 1).collect();
+    let mut siblings = Siblings::new(p, at);
+    let crowded_at = |siblings: &Siblings, i: usize, c: usize| siblings.of(p.domain[i]).iter().filter(|x| **x as usize == c).count() > 1;
+    let mut crowded: Vec<usize> = (0..n).filter(|i| crowded_at(&siblings, *i, at[*i])).collect();
     if crowded.is_empty() {
         return;
     }
@@ -613,52 +623,64 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
     // swap, and one move spreads a pair as well as two.
     crowded.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
     let mut load = p.loads(at);
-    let mut on: Vec<Vec<usize>> = vec![Vec::new(); m];
-    for (i, &c) in at.iter().enumerate() {
-        on[c].push(i);
-    }
-    let mut fixed_on: Vec<Vec<u32>> = vec![Vec::new(); m];
-    for &(dom, c) in p.fixed {
-        fixed_on[c].push(dom);
-    }
-    let has = |on: &[Vec<usize>], c: usize, dom: u32, except: usize| {
-        fixed_on[c].contains(&dom) || on[c].iter().any(|j| *j != except && p.domain[*j] == dom)
-    };
+    // Each pCPU's vCPUs, for swaps: built the first time a move does not fit.
+    let mut on: Vec<Vec<usize>> = Vec::new();
     let cap = makespan + 1e-5 * larger(makespan, 1.0);
     let mut work = 0usize;
     for &i in &crowded {
         let a = at[i];
         let dom = p.domain[i];
-        if !has(&on, a, dom, i) {
+        if !crowded_at(&siblings, i, a) {
             continue;
         }
-        // The best destination: a move if one fits, else the swap whose
-        // partner's demand is closest.
-        let mut pick: Option<(f32, usize, Option<usize>)> = None;
-        for b in (0..m).filter(|b| *b != a) {
-            work += 1 + on[b].len() * (1 + on[a].len());
-            if work > SPREAD_WORK || has(&on, b, dom, NONE) {
-                continue;
-            }
-            if load[b] + p.demand[i] <= cap {
-                pick = Some((0.0, b, None));
-                break;
-            }
-            for &j in &on[b] {
-                let delta = p.demand[i] - p.demand[j];
-                if load[b] + delta <= cap && load[a] - delta <= cap && !has(&on, a, p.domain[j], i) {
-                    let cost = delta.abs();
-                    if pick.is_none_or(|(c, _, _)| cost < c) {
-                        pick = Some((cost, b, Some(j)));
-                    }
+        let d = p.demand[i];
+        // A move that fits, onto the least-loaded pCPU without a sibling.
+        let dest = (0..m).filter(|b| *b != a && load[*b] + d <= cap && !siblings.has(dom, *b)).min_by(|x, y| load[*x].total_cmp(&load[*y]));
+        work += m;
+        let mut pick = dest.map(|b| (b, None));
+        if pick.is_none() && work < SPREAD_WORK {
+            // Else the swap whose partner's demand is closest.
+            if on.is_empty() {
+                on = vec![Vec::new(); m];
+                for (j, &c) in at.iter().enumerate() {
+                    on[c].push(j);
                 }
             }
-        }
-        if let Some((_, b, swap)) = pick {
-            shift(p.demand, &mut load, &mut on, at, i, b);
-            if let Some(j) = swap {
-                shift(p.demand, &mut load, &mut on, at, j, a);
+            let mut best: Option<(f32, usize, usize)> = None;
+            for b in (0..m).filter(|b| *b != a && !siblings.has(dom, *b)) {
+                work += on[b].len();
+                for &j in &on[b] {
+                    let delta = d - p.demand[j];
+                    if load[b] + delta <= cap
+                        && load[a] - delta <= cap
+                        && !siblings.has(p.domain[j], a)
+                        && best.is_none_or(|(c, _, _)| delta.abs() < c)
+                    {
+                        best = Some((delta.abs(), b, j));
+                    }
+                }
+                if work > SPREAD_WORK {
+                    break;
+                }
             }
+            pick = best.map(|(_, b, j)| (b, Some(j)));
+        }
+        let Some((b, swap)) = pick else { continue };
+        let mut relocate = |i: usize, to: usize, siblings: &mut Siblings| {
+            let from = at[i];
+            siblings.remove(p.domain[i], from);
+            siblings.add(p.domain[i], to);
+            load[from] -= p.demand[i];
+            load[to] += p.demand[i];
+            if !on.is_empty() {
+                on[from].retain(|x| *x != i);
+                on[to].push(i);
+            }
+            at[i] = to;
+        };
+        relocate(i, b, &mut siblings);
+        if let Some(j) = swap {
+            relocate(j, a, &mut siblings);
         }
     }
 }
