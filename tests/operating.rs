@@ -220,9 +220,9 @@ fn run_at_its_default_level_explains_itself() {
     // One line per applied action: domain, old -> new, the policy's reason.
     let applied: Vec<&str> = log.lines().filter(|l| l.contains("action applied")).collect();
     assert!(
-        applied
-            .iter()
-            .any(|l| l.contains("domain=\"busy-") && l.contains("change=\"vcpu 0 [0] -> [1]\"") && l.contains("reason=\"busiest pCPU")),
+        applied.iter().any(|l| l.contains("domain=\"busy-")
+            && l.contains("change=\"vcpu 0 [0] -> [1]\"")
+            && l.contains("reason=\"plan: busiest pCPU")),
         "{log}"
     );
     assert!(applied.iter().any(|l| l.contains("change=\"memory 512 -> ")), "{log}");

@@ -6,16 +6,26 @@
 //! from where the vCPUs are stops in local optima (issue 12's stalls: a
 //! 1-for-2 exchange needed, a chain across three pCPUs, a partner far down
 //! the load order). A placement planned from scratch has none of those, but
-//! reaching it may move many vCPUs. So three candidates are built, each
-//! finished by the same local search, and the best makespan wins, with
-//! fewer moved vCPUs (weighted by demand) breaking near-ties:
-//! - **descent**: the current placement, improved;
+//! reaching it may move many vCPUs. So several candidates are built, and the
+//! lowest makespan wins, with fewer moved vCPUs (weighted by demand)
+//! breaking near-ties ([`TIE_PCT`]):
+//! - **carried**: the target an earlier quantum began and the move budget
+//!   cut short, so it is finished rather than re-planned around the half
+//!   already moved;
+//! - **descent** (up to [`DESCENT_ITEMS`] vCPUs): the current placement,
+//!   improved by local search;
 //! - **repair**: the current placement with the least it takes removed from
 //!   each pCPU above the planned level, put back largest first onto the
 //!   least-loaded pCPUs (few moves on a large host);
 //! - **plan**: the exact optimum on small instances (the SDK's branch and
 //!   bound) or LPT on large ones, relabelled onto the current pCPUs so that
-//!   the most demand stays where it is (greedy matching on overlap).
+//!   the most demand stays where it is (greedy matching on overlap), then
+//!   improved by local search.
+//!
+//! A large host tries the cheapest first: the repair to just above the
+//! lower bound. When that lands within the tie of the bound nothing else can
+//! beat it by more than the tie, and the rest is not computed (this keeps a
+//! 4,000-vCPU quantum short).
 //!
 //! Finally, a multi-vCPU VM's vCPUs sharing a pCPU are spread over pCPUs
 //! without a sibling where that keeps every pCPU within the makespan.
@@ -261,36 +271,47 @@ fn lpt(p: &Problem) -> Vec<usize> {
 /// a scan of its few vCPUs, with no allocation per domain or per pCPU.
 /// One-vCPU VMs have no slice and never have a sibling.
 struct Siblings {
-    /// Per domain: (start of its slice, vCPUs placed in it).
-    slice: Vec<(u32, u32)>,
+    /// Per domain: (start of its slice, vCPUs placed in it, its length).
+    slice: Vec<(u32, u32, u32)>,
     cpus: Vec<u32>,
 }
 
 impl Siblings {
     /// The vCPUs of `at` that have a pCPU, and the fixed ones.
     fn new(p: &Problem, at: &[usize]) -> Self {
-        let domains = p.domain.iter().chain(p.fixed.iter().map(|f| &f.0)).map(|d| *d as usize + 1).max().unwrap_or(0);
-        let mut count = vec![0u32; domains];
-        p.domain.iter().chain(p.fixed.iter().map(|f| &f.0)).for_each(|d| count[*d as usize] += 1);
-        let mut slice = Vec::with_capacity(domains);
+        let mut slice: Vec<(u32, u32, u32)> = Vec::new();
+        for &d in p.domain.iter().chain(p.fixed.iter().map(|f| &f.0)) {
+            if d as usize >= slice.len() {
+                slice.resize(d as usize + 1, (0, 0, 0));
+            }
+            slice[d as usize].2 += 1;
+        }
         let mut start = 0u32;
-        for c in &count {
-            slice.push((start, 0));
+        for s in &mut slice {
             // A one-vCPU VM needs no slice: nothing can be its sibling.
-            start += if *c > 1 { *c } else { 0 };
+            s.2 = if s.2 > 1 { s.2 } else { 0 };
+            s.0 = start;
+            start += s.2;
         }
         let mut s = Siblings { slice, cpus: vec![0; start as usize] };
-        for (i, &c) in at.iter().enumerate().filter(|(_, c)| **c != NONE) {
-            s.add(p.domain[i], c);
-        }
-        for &(dom, c) in p.fixed {
-            s.add(dom, c);
+        if start > 0 {
+            for (i, &c) in at.iter().enumerate().filter(|(_, c)| **c != NONE) {
+                s.add(p.domain[i], c);
+            }
+            for &(dom, c) in p.fixed {
+                s.add(dom, c);
+            }
         }
         s
     }
 
+    /// True when no VM has two vCPUs: nothing to spread or look up.
+    fn none(&self) -> bool {
+        self.cpus.is_empty()
+    }
+
     fn of(&self, dom: u32) -> &[u32] {
-        let (start, len) = self.slice[dom as usize];
+        let (start, len, _) = self.slice[dom as usize];
         &self.cpus[start as usize..(start + len) as usize]
     }
 
@@ -299,28 +320,21 @@ impl Siblings {
     }
 
     fn add(&mut self, dom: u32, c: usize) {
-        let slot = &mut self.slice[dom as usize];
-        let at = (slot.0 + slot.1) as usize;
+        let (start, len, cap) = self.slice[dom as usize];
         // Only domains with a slice (two or more vCPUs) are recorded.
-        if at < self.cpus.len() && (slot.1 as usize) < self.capacity(dom) {
-            self.cpus[at] = c as u32;
+        if len < cap {
+            self.cpus[(start + len) as usize] = c as u32;
             self.slice[dom as usize].1 += 1;
         }
     }
 
     fn remove(&mut self, dom: u32, c: usize) {
-        let (start, len) = self.slice[dom as usize];
+        let (start, len, _) = self.slice[dom as usize];
         let list = &mut self.cpus[start as usize..(start + len) as usize];
         if let Some(k) = list.iter().position(|x| *x == c as u32) {
             list.swap(k, len as usize - 1);
             self.slice[dom as usize].1 -= 1;
         }
-    }
-
-    fn capacity(&self, dom: u32) -> usize {
-        let start = self.slice[dom as usize].0;
-        let next = self.slice.get(dom as usize + 1).map_or(self.cpus.len() as u32, |s| s.0);
-        (next - start) as usize
     }
 }
 
@@ -357,7 +371,7 @@ fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) {
         // is replaced in place (one sift instead of a pop and a push).
         if let Some(mut top) = heap.peek_mut() {
             let c = key_cpu(*top);
-            if !siblings.has(dom, c) {
+            if siblings.none() || !siblings.has(dom, c) {
                 load[c] += p.demand[i];
                 siblings.add(dom, c);
                 at[i] = c;
@@ -411,6 +425,7 @@ fn repair(p: &Problem, level: f32) -> Vec<usize> {
     let mut load = p.loads(&at);
     let (start, mut on) = by_cpu(&at, m);
     let eps = 1e-5 * larger(level, 1.0);
+    let mut removed: Vec<usize> = Vec::new();
     for c in 0..m {
         if load[c] <= level + eps {
             continue;
@@ -418,16 +433,24 @@ fn repair(p: &Problem, level: f32) -> Vec<usize> {
         // Smallest first, so the smallest sufficient one is found by a scan.
         let items = &mut on[start[c] as usize..start[c + 1] as usize];
         items.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
-        let mut left: Vec<usize> = items.to_vec();
+        let mut left: &mut [usize] = items;
         while load[c] > level + eps && !left.is_empty() {
             let excess = load[c] - level;
             let k = left.iter().position(|i| p.demand[*i] >= excess).unwrap_or(left.len() - 1);
-            let i = left.remove(k);
+            let i = left[k];
+            // Keep the rest in order: shift the taken one to the end.
+            left[k..].rotate_left(1);
+            let n = left.len() - 1;
+            left = &mut left[..n];
             load[c] -= p.demand[i];
             at[i] = NONE;
+            removed.push(i);
         }
     }
-    place_largest_first(p, &mut at);
+    // Every vCPU taken off, and every one without a pCPU, largest first.
+    removed.extend((0..at.len()).filter(|i| p.home[*i] == NONE));
+    let order = largest_first(p, removed.into_iter());
+    place(p, &mut at, &order, load);
     at
 }
 
@@ -614,6 +637,9 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
     // vCPUs that share a pCPU with a sibling. Most VMs have one vCPU, and
     // most siblings are apart already.
     let mut siblings = Siblings::new(p, at);
+    if siblings.none() {
+        return;
+    }
     let crowded_at = |siblings: &Siblings, i: usize, c: usize| siblings.of(p.domain[i]).iter().filter(|x| **x as usize == c).count() > 1;
     let mut crowded: Vec<usize> = (0..n).filter(|i| crowded_at(&siblings, *i, at[*i])).collect();
     if crowded.is_empty() {
