@@ -165,45 +165,56 @@ fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], 
         }
         return pending.to_vec();
     }
-    let mut pending = pending.to_vec();
-    let mut done = Vec::new();
     let max = load.iter().copied().fold(0.0, larger);
     let tol = 1e-5 * larger(max, 1.0);
-    while done.len() < budget && !pending.is_empty() {
-        let single = pending
-            .iter()
-            .enumerate()
-            .filter(|(_, &k)| load[at[k]] + demand[k] <= max + tol)
-            .max_by(|(_, &x), (_, &y)| load[home[x]].total_cmp(&load[home[y]]))
-            .map(|(n, _)| n);
-        if let Some(n) = single {
-            let k = pending.swap_remove(n);
-            apply(load, k);
-            done.push(k);
-            continue;
+    let mut done = Vec::with_capacity(budget);
+    // Safe single moves, from the busiest sources first; a move that does
+    // not fit yet may once others have left its destination, so a few
+    // passes (each O(moves), not a scan per move).
+    let mut left: Vec<usize> = pending.to_vec();
+    left.sort_by(|x, y| load[home[*y]].total_cmp(&load[home[*x]]).then(x.cmp(y)));
+    for _ in 0..4 {
+        let mut next = Vec::with_capacity(left.len());
+        for &k in &left {
+            if done.len() < budget && load[at[k]] + demand[k] <= max + tol {
+                apply(load, k);
+                done.push(k);
+            } else {
+                next.push(k);
+            }
         }
+        if next.len() == left.len() || done.len() >= budget {
+            left = next;
+            break;
+        }
+        left = next;
+    }
+    // Then pairs of moves the opposite ways between two pCPUs (a swap
+    // neither half of which fits alone), found by a lookup, not a scan.
+    let mut by_route: std::collections::BTreeMap<(usize, usize), Vec<usize>> = std::collections::BTreeMap::new();
+    for &k in &left {
+        by_route.entry((home[k], at[k])).or_default().push(k);
+    }
+    let mut used = vec![false; demand.len()];
+    for &x in &left {
         if budget - done.len() < 2 {
             break;
         }
-        let mut pair = None;
-        'outer: for (n, &x) in pending.iter().enumerate() {
-            for (o, &y) in pending.iter().enumerate() {
-                if home[y] == at[x] && at[y] == home[x] {
-                    let shift = demand[x] - demand[y];
-                    if load[at[x]] + shift <= max + tol && load[home[x]] - shift <= max + tol {
-                        pair = Some((n, o));
-                        break 'outer;
-                    }
-                }
+        if used[x] {
+            continue;
+        }
+        let Some(back) = by_route.get(&(at[x], home[x])) else { continue };
+        let partner = back.iter().copied().find(|&y| {
+            let shift = demand[x] - demand[y];
+            !used[y] && load[at[x]] + shift <= max + tol && load[home[x]] - shift <= max + tol
+        });
+        if let Some(y) = partner {
+            for k in [x, y] {
+                used[k] = true;
+                apply(load, k);
+                done.push(k);
             }
         }
-        let Some((n, o)) = pair else { break };
-        let (x, y) = (pending[n], pending[o]);
-        for k in [x, y] {
-            apply(load, k);
-            done.push(k);
-        }
-        pending.retain(|k| *k != x && *k != y);
     }
     done
 }
