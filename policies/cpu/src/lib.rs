@@ -611,4 +611,61 @@ mod tests {
         assert!(pins.iter().all(|p| *p <= 3), "{pins:?}");
         assert!(loads.windows(2).all(|w| w[1] <= w[0] + 1e-5), "{loads:?}");
     }
+
+    #[test]
+    fn random_and_hostile_snapshots_give_valid_pins_only() {
+        use rand::{Rng, SeedableRng};
+        // Odd demands (NaN, infinite, negative, huge), offline and reserved
+        // CPUs, affinities to CPUs that do not exist, big VMs crowded on one
+        // pCPU, odd params: decide never panics, pins only usable CPUs, and
+        // pins each vCPU at most once a quantum.
+        for seed in 0..300u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let cpus = rng.gen_range(1..=40u32);
+            let mut b = SnapshotBuilder::new(cpus, 64 << 20);
+            for c in 0..cpus {
+                if rng.gen_bool(0.1) {
+                    b = b.reserve_cpu(c);
+                }
+            }
+            let odd = [f32::NAN, f32::INFINITY, -1.0, 1e30, 0.0, 1e-9];
+            for d in 0..rng.gen_range(0..30) {
+                let mut db = DomainBuilder::new(&format!("vm{d}"));
+                let crowd = rng.gen_bool(0.2);
+                for _ in 0..rng.gen_range(1..=if crowd { 40 } else { 4 }) {
+                    let cpu = if crowd { 0 } else { rng.gen_range(0..cpus + 2) };
+                    let demand = if rng.gen_bool(0.05) { odd[rng.gen_range(0..odd.len())] } else { rng.gen_range(0.0f32..1.0) };
+                    db = db.vcpu_with_steal(cpu, 0.0, demand);
+                }
+                b = b.domain(db);
+            }
+            let mut cpu_params = std::collections::BTreeMap::new();
+            if rng.gen_bool(0.3) {
+                cpu_params.insert("min_gain".to_string(), vm_balancer_sdk::Param::Float(rng.gen_range(-1.0..1.0)));
+                cpu_params.insert("converge_quanta".to_string(), vm_balancer_sdk::Param::Int(rng.gen_range(-3..5)));
+                cpu_params.insert("numa_slack_pct".to_string(), vm_balancer_sdk::Param::Float(rng.gen_range(-10.0..1e9)));
+            }
+            let mut snap = b.param("cpu", vm_balancer_sdk::Param::Map(cpu_params)).build();
+            for c in &mut snap.host.cpus {
+                if rng.gen_bool(0.1) {
+                    c.online = false;
+                }
+                c.node = rng.gen_range(0..3);
+            }
+            let mut policy = CpuPolicy::default();
+            for q in 0..3 {
+                snap.quantum = q;
+                let actions = policy.decide(&snap).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                let mut seen = std::collections::BTreeSet::new();
+                for a in &actions {
+                    let Action::Pin { domain, vcpu, cpus, .. } = a else { continue };
+                    assert!(seen.insert((domain.clone(), *vcpu)), "seed {seed}: {domain}/{vcpu} pinned twice: {actions:?}");
+                    assert_eq!(cpus.len(), 1, "seed {seed}");
+                    let c = snap.host.cpus.iter().find(|c| c.id == cpus[0]).unwrap_or_else(|| panic!("seed {seed}: no CPU {}", cpus[0]));
+                    assert!(c.online && !c.reserved, "seed {seed}: pin onto an unusable CPU {}", c.id);
+                }
+                apply(&mut snap, &actions);
+            }
+        }
+    }
 }
