@@ -36,7 +36,7 @@ mod target;
 
 use rustc_hash::FxHashMap;
 
-use vm_balancer_sdk::{export_policy, Action, Info, Policy, Reads, Snapshot};
+use vm_balancer_sdk::{export_policy, Action, Info, Outcome, Policy, Reads, Snapshot};
 
 /// Tunables, read from `[params.cpu]` each quantum.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,6 +89,12 @@ pub struct CpuPolicy {
     /// the vCPUs not moved yet are to go), so the next quantum finishes it
     /// instead of planning around the half already moved.
     carry: Carry,
+    /// Pins sent last quantum (initial pins and moves).
+    last_pins: usize,
+    /// Pins the guard let through in a quantum where it refused more for
+    /// its per-quantum limit: the budget stays under it from then on, so the
+    /// plan the policy believes in is the one that happened.
+    pin_cap: Option<usize>,
 }
 
 /// What a target cut short by the move budget leaves for the next quantum.
@@ -127,6 +133,7 @@ impl Policy for CpuPolicy {
             return Ok(Vec::new());
         }
         let slots = SlotIndex::new(&usable);
+        self.read_verdicts(snap);
         self.last_moved.retain(|_, moves| {
             moves.retain(|(_, q)| snap.quantum.saturating_sub(*q) < params.cooldown_quanta);
             !moves.is_empty()
@@ -140,6 +147,8 @@ impl Policy for CpuPolicy {
             max_moves: params.max_moves,
             converge_quanta: params.converge_quanta,
             numa_slack_pct: params.numa_slack_pct,
+            // Initial pins count against the guard's limit too.
+            pin_cap: self.pin_cap.map_or(usize::MAX, |cap| cap.saturating_sub(unpinned.len()).max(1)),
         };
         let mut carried = plan::Carried { budget: self.carry.budget, hint: self.hint(snap, &slots, &items), left: Vec::new() };
         let moves = plan::plan_moves(&mut items, &mut load, &nodes, &settings, &mut carried);
@@ -149,7 +158,9 @@ impl Policy for CpuPolicy {
             let d = &snap.domains[items[i].domain];
             self.carry.left.entry(d.name.clone()).or_default().push((d.vcpus[items[i].vcpu].id, usable[slot]));
         }
-        Ok(self.actions(snap, &usable, &items, &unpinned, moves))
+        let actions = self.actions(snap, &usable, &items, &unpinned, moves);
+        self.last_pins = actions.len();
+        Ok(actions)
     }
 }
 
@@ -188,6 +199,24 @@ impl CpuPolicy {
             }
         }
         (items, unpinned)
+    }
+
+    /// Honours the guard's verdicts on last quantum's pins: a refused pin
+    /// did not move its vCPU (no cooldown for it), and refusals for the
+    /// per-quantum pin limit set the budget's cap to what got through.
+    fn read_verdicts(&mut self, snap: &Snapshot) {
+        let mut over_limit = 0;
+        for v in snap.verdicts.iter().filter(|v| v.outcome == Outcome::Rejected) {
+            let Action::Pin { domain, vcpu, .. } = &v.action else { continue };
+            if let Some(moves) = self.last_moved.get_mut(domain.as_str()) {
+                moves.retain(|(id, _)| id != vcpu);
+            }
+            over_limit += usize::from(v.reason.contains("pins per quantum"));
+        }
+        if over_limit > 0 {
+            let through = self.last_pins.saturating_sub(over_limit).max(1);
+            self.pin_cap = Some(self.pin_cap.map_or(through, |cap| cap.min(through)));
+        }
     }
 
     /// Per item, the usable-CPU index a carried target sends it to, or

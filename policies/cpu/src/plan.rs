@@ -25,6 +25,9 @@ pub(crate) struct Settings {
     /// A VM's vCPUs stay on one NUMA node when that costs at most this
     /// share of the best makespan (percent).
     pub(crate) numa_slack_pct: f32,
+    /// Moves the guard lets through a quantum, as learnt from its verdicts
+    /// (`usize::MAX`: no limit seen).
+    pub(crate) pin_cap: usize,
 }
 
 /// The quantum's move budget: `cpu.max_moves` when set; else enough to
@@ -36,12 +39,13 @@ pub(crate) struct Settings {
 /// take dozens of quanta to spread, while on a converged host the need is
 /// a few moves and the floor is what limits churn. The floor of 8 lets a
 /// small host's plan (a 1-for-2 exchange, a chain over three pCPUs) land in
-/// one quantum.
+/// one quantum. Whatever the rule, never more than the guard was seen to
+/// let through in a quantum (`pin_cap`).
 pub(crate) fn budget(s: &Settings, cpus: usize, needed: usize, carry: usize) -> usize {
     if s.max_moves > 0 {
-        return s.max_moves;
+        return s.max_moves.min(s.pin_cap);
     }
-    (cpus / 4).max(8).max(needed.div_ceil(s.converge_quanta.max(1))).max(carry)
+    (cpus / 4).max(8).max(needed.div_ceil(s.converge_quanta.max(1))).max(carry).min(s.pin_cap)
 }
 
 /// A target being reached over several quanta.
@@ -124,8 +128,20 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     };
     let pending: Vec<usize> = (0..movable.len()).filter(|k| at[*k] != home[*k]).collect();
     let allowed = budget(s, m, pending.len(), carry);
-    let order = order_moves(&demand, &home, &at, &pending, load, allowed);
-    if order.len() < pending.len() && s.max_moves == 0 {
+    let before = load.to_vec();
+    let mut order = order_moves(&demand, &home, &at, &pending, load, allowed);
+    // A share cut by the budget must itself lower the busiest pCPU (by half
+    // the margin): moves that only prepare a target demand has left by the
+    // next quantum are churn (measured on `large`: 200-300 moves a quantum
+    // with the busiest pCPU where it was).
+    if order.len() < pending.len() && load.iter().copied().fold(0.0, larger) > current - hysteresis / 2.0 {
+        load.copy_from_slice(&before);
+        order.clear();
+    }
+    // Carried to the next quantum: a target the budget cut short (not the
+    // rule that no move may raise the busiest pCPU: those moves wait for a
+    // plan that makes room).
+    if order.len() < pending.len() && order.len() >= allowed && s.max_moves == 0 {
         carried.budget = allowed;
         let done: Vec<bool> = {
             let mut done = vec![false; movable.len()];
@@ -150,7 +166,7 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
 /// Orders the moves (`pending`, indexes into the problem's vCPUs) from
 /// `home` to `at`, at most `budget` of them, updating `load`. All of them
 /// when the budget allows (they land in one quantum). Otherwise each
-/// quantum's share must leave no pCPU above the current busiest load
+/// quantum's share must leave no pCPU above the busiest load of the moment
 /// (irqbalance's rule: no move reverses the imbalance): safe single moves
 /// first, from the busiest source, then pairs of moves the opposite ways
 /// between two pCPUs.
@@ -168,27 +184,33 @@ fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], 
     let max = load.iter().copied().fold(0.0, larger);
     let tol = 1e-5 * larger(max, 1.0);
     let mut done = Vec::with_capacity(budget);
-    // Safe single moves, from the busiest sources first; a move that does
-    // not fit yet may once others have left its destination, so a few
-    // passes (each O(moves), not a scan per move).
+    // Safe single moves, from the busiest sources first. Safe means the
+    // destination ends no higher than the busiest pCPU is at that moment
+    // (irqbalance's rule: no move reverses the imbalance), the busiest
+    // being looked up again after every move as it drains; a destination
+    // filled up to the *first* busiest load would leave the quantum's share
+    // as unbalanced as before. A move that does not fit yet may once others
+    // have left its destination, so a few passes (each O(moves)).
     let mut left: Vec<usize> = pending.to_vec();
-    left.sort_by(|x, y| load[home[*y]].total_cmp(&load[home[*x]]).then(x.cmp(y)));
-    for _ in 0..4 {
+    for _ in 0..16 {
+        left.sort_by(|x, y| load[home[*y]].total_cmp(&load[home[*x]]).then(x.cmp(y)));
         let mut next = Vec::with_capacity(left.len());
         for &k in &left {
-            if done.len() < budget && load[at[k]] + demand[k] <= max + tol {
+            let busiest = load.iter().copied().fold(0.0, larger);
+            if done.len() < budget && load[at[k]] + demand[k] <= busiest + tol {
                 apply(load, k);
                 done.push(k);
             } else {
                 next.push(k);
             }
         }
-        if next.len() == left.len() || done.len() >= budget {
-            left = next;
+        let stuck = next.len() == left.len();
+        left = next;
+        if stuck || done.len() >= budget {
             break;
         }
-        left = next;
     }
+    let cap = load.iter().copied().fold(0.0, larger) + tol;
     // Then pairs of moves the opposite ways between two pCPUs (a swap
     // neither half of which fits alone), found by a lookup, not a scan.
     let mut by_route: std::collections::BTreeMap<(usize, usize), Vec<usize>> = std::collections::BTreeMap::new();
@@ -206,7 +228,7 @@ fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], 
         let Some(back) = by_route.get(&(at[x], home[x])) else { continue };
         let partner = back.iter().copied().find(|&y| {
             let shift = demand[x] - demand[y];
-            !used[y] && load[at[x]] + shift <= max + tol && load[home[x]] - shift <= max + tol
+            !used[y] && load[at[x]] + shift <= cap && load[home[x]] - shift <= cap
         });
         if let Some(y) = partner {
             for k in [x, y] {

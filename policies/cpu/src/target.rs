@@ -145,7 +145,8 @@ pub(crate) fn plan(p: &Problem) -> Target {
     }
     let n = p.demand.len();
     let exact = n <= EXACT_ITEMS && m <= EXACT_CPUS;
-    let tie = |makespan: f32| if exact { TIE_PCT_EXACT } else { TIE_PCT } / 100.0 * larger(makespan, 1e-3);
+    let tie_pct = if exact { TIE_PCT_EXACT } else { TIE_PCT };
+    let tie = |makespan: f32| tie_pct / 100.0 * larger(makespan, 1e-3);
     // A large host first tries the cheapest plan: repaired to just above
     // the lower bound. Within the tie of the bound, nothing can beat it by
     // more than the tie, so it is the target and LPT is not needed.
