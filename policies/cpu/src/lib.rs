@@ -697,4 +697,22 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_small_move_cap_still_makes_progress_on_tied_busiest_pcpus() {
+        // Six pCPUs tied at 1.0 (two vCPUs of 0.5 each) and six idle ones,
+        // with one move a quantum: no single move lowers the maximum, but
+        // each leaves one tied pCPU fewer at the top, so the host still
+        // converges (to 0.5 everywhere) instead of stalling.
+        let mut vcpus: Vec<(u32, f32, u32)> = Vec::new();
+        for cpu in 0..6u32 {
+            vcpus.push((2 * cpu, 0.5, cpu));
+            vcpus.push((2 * cpu + 1, 0.5, cpu));
+        }
+        let cpu = vm_balancer_sdk::Param::Map([("max_moves".to_string(), vm_balancer_sdk::Param::Int(1))].into_iter().collect());
+        let (loads, pins, _) = closed_loop(host(12, &vcpus).param("cpu", cpu).build(), 12);
+        assert!(pins.iter().all(|p| *p <= 1), "{pins:?}");
+        assert!((loads[11] - 0.5).abs() < 1e-5, "{pins:?} {loads:?}");
+        assert!(loads.windows(2).all(|w| w[1] <= w[0] + 1e-5), "{loads:?}");
+    }
 }

@@ -73,6 +73,11 @@ const SMALL: usize = 8;
 /// moving many more vCPUs for. On small ones the exact optimum is known,
 /// and only a true tie goes to the candidate that moves less.
 const TIE_PCT: f32 = 1.0;
+/// [`TIE_PCT`] on hosts of more than [`DESCENT_ITEMS`] vCPUs (the default
+/// hysteresis, 5 %): there a plan from scratch moves most vCPUs and the
+/// repair only what is above its level, and under the guard's per-quantum
+/// pin limit the many moves take quanta, while demand wanders meanwhile.
+const TIE_PCT_LARGE: f32 = 5.0;
 /// [`TIE_PCT`] on instances planned exactly (float rounding only).
 const TIE_PCT_EXACT: f32 = 0.001;
 
@@ -145,7 +150,13 @@ pub(crate) fn plan(p: &Problem) -> Target {
     }
     let n = p.demand.len();
     let exact = n <= EXACT_ITEMS && m <= EXACT_CPUS;
-    let tie_pct = if exact { TIE_PCT_EXACT } else { TIE_PCT };
+    let tie_pct = if exact {
+        TIE_PCT_EXACT
+    } else if n > DESCENT_ITEMS {
+        TIE_PCT_LARGE
+    } else {
+        TIE_PCT
+    };
     let tie = |makespan: f32| tie_pct / 100.0 * larger(makespan, 1e-3);
     // A large host first tries the cheapest plan: repaired to just above
     // the lower bound. Within the tie of the bound, nothing can beat it by
