@@ -73,11 +73,11 @@ const SMALL: usize = 8;
 /// moving many more vCPUs for. On small ones the exact optimum is known,
 /// and only a true tie goes to the candidate that moves less.
 const TIE_PCT: f32 = 1.0;
-/// [`TIE_PCT`] on hosts of more than [`DESCENT_ITEMS`] vCPUs (the default
-/// hysteresis, 5 %): there a plan from scratch moves most vCPUs and the
+/// [`TIE_PCT`] on hosts of more than [`DESCENT_ITEMS`] vCPUs (half the default
+/// hysteresis: 2.5 %): there a plan from scratch moves most vCPUs and the
 /// repair only what is above its level, and under the guard's per-quantum
 /// pin limit the many moves take quanta, while demand wanders meanwhile.
-const TIE_PCT_LARGE: f32 = 5.0;
+const TIE_PCT_LARGE: f32 = 2.5;
 /// [`TIE_PCT`] on instances planned exactly (float rounding only).
 const TIE_PCT_EXACT: f32 = 0.001;
 
