@@ -128,19 +128,7 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     };
     let pending: Vec<usize> = (0..movable.len()).filter(|k| at[*k] != home[*k]).collect();
     let allowed = budget(s, m, pending.len(), carry);
-    let before = load.to_vec();
-    let mut order = order_moves(&demand, &home, &at, &pending, load, allowed);
-    // A share cut by the budget must itself make progress at the top: lower
-    // the busiest pCPU by half the margin, or leave fewer pCPUs up there
-    // (ties at the maximum). Moves that only prepare a target demand has
-    // left by the next quantum are churn (measured on `large`: 200-300
-    // moves a quantum with the busiest pCPU where it was).
-    let top = current - hysteresis / 2.0;
-    let at_top = |load: &[f32]| load.iter().filter(|l| **l > top).count();
-    if order.len() < pending.len() && at_top(load) >= at_top(&before) {
-        load.copy_from_slice(&before);
-        order.clear();
-    }
+    let order = order_moves(&demand, &home, &at, &pending, load, allowed);
     // Carried to the next quantum: a target the budget cut short (not the
     // rule that no move may raise the busiest pCPU: those moves wait for a
     // plan that makes room).
