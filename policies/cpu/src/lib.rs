@@ -77,7 +77,8 @@ impl CpuParams {
     }
 }
 
-/// The default CPU policy. State: when each vCPU was last moved.
+/// The default CPU policy. State: when each vCPU was last moved, a target
+/// being reached over several quanta, and the pin limit the guard showed.
 #[derive(Default, Debug)]
 pub struct CpuPolicy {
     /// Domain → (vCPU, quantum it was last moved). Keyed by name so the hot
