@@ -121,6 +121,11 @@ impl Problem<'_> {
         load
     }
 
+    /// The busiest pCPU's load under `at`.
+    fn makespan(&self, at: &[usize]) -> f32 {
+        self.loads(at).into_iter().fold(0.0, larger)
+    }
+
     /// `at` with its busiest pCPU's load.
     pub(crate) fn target(&self, at: Vec<usize>) -> Target {
         let makespan = self.loads(&at).into_iter().fold(0.0, larger);
@@ -161,8 +166,10 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // A large host first tries the cheapest plan: repaired to just above
     // the lower bound. Within the tie of the bound, nothing can beat it by
     // more than the tie, so it is the target and LPT is not needed.
+    // No placement beats the lower bound: the fast path's level and the
+    // local search's stop, computed once.
+    let lower = p.lower_bound();
     if !exact && n > DESCENT_ITEMS {
-        let lower = p.lower_bound();
         let level = lower * (1.0 + FAST_LEVEL_PCT / 100.0);
         let t = p.target(repair(p, level, level));
         if t.makespan <= level + tie(lower) {
@@ -172,14 +179,14 @@ pub(crate) fn plan(p: &Problem) -> Target {
         }
     }
     let groups = if exact { exact_groups(p) } else { lpt(p) };
-    let groups_makespan = p.target(groups.clone()).makespan;
+    let groups_makespan = p.makespan(&groups);
     let mut candidates: Vec<Target> = Vec::with_capacity(4);
     if let Some(carried) = (!p.hint.is_empty()).then(|| {
         let mut at: Vec<usize> = p.hint.iter().zip(p.home).map(|(h, c)| if *h == NONE { *c } else { *h }).collect();
         if at.contains(&NONE) {
             place_largest_first(p, &mut at);
         }
-        improve(p, &mut at);
+        improve(p, &mut at, lower);
         p.target(at)
     }) {
         candidates.push(carried);
@@ -189,7 +196,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
         if at.contains(&NONE) {
             place_largest_first(p, &mut at);
         }
-        improve(p, &mut at);
+        improve(p, &mut at, lower);
         candidates.push(p.target(at));
     }
     let level = candidates.iter().map(|t| t.makespan).fold(groups_makespan, f32::min);
@@ -198,7 +205,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
         let mut t = p.target(at);
         // Searched on only when it missed the level it was repaired to.
         if t.makespan > level + tie(level) {
-            improve(p, &mut t.at);
+            improve(p, &mut t.at, lower);
             t = p.target(t.at);
         }
         t
@@ -206,12 +213,11 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // When LPT is within the tie of the lower bound and the repair ties
     // it, the repair moves far less and nothing can do better by more
     // than the tie: the plan is relabelled and searched only otherwise.
-    let lower = p.lower_bound();
     let repair_ties = !exact && groups_makespan <= lower + tie(lower) && repaired.makespan <= groups_makespan + tie(groups_makespan);
     candidates.push(repaired);
     if !repair_ties {
         let mut at = relabel(p, &groups);
-        improve(p, &mut at);
+        improve(p, &mut at, lower);
         candidates.push(p.target(at));
     }
     let best = candidates
@@ -516,7 +522,7 @@ fn relabel(p: &Problem, group: &[usize]) -> Vec<usize> {
     // The greedy matching can leave a heavy group only a pCPU with a
     // larger fixed load than the one it was planned on: then the plan's
     // own labels (each group on the pCPU it was planned for) are kept.
-    if p.target(at.clone()).makespan > cap + tol {
+    if p.makespan(&at) > cap + tol {
         return group.to_vec();
     }
     at
@@ -540,7 +546,7 @@ struct Exchange {
 /// the sorted load vector falls: ties at the maximum do not stop it, and
 /// nothing cycles). Stops when the busiest pCPU has no such exchange, or
 /// after about [`IMPROVE_EVALS`] candidates.
-fn improve(p: &Problem, at: &mut [usize]) {
+fn improve(p: &Problem, at: &mut [usize], lower: f32) {
     let m = p.base.len();
     if m < 2 {
         return;
@@ -554,7 +560,7 @@ fn improve(p: &Problem, at: &mut [usize]) {
     let mut evals = 0usize;
     let mut order: Vec<u64> = Vec::with_capacity(m);
     // No placement beats the lower bound: stop there.
-    let done = p.lower_bound() * (1.0 + STEP);
+    let done = lower * (1.0 + STEP);
     while evals < IMPROVE_EVALS {
         let a = (0..m).max_by(|x, y| load[*x].total_cmp(&load[*y])).unwrap_or(0);
         let la = load[a];
