@@ -4,8 +4,11 @@
 //! vCPUs on 256 pCPUs. Targets: ≤ 1 ms median at 1,000 domains; wasm ≤ 1.5×
 //! native. Run: `cargo bench --bench decide`.
 //!
-//! `cargo bench --bench decide -- ratio` measures the wasm/native ratio
-//! interleaved instead: rounds of wasm calls and native calls alternate, so
+//! `cargo bench --bench decide -- count [DOMAINS] [cpu|mem]` makes 10 calls
+//! of each kind for an instruction count under callgrind (see [`counted`]).
+//!
+//! `cargo bench --bench decide -- ratio [DOMAINS]` measures the wasm/native ratio
+//! interleaved instead (at 10 to 10,000 domains, or only at DOMAINS): rounds of wasm calls and native calls alternate, so
 //! a neighbour's load on a shared VM hits both sides alike (criterion
 //! measures one side for seconds, then the other).
 //!
@@ -23,10 +26,11 @@
 
 use criterion::{BenchmarkId, Criterion};
 use vm_balancer::config::Limits;
+use vm_balancer::policy::answer::{self, Encoding};
 use vm_balancer::policy::builtin::Builtin;
 use vm_balancer::policy::PolicySet;
 use vm_balancer::sdk::builder::{DomainBuilder, SnapshotBuilder};
-use vm_balancer::sdk::{encode_snapshot, Decision, Policy, Runner, Snapshot};
+use vm_balancer::sdk::{encode_snapshot, Policy, Runner, Snapshot};
 
 /// The benchmark's host, its domains named `{prefix}vm-N`.
 fn snapshot_named(domains: u32, prefix: &str) -> Snapshot {
@@ -144,10 +148,40 @@ fn decide<P: Policy>(c: &mut Criterion, builtin: Builtin) {
     group.finish();
 }
 
-/// The native side of one call: encode, decide, decode the answer.
+/// The native side of one call: encode, decide, decode the answer (as the
+/// daemon decodes a wasm policy's answer).
 fn native_decide<P: Policy>(native: &mut Runner<P>, snap: &Snapshot) -> usize {
     let out = native.decide(&encode_snapshot(snap)).unwrap();
-    rmp_serde::from_slice::<Decision>(&out).unwrap().actions.len()
+    answer::decode(Encoding::MessagePack, &out).unwrap().len()
+}
+
+/// For instruction counts, which a busy or shared machine does not skew:
+/// `valgrind --tool=callgrind --smc-check=all-non-file BENCH count 1000`,
+/// then `callgrind_annotate --inclusive=yes` gives `counted_wasm_calls` and
+/// `counted_native_calls` (10 calls each, after 3 unmeasured ones).
+fn counted<P: Policy>(builtin: Builtin, domains: u32) {
+    let limits = roomy_limits();
+    let mut wasm = PolicySet::new(&limits).load_spec(&format!("builtin:{}", builtin.name())).unwrap();
+    let mut native = Runner::<P>::default();
+    let mut host = Alternating::new(domains);
+    for _ in 0..3 {
+        wasm.decide(&encode_snapshot(host.next())).unwrap();
+        native_decide(&mut native, host.next());
+    }
+    // The names differ in the code too, or the linker folds the two into one.
+    #[inline(never)]
+    fn counted_wasm_calls(call: &mut dyn FnMut() -> usize) -> usize {
+        std::hint::black_box("wasm");
+        (0..10).map(|_| call()).sum()
+    }
+    #[inline(never)]
+    fn counted_native_calls(call: &mut dyn FnMut() -> usize) -> usize {
+        std::hint::black_box("native");
+        (0..10).map(|_| call()).sum()
+    }
+    let w = counted_wasm_calls(&mut || wasm.decide(&encode_snapshot(host.next())).unwrap().len());
+    let n = counted_native_calls(&mut || native_decide(&mut native, host.next()));
+    println!("{} {domains} domains: {w} wasm actions, {n} native actions in 10 calls each", builtin.name());
 }
 
 /// Interleaved wasm/native measurement: `ROUNDS` rounds of `calls` wasm
@@ -201,8 +235,21 @@ mod groups {
 use groups::benches;
 
 fn main() {
-    if std::env::args().skip(1).any(|a| a == "ratio") {
-        for domains in [10, 100, 1000, 10_000] {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "count") {
+        let domains = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1000);
+        if !args.iter().any(|a| a == "mem") {
+            counted::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
+        }
+        if !args.iter().any(|a| a == "cpu") {
+            counted::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
+        }
+        return;
+    }
+    if args.iter().any(|a| a == "ratio") {
+        // `-- ratio 1000` measures only that many domains.
+        let only: Vec<u32> = args.iter().filter_map(|a| a.parse().ok()).collect();
+        for domains in [10, 100, 1000, 10_000].into_iter().filter(|n| only.is_empty() || only.contains(n)) {
             interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
             interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
         }

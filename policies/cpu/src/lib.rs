@@ -227,21 +227,27 @@ impl CpuPolicy {
         if self.carry.budget == 0 || self.carry.left.is_empty() {
             return Vec::new();
         }
-        let hint = items
-            .iter()
-            .map(|it| {
-                let d = &snap.domains[it.domain];
-                let id = d.vcpus[it.vcpu].id;
-                self.carry
-                    .left
-                    .get(d.name.as_str())
-                    .and_then(|l| l.iter().find(|(v, _)| *v == id))
-                    .and_then(|(_, cpu)| slots.get(*cpu))
-                    .unwrap_or(target::NONE)
-            })
-            .collect::<Vec<usize>>();
+        let mut hint = Vec::with_capacity(items.len());
+        let mut any = false;
+        // Items come domain by domain: one lookup per domain, not per vCPU.
+        let mut current: Option<(usize, Option<&Vec<(u32, u32)>>)> = None;
+        for it in items {
+            let d = &snap.domains[it.domain];
+            let left = match current {
+                Some((di, left)) if di == it.domain => left,
+                _ => {
+                    let left = self.carry.left.get(d.name.as_str());
+                    current = Some((it.domain, left));
+                    left
+                }
+            };
+            let id = d.vcpus[it.vcpu].id;
+            let h = left.and_then(|l| l.iter().find(|(v, _)| *v == id)).and_then(|(_, cpu)| slots.get(*cpu)).unwrap_or(target::NONE);
+            any |= h != target::NONE;
+            hint.push(h);
+        }
         // None of them is still here (a new set of domains): nothing carried.
-        if hint.iter().all(|h| *h == target::NONE) {
+        if !any {
             return Vec::new();
         }
         hint
@@ -283,9 +289,11 @@ impl CpuPolicy {
 #[inline(never)]
 fn background_load(snap: &Snapshot, slots: &SlotIndex, cpus: usize) -> Vec<f32> {
     let mut vcpu_usage = vec![0.0f32; cpus];
-    for v in snap.domains.iter().flat_map(|d| &d.vcpus) {
-        if let Some(i) = slots.get(v.cpu) {
-            vcpu_usage[i] += v.usage;
+    for d in &snap.domains {
+        for v in &d.vcpus {
+            if let Some(i) = slots.get(v.cpu) {
+                vcpu_usage[i] += v.usage;
+            }
         }
     }
     let mut load = vec![0.0f32; cpus];

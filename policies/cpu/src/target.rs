@@ -171,11 +171,13 @@ pub(crate) fn plan(p: &Problem) -> Target {
     let lower = p.lower_bound();
     if !exact && n > DESCENT_ITEMS {
         let level = lower * (1.0 + FAST_LEVEL_PCT / 100.0);
-        let t = p.target(repair(p, level, level));
-        if t.makespan <= level + tie(lower) {
-            let mut at = t.at;
-            spread(p, &mut at, t.makespan);
-            return p.target(at);
+        // The repair's loads and sibling index go on to the spread: each
+        // is a pass over 4,000 vCPUs that need not be made twice.
+        let Placed { mut at, mut load, mut siblings } = repair(p, level, level);
+        let makespan = load.iter().copied().fold(0.0, larger);
+        if makespan <= level + tie(lower) {
+            spread_placed(p, &mut at, makespan, &mut load, &mut siblings);
+            return Target { at, makespan: load.iter().copied().fold(0.0, larger) };
         }
     }
     let groups = if exact { exact_groups(p) } else { lpt(p) };
@@ -201,7 +203,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
     }
     let level = candidates.iter().map(|t| t.makespan).fold(groups_makespan, f32::min);
     let repaired = {
-        let at = repair(p, level, level);
+        let at = repair(p, level, level).at;
         let mut t = p.target(at);
         // Searched on only when it missed the level it was repaired to.
         if t.makespan > level + tie(level) {
@@ -259,7 +261,7 @@ fn key(load: f32, c: usize) -> Reverse<u64> {
 
 /// Bits whose unsigned order is the order of non-negative floats; zero,
 /// `-0.0`, anything below zero and NaN all map to 0.
-fn order_bits(x: f32) -> u32 {
+pub(crate) fn order_bits(x: f32) -> u32 {
     if x > 0.0 {
         x.to_bits()
     } else {
@@ -290,6 +292,13 @@ fn lpt(p: &Problem) -> Vec<usize> {
     at
 }
 
+/// A placement with each pCPU's load and the sibling index that go with it.
+struct Placed {
+    at: Vec<usize>,
+    load: Vec<f32>,
+    siblings: Siblings,
+}
+
 /// Where each multi-vCPU VM's vCPUs are, in one flat array (a slice per
 /// domain, as long as its vCPUs): "does this VM have a vCPU on pCPU c?" in
 /// a scan of its few vCPUs, with no allocation per domain or per pCPU.
@@ -303,12 +312,21 @@ struct Siblings {
 impl Siblings {
     /// The vCPUs of `at` that have a pCPU, and the fixed ones.
     fn new(p: &Problem, at: &[usize]) -> Self {
-        let mut slice: Vec<(u32, u32, u32)> = Vec::new();
-        for &d in p.domain.iter().chain(p.fixed.iter().map(|f| &f.0)) {
-            if d as usize >= slice.len() {
-                slice.resize(d as usize + 1, (0, 0, 0));
-            }
+        // Sized once, then counted in plain loops (a chained iterator and
+        // a resize check per vCPU were most of this in wasm).
+        let mut domains = 0;
+        for &d in p.domain {
+            domains = domains.max(d as usize + 1);
+        }
+        for f in p.fixed {
+            domains = domains.max(f.0 as usize + 1);
+        }
+        let mut slice: Vec<(u32, u32, u32)> = vec![(0, 0, 0); domains];
+        for &d in p.domain {
             slice[d as usize].2 += 1;
+        }
+        for f in p.fixed {
+            slice[f.0 as usize].2 += 1;
         }
         let mut start = 0u32;
         for s in &mut slice {
@@ -319,8 +337,10 @@ impl Siblings {
         }
         let mut s = Siblings { slice, cpus: vec![0; start as usize] };
         if start > 0 {
-            for (i, &c) in at.iter().enumerate().filter(|(_, c)| **c != NONE) {
-                s.add(p.domain[i], c);
+            for (i, &c) in at.iter().enumerate() {
+                if c != NONE {
+                    s.add(p.domain[i], c);
+                }
             }
             for &(dom, c) in p.fixed {
                 s.add(dom, c);
@@ -366,24 +386,29 @@ impl Siblings {
 /// no allocation per pCPU. vCPUs without a pCPU are left out.
 fn by_cpu(at: &[usize], m: usize) -> (Vec<u32>, Vec<usize>) {
     let mut start = vec![0u32; m + 1];
-    for &c in at.iter().filter(|c| **c != NONE) {
-        start[c + 1] += 1;
+    for &c in at {
+        if c != NONE {
+            start[c + 1] += 1;
+        }
     }
     for c in 0..m {
         start[c + 1] += start[c];
     }
     let mut fill = start.clone();
     let mut items = vec![0usize; start[m] as usize];
-    for (i, &c) in at.iter().enumerate().filter(|(_, c)| **c != NONE) {
-        items[fill[c] as usize] = i;
-        fill[c] += 1;
+    for (i, &c) in at.iter().enumerate() {
+        if c != NONE {
+            items[fill[c] as usize] = i;
+            fill[c] += 1;
+        }
     }
     (start, items)
 }
 
 /// Places the vCPUs of `order` (largest first) onto the least-loaded pCPU
 /// of `load`, preferring, among equally loaded pCPUs, one without a sibling.
-fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) {
+/// Returns the loads and the sibling index after.
+fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) -> (Vec<f32>, Siblings) {
     let m = load.len();
     let mut heap: BinaryHeap<Reverse<u64>> = (0..m).map(|c| key(load[c], c)).collect();
     // Where each VM's vCPUs are: to spread siblings on ties.
@@ -430,6 +455,7 @@ fn place(p: &Problem, at: &mut [usize], order: &[usize], mut load: Vec<f32>) {
         at[i] = c;
         heap.push(key(load[c], c));
     }
+    (load, siblings)
 }
 
 /// Places every vCPU that has no pCPU ([`NONE`]), largest first.
@@ -443,7 +469,7 @@ fn place_largest_first(p: &Problem, at: &mut [usize]) {
 /// that brings it to `level` (≤ `above`) taken off (the smallest vCPU that is enough
 /// alone, else the largest, and again), then everything taken off (and
 /// every vCPU without a pCPU) put back largest first onto the least loaded.
-fn repair(p: &Problem, above: f32, level: f32) -> Vec<usize> {
+fn repair(p: &Problem, above: f32, level: f32) -> Placed {
     let m = p.base.len();
     let mut at: Vec<usize> = p.home.to_vec();
     let mut load = p.loads(&at);
@@ -472,10 +498,14 @@ fn repair(p: &Problem, above: f32, level: f32) -> Vec<usize> {
         }
     }
     // Every vCPU taken off, and every one without a pCPU, largest first.
-    removed.extend((0..at.len()).filter(|i| p.home[*i] == NONE));
+    for (i, &c) in p.home.iter().enumerate() {
+        if c == NONE {
+            removed.push(i);
+        }
+    }
     let order = largest_first(p, removed.into_iter());
-    place(p, &mut at, &order, load);
-    at
+    let (load, siblings) = place(p, &mut at, &order, load);
+    Placed { at, load, siblings }
 }
 
 /// Maps the planned groups onto pCPUs so that as much demand as possible
@@ -653,26 +683,39 @@ fn shift(d: &[f32], load: &mut [f32], on: &mut [Vec<usize>], at: &mut [usize], i
 /// nothing). Each step lowers the number of sibling pairs sharing a pCPU,
 /// so it ends.
 pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
-    let m = p.base.len();
-    let n = at.len();
-    if m < 2 || n < 2 {
+    if p.base.len() < 2 || at.len() < 2 {
         return;
     }
-    // vCPUs that share a pCPU with a sibling. Most VMs have one vCPU, and
-    // most siblings are apart already.
     let mut siblings = Siblings::new(p, at);
     if siblings.none() {
         return;
     }
+    let mut load = p.loads(at);
+    spread_placed(p, at, makespan, &mut load, &mut siblings);
+}
+
+/// [`spread`], given `at`'s loads and sibling index (both kept up to date).
+fn spread_placed(p: &Problem, at: &mut [usize], makespan: f32, load: &mut [f32], siblings: &mut Siblings) {
+    let m = p.base.len();
+    let n = at.len();
+    if m < 2 || n < 2 || siblings.none() {
+        return;
+    }
+    // vCPUs that share a pCPU with a sibling. Most VMs have one vCPU, and
+    // most siblings are apart already.
     let crowded_at = |siblings: &Siblings, i: usize, c: usize| siblings.of(p.domain[i]).iter().filter(|x| **x as usize == c).count() > 1;
-    let mut crowded: Vec<usize> = (0..n).filter(|i| crowded_at(&siblings, *i, at[*i])).collect();
+    let mut crowded: Vec<usize> = Vec::new();
+    for i in 0..n {
+        if crowded_at(siblings, i, at[i]) {
+            crowded.push(i);
+        }
+    }
     if crowded.is_empty() {
         return;
     }
     // Smallest first: a small vCPU fits a move where a large one needs a
     // swap, and one move spreads a pair as well as two.
     crowded.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
-    let mut load = p.loads(at);
     // Each pCPU's vCPUs, for swaps: built the first time a move does not fit.
     let mut on: Vec<Vec<usize>> = Vec::new();
     let cap = makespan + 1e-5 * larger(makespan, 1.0);
@@ -680,7 +723,7 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
     for &i in &crowded {
         let a = at[i];
         let dom = p.domain[i];
-        if !crowded_at(&siblings, i, a) {
+        if !crowded_at(siblings, i, a) {
             continue;
         }
         if work > SPREAD_WORK {
@@ -733,9 +776,9 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
             }
             at[i] = to;
         };
-        relocate(i, b, &mut siblings);
+        relocate(i, b, siblings);
         if let Some(j) = swap {
-            relocate(j, a, &mut siblings);
+            relocate(j, a, siblings);
         }
     }
 }

@@ -128,6 +128,14 @@ pub fn encode_actions(actions: &[Action]) -> Vec<u8> {
     buf
 }
 
+/// Decodes a policy's MessagePack answer when it is laid out plainly (as
+/// [`encode_actions`] writes it: known keys in any order, unsigned
+/// integers); `None` otherwise, and then serde must decode it (and word its
+/// error). Never accepts what serde refuses; the daemon's fast path.
+pub fn decode_actions(bytes: &[u8]) -> Option<Vec<Action>> {
+    codec::decode_decision(bytes)
+}
+
 /// A policy and the snapshot it decodes into: the byte-level `decide` that
 /// the wasm export glue runs, one per instance. Public so native harnesses
 /// (benchmarks, tests) can run the exact same path.

@@ -190,34 +190,73 @@ pub fn encode_decision(actions: &[Action], buf: &mut Vec<u8>) {
     }
 }
 
-// Writing into a Vec cannot fail; rmp's writers are used so every integer
-// and length takes the same (smallest) form rmp_serde gives it.
+// Writing into a Vec cannot fail. Every integer and length takes the same
+// (smallest) form rmp_serde gives it: the small forms that nearly every
+// value of a snapshot takes (keys of under 32 bytes, integers, fixmaps and
+// fixarrays, floats) are pushed inline, and only long strings and large
+// containers go through rmp's writers. Through rmp's `io::Write` path every byte was
+// a call returning a `Result`: the encode took about a fifth of the whole
+// decide call at 1,000 domains, natively and in wasm alike.
+#[inline]
 fn map(buf: &mut Vec<u8>, len: usize) {
-    put::write_map_len(buf, len as u32).expect("writing to a Vec");
+    if len < 16 {
+        buf.push(0x80 | len as u8);
+    } else {
+        put::write_map_len(buf, len as u32).expect("writing to a Vec");
+    }
 }
 
+#[inline]
 fn array(buf: &mut Vec<u8>, len: usize) {
-    put::write_array_len(buf, len as u32).expect("writing to a Vec");
+    if len < 16 {
+        buf.push(0x90 | len as u8);
+    } else {
+        put::write_array_len(buf, len as u32).expect("writing to a Vec");
+    }
 }
 
+#[inline]
 fn key(buf: &mut Vec<u8>, name: &str) {
     string(buf, name);
 }
 
+#[inline]
 fn string(buf: &mut Vec<u8>, s: &str) {
-    put::write_str(buf, s).expect("writing to a Vec");
+    if s.len() < 32 {
+        buf.push(0xa0 | s.len() as u8);
+        buf.extend_from_slice(s.as_bytes());
+    } else {
+        put::write_str(buf, s).expect("writing to a Vec");
+    }
 }
 
+#[inline]
 fn uint(buf: &mut Vec<u8>, v: u64) {
-    put::write_uint(buf, v).expect("writing to a Vec");
+    if v < 128 {
+        buf.push(v as u8);
+    } else if v < 256 {
+        buf.extend_from_slice(&[0xcc, v as u8]);
+    } else if v < 65_536 {
+        let b = (v as u16).to_be_bytes();
+        buf.extend_from_slice(&[0xcd, b[0], b[1]]);
+    } else if v <= u64::from(u32::MAX) {
+        let b = (v as u32).to_be_bytes();
+        buf.extend_from_slice(&[0xce, b[0], b[1], b[2], b[3]]);
+    } else {
+        buf.push(0xcf);
+        buf.extend_from_slice(&v.to_be_bytes());
+    }
 }
 
+#[inline]
 fn float(buf: &mut Vec<u8>, v: f32) {
-    put::write_f32(buf, v).expect("writing to a Vec");
+    let b = v.to_be_bytes();
+    buf.extend_from_slice(&[0xca, b[0], b[1], b[2], b[3]]);
 }
 
+#[inline]
 fn boolean(buf: &mut Vec<u8>, v: bool) {
-    put::write_bool(buf, v).expect("writing to a Vec");
+    buf.push(if v { 0xc3 } else { 0xc2 });
 }
 
 fn serde_value<T: serde::Serialize>(buf: &mut Vec<u8>, value: &T) {

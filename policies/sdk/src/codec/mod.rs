@@ -17,7 +17,9 @@
 //! - a vCPU or host CPU laid out as the daemon writes it is read (or
 //!   stepped over) in a straight line, and anything else falls back to the
 //!   general, field-by-field reader;
-//! - a policy's answer is written by hand too ([`encode_decision`]).
+//! - a policy's answer is written by hand too ([`encode_decision`]), and
+//!   read by hand on the daemon's side when it is laid out plainly
+//!   ([`decode_decision`], with serde behind it for everything else).
 //!
 //! Code shape matters in wasm, where Cranelift compiles what LLVM wrote:
 //! every loop header carries the engine's interruption check, whose slow
@@ -48,11 +50,13 @@
 
 use std::fmt;
 
+mod answer;
 mod encode;
 mod reader;
 #[cfg(test)]
 mod tests;
 
+pub use answer::decode_decision;
 pub use encode::{encode, encode_decision};
 pub use reader::decode_into;
 

@@ -204,11 +204,16 @@ fn domain(r: &mut Reader<'_>, d: &mut Domain, reads: Reads) -> Result<()> {
                 seen.set(2, ());
             }
             b"memory" if !reads.domain_memory => {
-                r.skip()?;
+                // Stepped over by the straight-line reader too (out of
+                // line, as the vCPUs are).
+                r.out_of_line(|r| if memory_as_written(r).is_none() { r.skip() } else { Ok(()) })?;
                 seen.set(3, ());
             }
             b"memory" => {
-                domain_memory(r, &mut d.memory)?;
+                match r.out_of_line(|r| Ok(memory_as_written(r)))? {
+                    Some(m) => d.memory = m,
+                    None => domain_memory(r, &mut d.memory)?,
+                }
                 seen.set(3, ());
             }
             b"not_answering_ms" => d.not_answering_ms = r.u64("not_answering_ms")?,
@@ -273,6 +278,70 @@ fn vcpu_as_written(r: &mut Reader<'_>) -> Option<Vcpu> {
     };
     *r = q;
     Some(Vcpu { id, cpu, affinity: CpuList::from_buf_and_len(cpus, n), usage, steal })
+}
+
+/// A domain's memory laid out exactly as the daemon writes it (`max_kib`,
+/// `target_kib`, the optional figures in their order, `autodeflate`, then
+/// `free_page_reporting` and `age_ms` when written; unsigned integers and
+/// plain booleans), read in a straight line like [`vcpu_as_written`]: no
+/// loop over keys, no key dispatch. Anything else returns `None`, and the
+/// general reader, starting again at the same place, handles it.
+#[inline(always)]
+pub(super) fn memory_as_written(r: &mut Reader<'_>) -> Option<DomainMemory> {
+    let mut q = *r;
+    let fields = match q.input.get(q.pos) {
+        Some(&b @ 0x83..=0x8f) => usize::from(b & 0x0f),
+        _ => return None,
+    };
+    q.pos += 1;
+    let mut m = DomainMemory::default();
+    q.literal(b"\xa7max_kib")?;
+    m.max_kib = q.plain_uint()?;
+    q.literal(b"\xaatarget_kib")?;
+    m.target_kib = q.plain_uint()?;
+    let mut left = fields - 2;
+    // A macro, not a closure: each key a constant, so its check folds to
+    // one masked compare (a closure taking the key as a slice was not
+    // inlined, and copied the key and built its mask on every call).
+    macro_rules! optional {
+        ($key:literal) => {
+            if left > 0 && q.literal($key).is_some() {
+                left -= 1;
+                Some(q.plain_uint()?)
+            } else {
+                None
+            }
+        };
+    }
+    m.unused_kib = optional!(b"\xaaunused_kib");
+    m.available_kib = optional!(b"\xadavailable_kib");
+    m.usable_kib = optional!(b"\xaausable_kib");
+    m.rss_kib = optional!(b"\xa7rss_kib");
+    m.swap_in_kib = optional!(b"\xabswap_in_kib");
+    m.swap_out_kib = optional!(b"\xacswap_out_kib");
+    m.major_faults = optional!(b"\xacmajor_faults");
+    if left == 0 {
+        return None;
+    }
+    q.literal(b"\xabautodeflate")?;
+    m.autodeflate = q.plain_bool()?;
+    left -= 1;
+    // 20 bytes with its length: longer than one literal check.
+    if left > 0 && q.literal(b"\xb3free_page_").is_some() {
+        q.literal(b"reporting")?;
+        m.free_page_reporting = q.plain_bool()?;
+        left -= 1;
+    }
+    if left > 0 {
+        q.literal(b"\xa6age_ms")?;
+        m.age_ms = q.plain_uint()?;
+        left -= 1;
+    }
+    if left != 0 {
+        return None;
+    }
+    *r = q;
+    Some(m)
 }
 
 /// `bytes` as a `str`, or an error naming the field and where it starts.
@@ -418,6 +487,24 @@ impl<'de> Reader<'de> {
             Some(&b @ 0x00..=0x7f) => (u32::from(b), 1),
             Some(0xcc) => (u32::from(*input.get(at + 1)?), 2),
             Some(0xcd) => (u32::from(u16::from_be_bytes([*input.get(at + 1)?, *input.get(at + 2)?])), 3),
+            _ => return None,
+        };
+        self.pos = at + width;
+        Some(value)
+    }
+
+    /// An unsigned integer of any width, or `None`.
+    #[inline(always)]
+    fn plain_uint(&mut self) -> Option<u64> {
+        let input = self.input;
+        let at = self.pos;
+        let b = |k: usize| input.get(at + k).copied().map(u64::from);
+        let (value, width) = match input.get(at) {
+            Some(&v @ 0x00..=0x7f) => (u64::from(v), 1),
+            Some(0xcc) => (b(1)?, 2),
+            Some(0xcd) => ((b(1)? << 8) | b(2)?, 3),
+            Some(0xce) => ((b(1)? << 24) | (b(2)? << 16) | (b(3)? << 8) | b(4)?, 5),
+            Some(0xcf) => (u64::from_be_bytes(input.get(at + 1..at + 9)?.try_into().ok()?), 9),
             _ => return None,
         };
         self.pos = at + width;

@@ -6,8 +6,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::reader::{decode, same_bytes, Reader};
-use super::{decode_into, encode, encode_decision};
+use super::reader::{decode, memory_as_written, same_bytes, Reader};
+use super::{decode_decision, decode_into, encode, encode_decision};
 use crate::builder::{DomainBuilder, SnapshotBuilder};
 use crate::{Action, CpuList, Decision, Domain, DomainMemory, Host, HostCpu, HostMemory, Outcome, Param, Reads, Snapshot, Vcpu, Verdict};
 
@@ -653,6 +653,28 @@ fn random_snapshots_encode_as_rmp_serde_does_and_decode_what_it_writes() {
     }
 }
 
+#[test]
+fn the_straight_line_memory_reader_reads_every_memory_the_daemon_writes() {
+    // Every random domain memory, as written, is read by the fast path
+    // (not only by the general reader behind it), to the same value; and
+    // another order falls back.
+    for case in 0..cases() {
+        let mut g = Gen::new(case);
+        let m = g.domain().memory;
+        let bytes = rmp_serde::to_vec_named(&m).unwrap();
+        let mut r = Reader { input: &bytes, pos: 0 };
+        assert_eq!(memory_as_written(&mut r), Some(m.clone()), "case {case}: {bytes:02x?}");
+        assert_eq!(r.pos, bytes.len(), "case {case}");
+        let mut reordered = std::collections::BTreeMap::new();
+        reordered.insert("target_kib", m.target_kib);
+        reordered.insert("max_kib", m.max_kib);
+        let bytes = rmp_serde::to_vec_named(&reordered).unwrap();
+        let mut r = Reader { input: &bytes, pos: 0 };
+        assert_eq!(memory_as_written(&mut r), None, "case {case}: another order");
+        assert_eq!(r.pos, 0, "case {case}: a fallback consumes nothing");
+    }
+}
+
 /// Says which input a decode panicked on (what the property rules out).
 struct NamesInputOnPanic<'a> {
     case: u64,
@@ -670,12 +692,78 @@ impl Drop for NamesInputOnPanic<'_> {
 }
 
 #[test]
-fn random_answers_encode_as_rmp_serde_does() {
+fn random_answers_encode_as_rmp_serde_does_and_the_fast_reader_reads_them_as_serde_does() {
     for case in 0..cases() {
         let mut g = Gen::new(case);
         let actions: Vec<Action> = (0..g.len(6)).map(|_| g.action()).collect();
         let mut ours = Vec::new();
         encode_decision(&actions, &mut ours);
         assert!(ours == rmp_serde::to_vec_named(&Decision { actions: actions.clone() }).unwrap(), "case {case}: {actions:?}");
+        assert_eq!(decode_decision(&ours).as_ref(), Some(&actions), "case {case}: the fast reader");
+        // Damaged answers: the fast reader gives up, or gives what serde gives.
+        for mutant in 0..8 {
+            let bytes = if mutant == 0 { (0..g.rng.gen_range(0..64)).map(|_| g.rng.gen()).collect() } else { g.mutate(&ours) };
+            let _context = NamesInputOnPanic { case, mutant, input: &bytes };
+            if let Some(fast) = decode_decision(&bytes) {
+                let serde = rmp_serde::from_slice::<Decision>(&bytes).map(|d| d.actions).map_err(|e| e.to_string());
+                assert_eq!(serde, Ok(fast), "case {case}, mutant {mutant}: {bytes:02x?}");
+            }
+        }
     }
+}
+
+#[test]
+fn the_fast_answer_reader_gives_up_on_what_is_not_plain() {
+    let plain = |v: serde_json::Value| rmp_serde::to_vec_named(&v).unwrap();
+    // Fields in any order, integers in a wider form than needed: read.
+    let reordered = plain(serde_json::json!({"actions": [{"cpus": [3, 70000], "vcpu": 1, "domain": "a", "kind": "pin"}]}));
+    assert_eq!(
+        decode_decision(&reordered),
+        Some(vec![Action::Pin { domain: "a".into(), vcpu: 1, cpus: vec![3, 70000], reason: String::new() }])
+    );
+    let mut wide = Vec::new();
+    rmp::encode::write_map_len(&mut wide, 1).unwrap();
+    rmp::encode::write_str(&mut wide, "actions").unwrap();
+    rmp::encode::write_array_len(&mut wide, 1).unwrap();
+    rmp::encode::write_map_len(&mut wide, 3).unwrap();
+    for (k, v) in [("kind", "set-memory"), ("domain", "b")] {
+        rmp::encode::write_str(&mut wide, k).unwrap();
+        rmp::encode::write_str(&mut wide, v).unwrap();
+    }
+    rmp::encode::write_str(&mut wide, "target_kib").unwrap();
+    rmp::encode::write_u64(&mut wide, 5).unwrap();
+    assert_eq!(decode_decision(&wide), Some(vec![Action::SetMemory { domain: "b".into(), target_kib: 5, reason: String::new() }]));
+    // Not plain: left to serde, which may still accept it (first two) or refuse it.
+    for not_plain in [
+        serde_json::json!({"actions": [{"kind": "pin", "domain": "a", "vcpu": 1, "cpus": [1], "extra": 1}]}),
+        serde_json::json!({"actions": [{"kind": "pin", "domain": "a", "vcpu": 1, "cpus": [1], "target_kib": 1}]}),
+        serde_json::json!({"actions": [{"kind": "pin", "domain": "a", "vcpu": -1, "cpus": [1]}]}),
+        serde_json::json!({"actions": [{"kind": "pin", "domain": "a", "vcpu": 4294967296u64, "cpus": [1]}]}),
+        serde_json::json!({"actions": [{"kind": "pin", "domain": "a", "cpus": [1]}]}),
+        serde_json::json!({"actions": [{"kind": "unpin", "domain": "a"}]}),
+        serde_json::json!({"actions": [{"kind": "set-memory", "domain": "a", "target_kib": 1.5}]}),
+        serde_json::json!({"actions": [], "more": 1}),
+        serde_json::json!({"actions": {}}),
+        serde_json::json!([]),
+    ] {
+        assert_eq!(decode_decision(&plain(not_plain.clone())), None, "{not_plain}");
+    }
+    // A repeated key, and trailing bytes.
+    let mut repeated = Vec::new();
+    rmp::encode::write_map_len(&mut repeated, 1).unwrap();
+    rmp::encode::write_str(&mut repeated, "actions").unwrap();
+    rmp::encode::write_array_len(&mut repeated, 1).unwrap();
+    rmp::encode::write_map_len(&mut repeated, 4).unwrap();
+    for (k, v) in [("kind", "set-memory"), ("domain", "b"), ("domain", "c")] {
+        rmp::encode::write_str(&mut repeated, k).unwrap();
+        rmp::encode::write_str(&mut repeated, v).unwrap();
+    }
+    rmp::encode::write_str(&mut repeated, "target_kib").unwrap();
+    rmp::encode::write_u64(&mut repeated, 5).unwrap();
+    assert_eq!(decode_decision(&repeated), None);
+    let mut trailing = reordered.clone();
+    trailing.push(0xc0);
+    assert_eq!(decode_decision(&trailing), None);
+    // A hostile count reserves nothing and fails.
+    assert_eq!(decode_decision(&[0x81, 0xa7, b'a', b'c', b't', b'i', b'o', b'n', b's', 0xdd, 0xff, 0xff, 0xff, 0xff]), None);
 }
