@@ -75,8 +75,10 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     }
     // The problem's vectors in one pass over the vCPUs (a pass each was a
     // visible share of a 4,000-vCPU quantum in wasm).
-    let (mut movable, mut demand, mut home, mut domain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut fixed: Vec<(u32, usize)> = Vec::new();
+    let n = items.len();
+    let (mut movable, mut demand, mut home, mut domain) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut fixed: Vec<(u32, usize)> = Vec::with_capacity(n);
     let mut base = load.to_vec();
     for (i, it) in items.iter().enumerate() {
         if it.movable {

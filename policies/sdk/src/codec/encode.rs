@@ -7,8 +7,6 @@
 //! and richly typed, and go through rmp_serde, whose derives follow any
 //! field added to `Verdict`, `Action` or `Param` by themselves.
 
-use rmp::encode as put;
-
 use crate::{Action, Decision, Domain, DomainMemory, Host, HostCpu, HostMemory, Snapshot, Vcpu};
 
 /// Writes the snapshot exactly as `rmp_serde::encode::write_named` would.
@@ -77,22 +75,16 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
     key(buf, "vcpus");
     array(buf, vcpus.len());
     for v in vcpus {
-        let Vcpu { id, cpu, affinity, usage, steal } = v;
-        map(buf, 4 + usize::from(steal.is_some()));
-        key(buf, "id");
-        uint(buf, (*id).into());
-        key(buf, "cpu");
-        uint(buf, (*cpu).into());
-        key(buf, "affinity");
-        array(buf, affinity.len());
-        for c in affinity {
-            uint(buf, (*c).into());
-        }
-        key(buf, "usage");
-        float(buf, *usage);
-        if let Some(steal) = steal {
-            key(buf, "steal");
-            float(buf, *steal);
+        if v.affinity.len() <= STACK_AFFINITY {
+            // Most of a snapshot's bytes: each vCPU is written into a
+            // buffer on the stack, whose length stays in a register, and
+            // copied once (a push into the Vec reloads and stores its
+            // length and checks its capacity every time).
+            let mut stack = Stack { bytes: [0; STACK_BYTES], len: 0 };
+            encode_vcpu(v, &mut stack);
+            buf.extend_from_slice(&stack.bytes[..stack.len]);
+        } else {
+            encode_vcpu(v, buf);
         }
     }
     let DomainMemory {
@@ -146,6 +138,62 @@ fn encode_domain(d: &Domain, buf: &mut Vec<u8>) {
     }
 }
 
+/// Longest affinity list written through the stack buffer.
+const STACK_AFFINITY: usize = 16;
+/// The largest vCPU written through it: the map's header and five keys (29
+/// bytes), two u32s (5 each), the affinity's header (3 at 16 items) and
+/// its u32s, two f32s (5 each). A test writes that vCPU.
+pub(super) const STACK_BYTES: usize = 29 + 5 * 2 + 3 + 5 * STACK_AFFINITY + 5 * 2;
+
+#[inline(always)]
+fn encode_vcpu(v: &Vcpu, buf: &mut impl Sink) {
+    let Vcpu { id, cpu, affinity, usage, steal } = v;
+    map(buf, 4 + usize::from(steal.is_some()));
+    key(buf, "id");
+    uint(buf, (*id).into());
+    key(buf, "cpu");
+    uint(buf, (*cpu).into());
+    key(buf, "affinity");
+    array(buf, affinity.len());
+    for c in affinity {
+        uint(buf, (*c).into());
+    }
+    key(buf, "usage");
+    float(buf, *usage);
+    if let Some(steal) = steal {
+        key(buf, "steal");
+        float(buf, *steal);
+    }
+}
+
+/// Where the writers below put bytes: the output `Vec`, or a small buffer
+/// on the stack for one vCPU.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    #[inline(always)]
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A vCPU's bytes, before they are copied into the output in one go.
+struct Stack {
+    bytes: [u8; STACK_BYTES],
+    len: usize,
+}
+
+impl Sink for Stack {
+    #[inline(always)]
+    fn put(&mut self, bytes: &[u8]) {
+        // Sized for the largest vCPU that is written here (see STACK_BYTES).
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
 /// Writes a policy's answer, `{ "actions": [...] }`, exactly as
 /// `rmp_serde::to_vec_named(&Decision { actions })` would (a test holds it
 /// to that): serde's path for the internally tagged `Action` is a visible
@@ -190,73 +238,83 @@ pub fn encode_decision(actions: &[Action], buf: &mut Vec<u8>) {
     }
 }
 
-// Writing into a Vec cannot fail. Every integer and length takes the same
-// (smallest) form rmp_serde gives it: the small forms that nearly every
-// value of a snapshot takes (keys of under 32 bytes, integers, fixmaps and
-// fixarrays, floats) are pushed inline, and only long strings and large
-// containers go through rmp's writers. Through rmp's `io::Write` path every byte was
-// a call returning a `Result`: the encode took about a fifth of the whole
-// decide call at 1,000 domains, natively and in wasm alike.
-#[inline]
-fn map(buf: &mut Vec<u8>, len: usize) {
+// Every integer and length takes the same (smallest) form rmp_serde gives
+// it, written inline, byte by byte: through rmp's `io::Write` path every
+// byte was a call returning a `Result`, and the encode took about a fifth of
+// the whole decide call at 1,000 domains, natively and in wasm alike.
+#[inline(always)]
+fn map(buf: &mut impl Sink, len: usize) {
+    container(buf, len, 0x80, 0xde);
+}
+
+#[inline(always)]
+fn array(buf: &mut impl Sink, len: usize) {
+    container(buf, len, 0x90, 0xdc);
+}
+
+/// A map or array header: the fix form below 16 items, else 16 or 32 bits.
+#[inline(always)]
+fn container(buf: &mut impl Sink, len: usize, fix: u8, marker16: u8) {
     if len < 16 {
-        buf.push(0x80 | len as u8);
+        buf.put(&[fix | len as u8]);
+    } else if len < 65_536 {
+        let b = (len as u16).to_be_bytes();
+        buf.put(&[marker16, b[0], b[1]]);
     } else {
-        put::write_map_len(buf, len as u32).expect("writing to a Vec");
+        let b = (len as u32).to_be_bytes();
+        buf.put(&[marker16 + 1, b[0], b[1], b[2], b[3]]);
     }
 }
 
-#[inline]
-fn array(buf: &mut Vec<u8>, len: usize) {
-    if len < 16 {
-        buf.push(0x90 | len as u8);
-    } else {
-        put::write_array_len(buf, len as u32).expect("writing to a Vec");
-    }
-}
-
-#[inline]
-fn key(buf: &mut Vec<u8>, name: &str) {
+#[inline(always)]
+fn key(buf: &mut impl Sink, name: &str) {
     string(buf, name);
 }
 
-#[inline]
-fn string(buf: &mut Vec<u8>, s: &str) {
-    if s.len() < 32 {
-        buf.push(0xa0 | s.len() as u8);
-        buf.extend_from_slice(s.as_bytes());
+#[inline(always)]
+fn string(buf: &mut impl Sink, s: &str) {
+    let len = s.len();
+    if len < 32 {
+        buf.put(&[0xa0 | len as u8]);
+    } else if len < 256 {
+        buf.put(&[0xd9, len as u8]);
+    } else if len < 65_536 {
+        let b = (len as u16).to_be_bytes();
+        buf.put(&[0xda, b[0], b[1]]);
     } else {
-        put::write_str(buf, s).expect("writing to a Vec");
+        let b = (len as u32).to_be_bytes();
+        buf.put(&[0xdb, b[0], b[1], b[2], b[3]]);
     }
+    buf.put(s.as_bytes());
 }
 
-#[inline]
-fn uint(buf: &mut Vec<u8>, v: u64) {
+#[inline(always)]
+fn uint(buf: &mut impl Sink, v: u64) {
     if v < 128 {
-        buf.push(v as u8);
+        buf.put(&[v as u8]);
     } else if v < 256 {
-        buf.extend_from_slice(&[0xcc, v as u8]);
+        buf.put(&[0xcc, v as u8]);
     } else if v < 65_536 {
         let b = (v as u16).to_be_bytes();
-        buf.extend_from_slice(&[0xcd, b[0], b[1]]);
+        buf.put(&[0xcd, b[0], b[1]]);
     } else if v <= u64::from(u32::MAX) {
         let b = (v as u32).to_be_bytes();
-        buf.extend_from_slice(&[0xce, b[0], b[1], b[2], b[3]]);
+        buf.put(&[0xce, b[0], b[1], b[2], b[3]]);
     } else {
-        buf.push(0xcf);
-        buf.extend_from_slice(&v.to_be_bytes());
+        let b = v.to_be_bytes();
+        buf.put(&[0xcf, b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
     }
 }
 
-#[inline]
-fn float(buf: &mut Vec<u8>, v: f32) {
+#[inline(always)]
+fn float(buf: &mut impl Sink, v: f32) {
     let b = v.to_be_bytes();
-    buf.extend_from_slice(&[0xca, b[0], b[1], b[2], b[3]]);
+    buf.put(&[0xca, b[0], b[1], b[2], b[3]]);
 }
 
-#[inline]
-fn boolean(buf: &mut Vec<u8>, v: bool) {
-    buf.push(if v { 0xc3 } else { 0xc2 });
+#[inline(always)]
+fn boolean(buf: &mut impl Sink, v: bool) {
+    buf.put(&[if v { 0xc3 } else { 0xc2 }]);
 }
 
 fn serde_value<T: serde::Serialize>(buf: &mut Vec<u8>, value: &T) {

@@ -654,6 +654,26 @@ fn random_snapshots_encode_as_rmp_serde_does_and_decode_what_it_writes() {
 }
 
 #[test]
+fn the_largest_vcpu_written_on_the_stack_fits_and_encodes_as_rmp_serde_does() {
+    for len in [15, 16, 17] {
+        let vcpu = Vcpu { id: u32::MAX, cpu: u32::MAX, affinity: (0..len).map(|_| u32::MAX).collect(), usage: 1.5, steal: Some(0.5) };
+        let snap = SnapshotBuilder::new(1, 1 << 20).build();
+        let mut snap = snap;
+        snap.domains.push(Domain { name: "a".into(), vcpus: vec![vcpu.clone(), vcpu], ..Domain::default() });
+        assert!(ours(&snap) == rmp_serde::to_vec_named(&snap).unwrap(), "{len} CPUs");
+    }
+    let biggest = rmp_serde::to_vec_named(&Vcpu {
+        id: u32::MAX,
+        cpu: u32::MAX,
+        affinity: (0..16).map(|_| u32::MAX).collect(),
+        usage: 1.0,
+        steal: Some(1.0),
+    })
+    .unwrap();
+    assert_eq!(biggest.len(), super::encode::STACK_BYTES, "the stack buffer is exactly the largest vCPU written there");
+}
+
+#[test]
 fn the_straight_line_memory_reader_reads_every_memory_the_daemon_writes() {
     // Every random domain memory, as written, is read by the fast path
     // (not only by the general reader behind it), to the same value; and
