@@ -131,7 +131,7 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
         None => {
             // Nothing worth a plan: only spread a VM's vCPUs that share a pCPU.
             let mut at = home.clone();
-            target::spread(&problem, &mut at, current);
+            target::spread(&problem, &mut at, current, false);
             (at, "spread a VM's vCPUs", current)
         }
     };

@@ -174,11 +174,12 @@ pub(crate) fn plan(p: &Problem) -> Target {
     let lower = p.lower_bound();
     if !exact && n > DESCENT_ITEMS {
         let level = lower * (1.0 + FAST_LEVEL_PCT / 100.0);
-        let Placed { at, load } = repair(p, level, level);
+        let Placed { mut at, load } = repair(p, level, level);
         let makespan = load.iter().copied().fold(0.0, larger);
         if makespan <= level + tie(lower) {
-            // Not spread: see `spread_here` below.
-            return Target { at, makespan };
+            // Spread only among the moved: see below.
+            spread(p, &mut at, makespan, true);
+            return p.target(at);
         }
     }
     let groups = if exact { exact_groups(p) } else { lpt(p) };
@@ -244,13 +245,10 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // wanders), and spreading on top of it moved vCPUs the plan did not
     // need to move, a few hundred pins a run more for no balance (`large`:
     // 4,144 pins against 3,090, steady state 1.11 x the bound against
-    // 1.09). There the moves themselves prefer a pCPU without a sibling
-    // (see `place`), and siblings are spread on the quanta when no plan
-    // is worth taking (`plan_moves`).
-    let spread_here = n <= DESCENT_ITEMS;
-    if spread_here {
-        spread(p, &mut at, best.makespan);
-    }
+    // 1.09). There only the vCPUs the plan moves anyway are spread (a
+    // destination without a sibling costs no extra pin), and the others
+    // on the quanta when no plan is worth taking (`plan_moves`).
+    spread(p, &mut at, best.makespan, n > DESCENT_ITEMS);
     p.target(at)
 }
 
@@ -691,8 +689,9 @@ fn shift(d: &[f32], load: &mut [f32], on: &mut [Vec<usize>], at: &mut [usize], i
 /// Spreads a VM's vCPUs that share a pCPU onto pCPUs without a sibling,
 /// by a move or a swap that keeps both pCPUs within `makespan` (it costs
 /// nothing). Each step lowers the number of sibling pairs sharing a pCPU,
-/// so it ends.
-pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
+/// so it ends. With `moved_only`, only vCPUs that `at` already moves from
+/// their home are moved again (no pin beyond the plan's).
+pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32, moved_only: bool) {
     if p.base.len() < 2 || at.len() < 2 {
         return;
     }
@@ -701,22 +700,16 @@ pub(crate) fn spread(p: &Problem, at: &mut [usize], makespan: f32) {
         return;
     }
     let mut load = p.loads(at);
-    spread_placed(p, at, makespan, &mut load, &mut siblings);
-}
-
-/// [`spread`], given `at`'s loads and sibling index (both kept up to date).
-fn spread_placed(p: &Problem, at: &mut [usize], makespan: f32, load: &mut [f32], siblings: &mut Siblings) {
+    let siblings = &mut siblings;
     let m = p.base.len();
     let n = at.len();
-    if m < 2 || n < 2 || siblings.none() {
-        return;
-    }
+    let may_move = |i: usize, at: &[usize]| !moved_only || at[i] != p.home[i];
     // vCPUs that share a pCPU with a sibling. Most VMs have one vCPU, and
     // most siblings are apart already.
     let crowded_at = |siblings: &Siblings, i: usize, c: usize| siblings.of(p.domain[i]).iter().filter(|x| **x as usize == c).count() > 1;
     let mut crowded: Vec<usize> = Vec::new();
     for i in 0..n {
-        if crowded_at(siblings, i, at[i]) {
+        if may_move(i, at) && crowded_at(siblings, i, at[i]) {
             crowded.push(i);
         }
     }
@@ -761,6 +754,7 @@ fn spread_placed(p: &Problem, at: &mut [usize], makespan: f32, load: &mut [f32],
                     let delta = d - p.demand[j];
                     if load[b] + delta <= cap
                         && load[a] - delta <= cap
+                        && may_move(j, at)
                         && !siblings.has(p.domain[j], a)
                         && best.is_none_or(|(c, _, _)| delta.abs() < c)
                     {
