@@ -230,17 +230,13 @@ impl CpuPolicy {
         let mut hint = Vec::with_capacity(items.len());
         let mut any = false;
         // Items come domain by domain: one lookup per domain, not per vCPU.
-        let mut current: Option<(usize, Option<&Vec<(u32, u32)>>)> = None;
+        let (mut current, mut left) = (usize::MAX, None);
         for it in items {
             let d = &snap.domains[it.domain];
-            let left = match current {
-                Some((di, left)) if di == it.domain => left,
-                _ => {
-                    let left = self.carry.left.get(d.name.as_str());
-                    current = Some((it.domain, left));
-                    left
-                }
-            };
+            if it.domain != current {
+                current = it.domain;
+                left = self.carry.left.get(d.name.as_str());
+            }
             let id = d.vcpus[it.vcpu].id;
             let h = left.and_then(|l| l.iter().find(|(v, _)| *v == id)).and_then(|(_, cpu)| slots.get(*cpu)).unwrap_or(target::NONE);
             any |= h != target::NONE;
