@@ -25,6 +25,9 @@ pub(crate) struct Settings {
     /// A VM's vCPUs stay on one NUMA node when that costs at most this
     /// share of the best makespan (percent).
     pub(crate) numa_slack_pct: f32,
+    /// A plan must also gain this much (CPUs): `cpu.noise_factor` times
+    /// the demand noise measured on the host.
+    pub(crate) noise_margin: f32,
     /// Moves the guard lets through a quantum, as learnt from its verdicts
     /// (`usize::MAX`: no limit seen).
     pub(crate) pin_cap: usize,
@@ -106,7 +109,9 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     // current placement by half the margin (the margin was paid when it
     // began; the rest of it is not churn for nothing while it gains that).
     let margin = larger(s.min_gain, s.gain_pct / 100.0 * current);
-    let hysteresis = if hint.is_empty() { margin } else { margin / 2.0 };
+    // The noise margin holds back a new target only: a carried one was
+    // worth its moves when it began.
+    let hysteresis = if hint.is_empty() { larger(margin, s.noise_margin) } else { margin / 2.0 };
 
     let planned = (!balanced).then(|| target::plan(&problem));
     let local = numa.as_ref().filter(|_| !balanced || spanning > 0).map(|n| n.plan(&problem, items, &movable));
