@@ -149,6 +149,7 @@ fn pin_rate_limits() {
     let checked = guard.check(&s, propose(vec![("a", pin(0, vec![1])), ("a", pin(1, vec![0]))]));
     assert_eq!(checked.verdicts[0].outcome, Outcome::Accepted);
     assert!(checked.verdicts[1].reason.contains("at most 1 pins per quantum"), "{:?}", checked.verdicts);
+    assert_eq!(checked.verdicts[1].rule, vm_balancer::sdk::Rule::PinRateLimit, "the rule, for a program to act on");
     // Next quantum: the vCPU is pinned to 1 now and asked back to 0: cooling down.
     let mut next = s.clone();
     next.quantum = 1;

@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use vm_balancer_sdk::{Action, Domain, Outcome, Snapshot, Verdict};
+use vm_balancer_sdk::{Action, Domain, Outcome, Rule, Snapshot, Verdict};
 
 use crate::config::GuardConfig;
 use crate::proposal::Proposal;
@@ -74,46 +74,14 @@ pub struct Guard {
     stats: GuardStats,
 }
 
-/// A rejection or clamp reason as a short stable class, for counters and
-/// metric labels (the reason itself carries values and names, which would
-/// make one series per guest).
-pub fn reason_class(reason: &str) -> &'static str {
-    const CLASSES: [(&str, &str); 12] = [
-        ("has not answered", "not_answering"),
-        ("not managed or no longer exists", "unmanaged"),
-        ("has no vCPU", "no_such_vcpu"),
-        ("empty CPU set", "empty_cpu_set"),
-        ("offline, reserved", "bad_cpu"),
-        ("conflict:", "conflict"),
-        ("re-pinned", "pin_cooldown"),
-        ("pins per quantum", "pin_rate_limit"),
-        ("no balloon stats", "no_balloon_stats"),
-        ("ms old", "stale_stats"),
-        ("host OOM guard", "host_reserve"),
-        ("guest floor", "guest_floor"),
-    ];
-    CLASSES.iter().find(|(words, _)| reason.contains(words)).map_or_else(
-        || {
-            if reason.contains("step over") {
-                "step_limit"
-            } else if reason.contains("above max memory") {
-                "max_memory"
-            } else {
-                "other"
-            }
-        },
-        |(_, class)| class,
-    )
-}
-
 /// One action's check result.
 enum Check {
     /// Apply it as asked.
     Accept(Action),
-    /// Apply this changed action, for this reason.
-    Clamp(Action, String),
-    /// Do not apply it, for this reason (fed back as a verdict).
-    Reject(String),
+    /// Apply this changed action, by this rule, for this reason.
+    Clamp(Action, Rule, String),
+    /// Do not apply it, by this rule, for this reason (fed back as a verdict).
+    Reject(Rule, String),
     /// It would change nothing (already so): dropped silently, no verdict.
     NoChange,
 }
@@ -154,13 +122,16 @@ impl Guard {
                 Action::Pin { domain, .. } | Action::SetMemory { domain, .. }
                     if domains.get(domain.as_str()).is_some_and(|d| d.not_answering_ms > 0) =>
                 {
-                    Check::Reject(format!(
-                        "domain {domain:?} has not answered for {} ms (its monitor is busy): any change would block in libvirt",
-                        domains[domain.as_str()].not_answering_ms
-                    ))
+                    Check::Reject(
+                        Rule::NotAnswering,
+                        format!(
+                            "domain {domain:?} has not answered for {} ms (its monitor is busy): any change would block in libvirt",
+                            domains[domain.as_str()].not_answering_ms
+                        ),
+                    )
                 }
                 Action::Pin { domain, vcpu, cpus, .. } => match domains.get(domain.as_str()) {
-                    None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
+                    None => Check::Reject(Rule::Unmanaged, format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
                         let key = (d.name.as_str(), *vcpu);
                         let check = self.check_pin(d, *vcpu, cpus, &usable, pinned_by.get(&key), pins, quantum);
@@ -172,7 +143,7 @@ impl Guard {
                     }
                 },
                 Action::SetMemory { domain, target_kib, .. } => match domains.get(domain.as_str()) {
-                    None => Check::Reject(format!("domain {domain:?} is not managed or no longer exists")),
+                    None => Check::Reject(Rule::Unmanaged, format!("domain {domain:?} is not managed or no longer exists")),
                     Some(d) => {
                         let check =
                             self.check_memory(d, *target_kib, memory_by.get(d.name.as_str()), host_short, host, &mut grow_budget_kib);
@@ -183,7 +154,7 @@ impl Guard {
                     }
                 },
             };
-            let (outcome, applied, reason) = match result {
+            let (outcome, applied, reason, rule) = match result {
                 Check::NoChange => {
                     checked.verdict_of.push(None);
                     self.stats.dropped += 1;
@@ -198,23 +169,23 @@ impl Guard {
                     }
                     tracing::debug!(%slot, by, action = %a, reason = a.reason(), "accepted");
                     checked.accepted.push(a.clone());
-                    (Outcome::Accepted, a, action.reason().to_string())
+                    (Outcome::Accepted, a, action.reason().to_string(), Rule::Other)
                 }
-                Check::Clamp(a, why) => {
+                Check::Clamp(a, rule, why) => {
                     let a = with_reason(a, action.reason());
                     self.stats.clamped += 1;
                     tracing::info!(%slot, by, asked = %action, applied = %a, why, "clamped by the guard");
                     checked.accepted.push(a.clone());
-                    (Outcome::Clamped, a, why)
+                    (Outcome::Clamped, a, why, rule)
                 }
-                Check::Reject(why) => {
+                Check::Reject(rule, why) => {
                     self.stats.rejected += 1;
                     tracing::info!(%slot, by, %action, why, "rejected by the guard");
-                    (Outcome::Rejected, action, why)
+                    (Outcome::Rejected, action, why, rule)
                 }
             };
             checked.verdict_of.push(Some(checked.verdicts.len()));
-            checked.verdicts.push(Verdict { slot, action: applied, outcome, reason });
+            checked.verdicts.push(Verdict { slot, action: applied, outcome, reason, rule });
         }
         checked
     }
@@ -231,16 +202,19 @@ impl Guard {
         quantum: u64,
     ) -> Check {
         let Some(v) = d.vcpus.iter().find(|v| v.id == vcpu) else {
-            return Check::Reject(format!("domain {:?} has no vCPU {vcpu} (it has {})", d.name, d.vcpus.len()));
+            return Check::Reject(Rule::NoSuchVcpu, format!("domain {:?} has no vCPU {vcpu} (it has {})", d.name, d.vcpus.len()));
         };
         if cpus.is_empty() {
-            return Check::Reject(format!("empty CPU set for domain {:?} vCPU {vcpu}", d.name));
+            return Check::Reject(Rule::EmptyCpuSet, format!("empty CPU set for domain {:?} vCPU {vcpu}", d.name));
         }
         if let Some(bad) = cpus.iter().find(|c| !usable.contains(c)) {
-            return Check::Reject(format!("CPU {bad} is offline, reserved for the host, or does not exist"));
+            return Check::Reject(Rule::BadCpu, format!("CPU {bad} is offline, reserved for the host, or does not exist"));
         }
         if let Some(slot) = earlier {
-            return Check::Reject(format!("conflict: slot {slot} already pinned domain {:?} vCPU {vcpu} this quantum", d.name));
+            return Check::Reject(
+                Rule::Conflict,
+                format!("conflict: slot {slot} already pinned domain {:?} vCPU {vcpu} this quantum", d.name),
+            );
         }
         let mut wanted = cpus.to_vec();
         wanted.sort_unstable();
@@ -253,16 +227,19 @@ impl Guard {
         let first_pin = v.pinned_to().is_none();
         if let Some(q) = self.last_pinned.get(&(d.name.clone(), vcpu)) {
             if !first_pin {
-                return Check::Reject(format!(
-                    "rate limit: domain {:?} vCPU {vcpu} was re-pinned {} quanta ago (cooldown {})",
-                    d.name,
-                    quantum - q,
-                    self.config.pin_cooldown_quanta
-                ));
+                return Check::Reject(
+                    Rule::PinCooldown,
+                    format!(
+                        "rate limit: domain {:?} vCPU {vcpu} was re-pinned {} quanta ago (cooldown {})",
+                        d.name,
+                        quantum - q,
+                        self.config.pin_cooldown_quanta
+                    ),
+                );
             }
         }
         if self.config.max_pins_per_quantum > 0 && pins >= self.config.max_pins_per_quantum {
-            return Check::Reject(format!("rate limit: at most {} pins per quantum", self.config.max_pins_per_quantum));
+            return Check::Reject(Rule::PinRateLimit, format!("rate limit: at most {} pins per quantum", self.config.max_pins_per_quantum));
         }
         Check::Accept(Action::Pin { domain: d.name.clone(), vcpu, cpus: wanted, reason: String::new() })
     }
@@ -277,74 +254,90 @@ impl Guard {
         grow_budget_kib: &mut u64,
     ) -> Check {
         if let Some(slot) = earlier {
-            return Check::Reject(format!("conflict: slot {slot} already set domain {:?} memory this quantum", d.name));
+            return Check::Reject(Rule::Conflict, format!("conflict: slot {slot} already set domain {:?} memory this quantum", d.name));
         }
         let m = &d.memory;
         let current = m.target_kib;
         let mut target = asked_kib;
-        let mut why: Vec<String> = Vec::new();
+        // Each clamp with its rule; the verdict names the last one, which
+        // set the target applied.
+        let mut why: Vec<(Rule, String)> = Vec::new();
         if target > m.max_kib {
-            why.push(format!("above max memory {} KiB", m.max_kib));
+            why.push((Rule::MaxMemory, format!("above max memory {} KiB", m.max_kib)));
             target = m.max_kib;
         }
         if target < current {
             let Some(used) = m.used_kib() else {
-                return Check::Reject(format!("domain {:?} reports no balloon stats: cannot shrink it safely", d.name));
+                return Check::Reject(
+                    Rule::NoBalloonStats,
+                    format!("domain {:?} reports no balloon stats: cannot shrink it safely", d.name),
+                );
             };
             if m.age_ms > self.config.stale_after_ms {
-                return Check::Reject(format!(
-                    "domain {:?} memory figures are {} ms old (stale after {} ms): cannot shrink it safely",
-                    d.name, m.age_ms, self.config.stale_after_ms
-                ));
+                return Check::Reject(
+                    Rule::StaleStats,
+                    format!(
+                        "domain {:?} memory figures are {} ms old (stale after {} ms): cannot shrink it safely",
+                        d.name, m.age_ms, self.config.stale_after_ms
+                    ),
+                );
             }
             let floor = (self.config.guest_floor_mib * KIB_PER_MIB).max(used + self.config.guest_margin_mib * KIB_PER_MIB).min(m.max_kib);
             if target < floor {
                 if floor >= current {
-                    return Check::Reject(format!(
+                    return Check::Reject(Rule::GuestFloor, format!(
                         "target {asked_kib} KiB is below the guest floor {floor} KiB (used {used} KiB + margin) and the guest is already at or below it"
                     ));
                 }
-                why.push(format!("below guest floor {floor} KiB (used {used} KiB + margin)"));
+                why.push((Rule::GuestFloor, format!("below guest floor {floor} KiB (used {used} KiB + margin)")));
                 target = floor;
             }
             let max_step = (m.max_kib as f64 * self.config.max_shrink_pct / 100.0) as u64;
             if current - target > max_step {
-                why.push(format!("shrink step over {max_step} KiB per quantum"));
+                why.push((Rule::StepLimit, format!("shrink step over {max_step} KiB per quantum")));
                 target = current - max_step;
             }
         } else if target > current {
             let max_step = (m.max_kib as f64 * self.config.max_grow_pct / 100.0) as u64;
             if target - current > max_step {
-                why.push(format!("grow step over {max_step} KiB per quantum"));
+                why.push((Rule::StepLimit, format!("grow step over {max_step} KiB per quantum")));
                 target = current + max_step;
             }
             if host_short {
-                return Check::Reject(format!(
-                    "host available {} KiB is below the reserve {} KiB: only reclaiming is allowed",
-                    host.available_kib, host.reserve_kib
-                ));
+                return Check::Reject(
+                    Rule::HostReserve,
+                    format!(
+                        "host available {} KiB is below the reserve {} KiB: only reclaiming is allowed",
+                        host.available_kib, host.reserve_kib
+                    ),
+                );
             }
             let delta = target - current;
             if delta > *grow_budget_kib {
                 if *grow_budget_kib < KIB_PER_MIB {
-                    return Check::Reject(format!(
-                        "host OOM guard: giving {delta} KiB would take host available memory below the reserve {} KiB",
-                        host.reserve_kib
-                    ));
+                    return Check::Reject(
+                        Rule::HostReserve,
+                        format!(
+                            "host OOM guard: giving {delta} KiB would take host available memory below the reserve {} KiB",
+                            host.reserve_kib
+                        ),
+                    );
                 }
-                why.push(format!("host OOM guard: only {} KiB left above the reserve", *grow_budget_kib));
+                why.push((Rule::HostReserve, format!("host OOM guard: only {} KiB left above the reserve", *grow_budget_kib)));
                 target = current + *grow_budget_kib;
             }
             *grow_budget_kib -= target - current;
         }
+        let rule = why.last().map_or(Rule::Other, |(rule, _)| *rule);
+        let words = || why.iter().map(|(_, w)| w.as_str()).collect::<Vec<_>>().join("; ");
         if target == current {
-            return if why.is_empty() { Check::NoChange } else { Check::Reject(why.join("; ")) };
+            return if why.is_empty() { Check::NoChange } else { Check::Reject(rule, words()) };
         }
         let action = Action::SetMemory { domain: d.name.clone(), target_kib: target, reason: String::new() };
         if why.is_empty() {
             Check::Accept(action)
         } else {
-            Check::Clamp(action, why.join("; "))
+            Check::Clamp(action, rule, words())
         }
     }
 }

@@ -336,11 +336,11 @@ impl Metrics {
                 }
                 Outcome::Clamped => {
                     self.applied.get_or_create(&KindLabel { kind: kind.into() }).inc();
-                    let reason = crate::guard::reason_class(&v.reason).to_string();
+                    let reason = v.rule.name().to_string();
                     self.clamped.get_or_create(&KindReason { kind: kind.into(), reason }).inc();
                 }
                 Outcome::Rejected => {
-                    let reason = crate::guard::reason_class(&v.reason).to_string();
+                    let reason = v.rule.name().to_string();
                     self.rejected.get_or_create(&KindReason { kind: kind.into(), reason }).inc();
                 }
             }

@@ -38,7 +38,7 @@ mod target;
 
 use rustc_hash::FxHashMap;
 
-use vm_balancer_sdk::{export_policy, Action, Info, Outcome, Policy, Reads, Snapshot};
+use vm_balancer_sdk::{export_policy, Action, Info, Outcome, Policy, Reads, Rule, Snapshot};
 
 /// Tunables, read from `[params.cpu]` each quantum.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -273,7 +273,7 @@ impl CpuPolicy {
             if let Some(moves) = self.last_moved.get_mut(domain.as_str()) {
                 moves.retain(|(id, _)| id != vcpu);
             }
-            over_limit += usize::from(v.reason.contains("pins per quantum"));
+            over_limit += usize::from(v.rule == Rule::PinRateLimit);
         }
         if over_limit > 0 {
             let through = self.last_pins.saturating_sub(over_limit).max(1);

@@ -693,6 +693,7 @@ mod tests {
             action: Action::set_memory("g", asked, ""),
             outcome: Outcome::Rejected,
             reason: String::new(),
+            rule: vm_balancer_sdk::Rule::Other,
         });
         // Used grew by 200 MiB: predicted used = 624 + 400 = 1024, headroom 204.8.
         let t = target_of(&policy.decide(&s2).unwrap(), "g").unwrap();
@@ -930,6 +931,7 @@ mod tests {
             action: Action::set_memory("b", t0, ""),
             outcome: Outcome::Rejected,
             reason: "no".into(),
+            rule: vm_balancer_sdk::Rule::HostReserve,
         });
         let t1 = target_kib_of(&policy.decide(&snap).unwrap(), "b").unwrap();
         assert_eq!(t1, t0, "rejected: decided again at once");
@@ -940,6 +942,7 @@ mod tests {
             action: Action::set_memory("b", clamped, ""),
             outcome: Outcome::Clamped,
             reason: "step".into(),
+            rule: vm_balancer_sdk::Rule::StepLimit,
         });
         assert!(target_of(&policy.decide(&snap).unwrap(), "b").is_some(), "clamped and arrived there: driven on");
     }

@@ -87,6 +87,100 @@ pub enum Outcome {
     Rejected,
 }
 
+/// Which guard rule a verdict is about: machine-readable, so that a policy
+/// (or a dashboard) acts on it without matching the words of the reason.
+/// Encoded as its snake_case name (`"pin_rate_limit"`); a name this SDK
+/// does not know (a newer daemon's) reads as [`Rule::Other`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Rule {
+    /// The domain's monitor has not answered.
+    NotAnswering,
+    /// The domain is not managed or no longer exists.
+    Unmanaged,
+    /// The domain has no such vCPU.
+    NoSuchVcpu,
+    /// A pin to no CPU.
+    EmptyCpuSet,
+    /// A CPU offline, reserved for the host, or absent.
+    BadCpu,
+    /// Another slot already changed this vCPU or domain this quantum.
+    Conflict,
+    /// The vCPU was re-pinned too recently (`guard.pin_cooldown_quanta`).
+    PinCooldown,
+    /// The per-quantum pin limit (`guard.max_pins_per_quantum`).
+    PinRateLimit,
+    /// No balloon statistics: a shrink is not safe.
+    NoBalloonStats,
+    /// Balloon statistics too old: a shrink is not safe.
+    StaleStats,
+    /// The host's memory reserve (the OOM guard).
+    HostReserve,
+    /// The guest's floor (used memory plus margin, or the set minimum).
+    GuestFloor,
+    /// The per-quantum grow or shrink step.
+    StepLimit,
+    /// Above the domain's max memory.
+    MaxMemory,
+    /// Accepted, or a rule this SDK does not name.
+    #[default]
+    Other,
+}
+
+impl Rule {
+    /// Every rule, in declaration order.
+    pub const ALL: [Rule; 15] = [
+        Rule::NotAnswering,
+        Rule::Unmanaged,
+        Rule::NoSuchVcpu,
+        Rule::EmptyCpuSet,
+        Rule::BadCpu,
+        Rule::Conflict,
+        Rule::PinCooldown,
+        Rule::PinRateLimit,
+        Rule::NoBalloonStats,
+        Rule::StaleStats,
+        Rule::HostReserve,
+        Rule::GuestFloor,
+        Rule::StepLimit,
+        Rule::MaxMemory,
+        Rule::Other,
+    ];
+
+    /// Its snake_case name, as encoded and as the daemon's metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::NotAnswering => "not_answering",
+            Rule::Unmanaged => "unmanaged",
+            Rule::NoSuchVcpu => "no_such_vcpu",
+            Rule::EmptyCpuSet => "empty_cpu_set",
+            Rule::BadCpu => "bad_cpu",
+            Rule::Conflict => "conflict",
+            Rule::PinCooldown => "pin_cooldown",
+            Rule::PinRateLimit => "pin_rate_limit",
+            Rule::NoBalloonStats => "no_balloon_stats",
+            Rule::StaleStats => "stale_stats",
+            Rule::HostReserve => "host_reserve",
+            Rule::GuestFloor => "guest_floor",
+            Rule::StepLimit => "step_limit",
+            Rule::MaxMemory => "max_memory",
+            Rule::Other => "other",
+        }
+    }
+}
+
+impl From<String> for Rule {
+    fn from(name: String) -> Self {
+        Rule::ALL.into_iter().find(|r| r.name() == name).unwrap_or(Rule::Other)
+    }
+}
+
+impl From<Rule> for String {
+    fn from(rule: Rule) -> Self {
+        rule.name().to_string()
+    }
+}
+
 /// The guard's verdict on one action.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -98,4 +192,8 @@ pub struct Verdict {
     pub outcome: Outcome,
     /// Why, in words.
     pub reason: String,
+    /// The rule that clamped or rejected it, for a program to act on
+    /// (absent in snapshots of daemons before it: [`Rule::Other`]).
+    #[serde(default)]
+    pub rule: Rule,
 }

@@ -26,7 +26,7 @@ pub mod makespan;
 mod param;
 mod snapshot;
 
-pub use action::{Action, Decision, Outcome, Verdict};
+pub use action::{Action, Decision, Outcome, Rule, Verdict};
 pub use codec::DecodeError;
 pub use log::{log, set_native_log_hook, Level};
 pub use param::Param;

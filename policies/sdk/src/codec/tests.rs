@@ -9,7 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use super::reader::{decode, memory_as_written, same_bytes, Reader};
 use super::{decode_decision, decode_into, encode, encode_decision};
 use crate::builder::{DomainBuilder, SnapshotBuilder};
-use crate::{Action, CpuList, Decision, Domain, DomainMemory, Host, HostCpu, HostMemory, Outcome, Param, Reads, Snapshot, Vcpu, Verdict};
+use crate::{
+    Action, CpuList, Decision, Domain, DomainMemory, Host, HostCpu, HostMemory, Outcome, Param, Reads, Rule, Snapshot, Vcpu, Verdict,
+};
 
 /// Every optional field both present and absent, strings of every
 /// length class, integers of every width.
@@ -38,6 +40,7 @@ fn rich_snapshot() -> Snapshot {
         action: Action::pin("db", 0, vec![3], "why"),
         outcome: Outcome::Rejected,
         reason: "no".into(),
+        rule: Rule::BadCpu,
     });
     snap
 }
@@ -557,7 +560,8 @@ impl Gen {
 
     fn verdict(&mut self) -> Verdict {
         let outcome = *[Outcome::Accepted, Outcome::Clamped, Outcome::Rejected].choose(&mut self.rng).unwrap();
-        Verdict { slot: self.serde_name(), action: self.action(), outcome, reason: self.serde_string() }
+        let rule = *Rule::ALL.choose(&mut self.rng).unwrap();
+        Verdict { slot: self.serde_name(), action: self.action(), outcome, reason: self.serde_string(), rule }
     }
 
     /// A parameter of every kind, nested up to `depth` lists and tables.
@@ -651,6 +655,21 @@ fn random_snapshots_encode_as_rmp_serde_does_and_decode_what_it_writes() {
             let _ = decode_into(&bytes, &mut reused, reads);
         }
     }
+}
+
+#[test]
+fn verdict_rules_encode_by_name_and_an_unknown_or_missing_one_reads_as_other() {
+    for rule in Rule::ALL {
+        let bytes = rmp_serde::to_vec_named(&rule).unwrap();
+        assert_eq!(rmp_serde::from_slice::<String>(&bytes).unwrap(), rule.name());
+        assert_eq!(rmp_serde::from_slice::<Rule>(&bytes).unwrap(), rule);
+    }
+    let newer = rmp_serde::to_vec_named("a_rule_from_a_newer_daemon").unwrap();
+    assert_eq!(rmp_serde::from_slice::<Rule>(&newer).unwrap(), Rule::Other);
+    // A verdict without the field (an older daemon's) decodes, as Other.
+    let old = serde_json::json!({"slot": "cpu", "action": {"kind": "pin", "domain": "a", "vcpu": 0, "cpus": [1]}, "outcome": "rejected", "reason": "no"});
+    let v: Verdict = rmp_serde::from_slice(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+    assert_eq!(v.rule, Rule::Other);
 }
 
 #[test]
