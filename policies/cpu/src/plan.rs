@@ -195,8 +195,9 @@ fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], 
     // move reverses the imbalance). Draining whichever source is busiest
     // now, rather than each source in turn down to its target, lowers the
     // busiest pCPU the most per move when the budget cuts the plan short
-    // (`large`: a share of 256 moves out of 1,700 emptied the 25 busiest
-    // pCPUs and left the 26th, as busy, where it was). A move that does not
+    // (`large`, whose first plan is 1,700 moves and whose guard lets 256 a
+    // quantum through: mean busiest load 1.21 × the bound, against 1.31
+    // draining each source in turn). A move that does not
     // fit yet may once others have left its destination, so a few rounds.
     // The busiest load of the moment is kept up to date move by move at
     // O(log pCPUs).
