@@ -26,7 +26,7 @@
 
 use rustc_hash::FxHashMap;
 
-use vm_balancer_sdk::{Action, Info, Policy, Reads, Snapshot};
+use vm_balancer_sdk::{export_policy, Action, Info, Policy, Reads, Snapshot};
 
 /// Tunables, read from `[params.cpu]` each quantum.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -521,6 +521,8 @@ fn relocate(items: &mut [Item], load: &mut [f32], on_cpu: &mut [Vec<(f32, usize)
     items[i].movable = false;
     items[i].moved = true;
 }
+
+export_policy!(CpuPolicy);
 
 #[cfg(test)]
 mod tests {
