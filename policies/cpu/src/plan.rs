@@ -173,13 +173,10 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
 /// when the budget allows (they land in one quantum), still in the order
 /// below: the guard lets the first ones through when a plan is larger than
 /// its per-quantum pin limit, which the policy learns only from the
-/// verdicts of a quantum where it was hit (`large`'s first plan: 1,730
-/// moves, 256 let through; in the order the vCPUs were listed they took
-/// the busiest pCPU from 2.26 to 1.58 × the bound, in this order to
-/// ORDERED_FIRST). Otherwise each quantum's share must leave no pCPU above the
-/// busiest load of the moment (irqbalance's rule: no move reverses the
-/// imbalance): safe single moves first, from the busiest source, then
-/// pairs of moves the opposite ways between two pCPUs.
+/// verdicts of a quantum where it was hit. Otherwise each quantum's share
+/// never raises the busiest pCPU (see [`drain`]): safe single moves
+/// first, from the busiest source, then pairs of moves the opposite ways
+/// between two pCPUs.
 fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], load: &mut [f32], budget: usize) -> Vec<usize> {
     if pending.len() > budget {
         return drain(demand, home, at, pending, load, budget);
@@ -221,12 +218,12 @@ fn drain(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], load: 
     // plan short (`large`, whose first plan is 1,700 moves and whose guard
     // lets 256 a quantum through: mean busiest load 1.21 × the bound,
     // against 1.31 draining each source in turn). Two passes:
-    // - a destination ends no higher than its own goal (its load once the
-    //   plan is done), so a share cut short leaves no pCPU above the
-    //   plan's makespan that was not there before: a pCPU that trades
-    //   small vCPUs for a large one takes the large one once the small ones
-    //   have left (before, `large`'s first 256 moves filled such pCPUs up to
-    //   1.29 while the busiest came down to it);
+    // - a destination ends no higher than its goal (its load once the plan
+    //   is done) or than the source is left with (the pair's larger load
+    //   drops): a pCPU that trades small vCPUs for a large one takes the
+    //   large one once the small ones have left. (Before, `large`'s first
+    //   256 moves filled such pCPUs up to 1.29 while the busiest came down
+    //   to it; mean busiest load 1.201 × the best against 1.208.)
     // - then, for what a cycle of full pCPUs holds back, a destination ends
     //   no higher than the busiest pCPU of the moment (irqbalance's rule:
     //   no move reverses the imbalance).
