@@ -80,30 +80,35 @@ fn scenario(cpus: u32, per_vm: u32, mix: &str, pins: &str, seed: u64) -> Scenari
     Scenario::parse(&text, Path::new("quality.toml")).expect("the generated scenario is valid")
 }
 
+/// Collects quantum `q` and builds the snapshot a policy sees.
+fn snapshot(sc: &Scenario, sim: &mut SimBackend, q: u64) -> Snapshot {
+    let obs = sim.collect().expect("the simulator collects");
+    Snapshot {
+        schema_version: vm_balancer::sdk::SCHEMA_VERSION,
+        quantum: q,
+        quantum_ms: sc.quantum_ms,
+        host: Host {
+            cpus: obs
+                .host
+                .cpus
+                .iter()
+                .map(|c| HostCpu { id: c.id, online: c.online, reserved: false, usage: c.usage, node: c.node })
+                .collect(),
+            memory: HostMemory { total_kib: obs.host.memory.total_kib, available_kib: obs.host.memory.available_kib, reserve_kib: 0 },
+        },
+        domains: obs.domains,
+        verdicts: Vec::new(),
+        params: BTreeMap::new(),
+    }
+}
+
 /// Runs `policy` natively on the simulator for `QUANTA` quanta.
 fn run<P: Policy>(sc: &Scenario) -> Run {
     let mut sim = SimBackend::new(sc.clone());
     let mut policy = P::default();
     let mut times = Vec::new();
     for q in 0..QUANTA {
-        let obs = sim.collect().expect("the simulator collects");
-        let snap = Snapshot {
-            schema_version: vm_balancer::sdk::SCHEMA_VERSION,
-            quantum: q,
-            quantum_ms: sc.quantum_ms,
-            host: Host {
-                cpus: obs
-                    .host
-                    .cpus
-                    .iter()
-                    .map(|c| HostCpu { id: c.id, online: c.online, reserved: false, usage: c.usage, node: c.node })
-                    .collect(),
-                memory: HostMemory { total_kib: obs.host.memory.total_kib, available_kib: obs.host.memory.available_kib, reserve_kib: 0 },
-            },
-            domains: obs.domains,
-            verdicts: Vec::new(),
-            params: BTreeMap::new(),
-        };
+        let snap = snapshot(sc, &mut sim, q);
         let start = Instant::now();
         let actions = policy.decide(&snap).expect("the policy decides");
         times.push(start.elapsed().as_secs_f64() * 1e6);
@@ -124,6 +129,38 @@ fn run<P: Policy>(sc: &Scenario) -> Run {
     let last = sim.last_quantum();
     let busiest = last.cpu_demand.iter().copied().fold(0.0, f64::max);
     Run { at3: ratio[3], at10: ratio[10], to_converge, steady, decide_us: times[times.len() / 2], busiest, best: last.best }
+}
+
+/// `VMB_QUALITY_ONLY="CPUS,VCPUS_PER_VM,MIX,PINS,SEED"` (a miss's line,
+/// e.g. `16,4,giants,random,2`): that one instance, quantum by quantum, for
+/// the default, to see where it stopped.
+fn rerun(only: &str) {
+    let f: Vec<&str> = only.split(',').map(str::trim).collect();
+    let usage = "VMB_QUALITY_ONLY=CPUS,VCPUS_PER_VM,MIX,PINS,SEED, e.g. 16,4,giants,random,2";
+    let [cpus, per_vm, mix, pins, seed] = f[..] else { panic!("{usage}") };
+    let (Ok(cpus), Ok(per_vm), Ok(seed)) = (cpus.parse(), per_vm.parse(), seed.parse()) else { panic!("{usage}") };
+    assert!(MIXES.contains(&mix) && PINS.contains(&pins), "{usage}; mixes {MIXES:?}, pins {PINS:?}");
+    let sc = scenario(cpus, per_vm, mix, pins, seed);
+    let mut sim = SimBackend::new(sc.clone());
+    let mut policy = vmb_policy_cpu::CpuPolicy::default();
+    println!("quantum | busiest pCPU demand | best placement | ratio | pins decided");
+    for q in 0..QUANTA {
+        let snap = snapshot(&sc, &mut sim, q);
+        let actions = policy.decide(&snap).expect("the policy decides");
+        let (busiest, best) = {
+            let last = sim.last_quantum();
+            (last.cpu_demand.iter().copied().fold(0.0, f64::max), last.best)
+        };
+        let mut pinned = 0;
+        for a in actions {
+            if let Action::Pin { domain, vcpu, cpus, reason } = a {
+                println!("        pin {domain} vCPU {vcpu} -> {cpus:?}: {reason}");
+                sim.pin_vcpu(&domain, vcpu, &cpus).expect("the pin applies");
+                pinned += 1;
+            }
+        }
+        println!("{q:>7} | {busiest:.3} | {best:.3} | {:.3} | {pinned}", busiest / best.max(1e-9));
+    }
 }
 
 /// Figures of many runs.
@@ -154,6 +191,9 @@ impl Cell {
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
+    }
+    if let Ok(only) = std::env::var("VMB_QUALITY_ONLY") {
+        return rerun(&only);
     }
     let seeds: u64 = std::env::var("VMB_QUALITY_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let cpus: Vec<u32> = std::env::var("VMB_QUALITY_CPUS")
