@@ -480,7 +480,7 @@ fn place_largest_first(p: &Problem, at: &mut [usize]) {
 /// alone, else the largest, and again), then everything taken off (and
 /// every vCPU without a pCPU) put back largest first onto the least loaded.
 fn repair(p: &Problem, above: f32, level: f32) -> Placed {
-    let mut placed = repair_from(p, p.home.to_vec(), above, level);
+    let mut placed = repair_from(p, p.home.to_vec(), above, level, true);
     // The large vCPUs taken off may find no room under the level: the
     // pCPUs they land on are trimmed in turn (of their own smaller vCPUs, a
     // chain over three pCPUs), while that lowers the busiest. (`large`
@@ -493,7 +493,7 @@ fn repair(p: &Problem, above: f32, level: f32) -> Placed {
         if makespan <= level + eps {
             break;
         }
-        let next = repair_from(p, placed.at.clone(), level, level);
+        let next = repair_from(p, placed.at.clone(), level, level, false);
         if next.load.iter().copied().fold(0.0, larger) >= makespan {
             break;
         }
@@ -502,8 +502,9 @@ fn repair(p: &Problem, above: f32, level: f32) -> Placed {
     placed
 }
 
-/// One pass of [`repair`] from the placement `at`.
-fn repair_from(p: &Problem, mut at: Vec<usize>, above: f32, level: f32) -> Placed {
+/// One pass of [`repair`] from the placement `at` (`first`: every vCPU at
+/// home).
+fn repair_from(p: &Problem, mut at: Vec<usize>, above: f32, level: f32, first: bool) -> Placed {
     let m = p.base.len();
     let mut load = p.loads(&at);
     let (start, mut on) = by_cpu(&at, m);
@@ -517,15 +518,20 @@ fn repair_from(p: &Problem, mut at: Vec<usize>, above: f32, level: f32) -> Place
         // only vCPUs still at home (one a previous pass put here would only
         // bounce on).
         let items = &mut on[start[c] as usize..start[c + 1] as usize];
-        items.sort_unstable_by(|x, y| {
-            (at[*x] != p.home[*x]).cmp(&(at[*y] != p.home[*y])).then(p.demand[*x].total_cmp(&p.demand[*y])).then(x.cmp(y))
-        });
-        let home_count = items.iter().filter(|i| at[**i] == p.home[**i]).count();
-        // And smaller than the largest that arrived: taking off one as large
-        // only moves the same shortage of room elsewhere.
-        let arrived = items[home_count..].iter().map(|i| p.demand[*i]).fold(f32::NEG_INFINITY, larger);
-        let home_count =
-            if arrived.is_finite() { items[..home_count].iter().filter(|i| p.demand[**i] < arrived).count() } else { home_count };
+        let home_count = if first {
+            // Everything is at home (the common case, and the cheap one).
+            items.sort_unstable_by(|x, y| p.demand[*x].total_cmp(&p.demand[*y]).then(x.cmp(y)));
+            items.len()
+        } else {
+            items.sort_unstable_by(|x, y| {
+                (at[*x] != p.home[*x]).cmp(&(at[*y] != p.home[*y])).then(p.demand[*x].total_cmp(&p.demand[*y])).then(x.cmp(y))
+            });
+            let home_count = items.iter().filter(|i| at[**i] == p.home[**i]).count();
+            // And smaller than the largest that arrived: taking off one as
+            // large only moves the same shortage of room elsewhere.
+            let arrived = items[home_count..].iter().map(|i| p.demand[*i]).fold(f32::NEG_INFINITY, larger);
+            items[..home_count].iter().filter(|i| p.demand[**i] < arrived).count()
+        };
         let mut left: &mut [usize] = &mut items[..home_count];
         while load[c] > level + eps && !left.is_empty() {
             let excess = load[c] - level;
@@ -850,7 +856,7 @@ mod tests {
         }
         let domain: Vec<u32> = (0..d.len() as u32).collect();
         let p = Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 4], hint: &[], fixed: &[] };
-        let one_pass = repair_from(&p, home.clone(), 0.6, 0.6).load.into_iter().fold(0.0, larger);
+        let one_pass = repair_from(&p, home.clone(), 0.6, 0.6, true).load.into_iter().fold(0.0, larger);
         assert!((one_pass - 0.7).abs() < 1e-5, "one pass: {one_pass}");
         let Placed { at, load } = repair(&p, 0.6, 0.6);
         let makespan = load.into_iter().fold(0.0, larger);
