@@ -3,7 +3,9 @@
 //! (plan-then-move), `classic`, and the previous default (the greedy local
 //! search, `policies/cpu-greedy`).
 //! Run: `cargo bench --bench quality` (`VMB_QUALITY_SEEDS=N` seeds a cell,
-//! default 2; `VMB_QUALITY_CPUS=2,4` to pick host sizes).
+//! default 2; `VMB_QUALITY_CPUS=2,4` to pick host sizes;
+//! `VMB_QUALITY_ONLY=CPUS,VCPUS_PER_VM,MIX,PINS,SEED` to rerun one
+//! instance, a miss for instance, quantum by quantum).
 //!
 //! Each instance is a scenario built in memory and run on the real
 //! simulator (`SimBackend`: fair sharing, steal, pin bookkeeping, and the

@@ -1,5 +1,8 @@
-//! **The previous default CPU policy, kept for comparison** (native only:
-//! `cargo bench --bench quality` runs it beside the default and `classic`).
+//! **The previous default CPU policy, kept for comparison**: `cargo bench
+//! --bench quality` runs it natively beside the default and `classic`, and
+//! `cargo build --release --target wasm32-wasip2 -p vmb-policy-cpu-greedy`
+//! builds it as a component for `vm-balancer simulate --policy` (the
+//! README's shipped-scenario comparison). Not built into the daemon.
 //! It is a greedy local search from the current placement, which issue 12
 //! replaced with plan-then-move (`policies/cpu`): on constant demands it can
 //! stop for good in a local optimum (a 1-for-2 exchange needed, a chain over
