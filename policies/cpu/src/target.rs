@@ -16,11 +16,15 @@
 //!   improved by local search;
 //! - **repair**: the current placement with the least it takes removed from
 //!   each pCPU above the planned level, put back largest first onto the
-//!   least-loaded pCPUs (few moves on a large host);
+//!   least-loaded pCPUs, and where a large vCPU found no room under the
+//!   level, the pCPU it landed on trimmed in turn (few moves on a large
+//!   host);
 //! - **plan**: the exact optimum on small instances (the SDK's branch and
-//!   bound) or LPT on large ones, relabelled onto the current pCPUs so that
-//!   the most demand stays where it is (greedy matching on overlap), then
-//!   improved by local search.
+//!   bound) or LPT on large ones (the same branch and bound, budgeted, on
+//!   medium ones where LPT ends more than [`SEARCH_ABOVE_PCT`] above the
+//!   bound), relabelled onto the current pCPUs so that the most demand
+//!   stays where it is (greedy matching on overlap), then improved by local
+//!   search.
 //!
 //! A large host tries the cheapest first: the repair to just above the
 //! lower bound ([`FAST_LEVEL_PCT`]). When that lands there, nothing else
