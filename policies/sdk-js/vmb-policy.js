@@ -348,8 +348,9 @@ export class SnapshotBuilder {
     return this;
   }
 
-  verdict(slot, action, outcome, reason) {
-    this.s.verdicts.push({ slot, action, outcome, reason });
+  /** Adds a verdict of last quantum; rule names the guard rule that clamped or rejected it (e.g. 'pin_rate_limit'; see wit/SCHEMA.md). */
+  verdict(slot, action, outcome, reason, rule = 'other') {
+    this.s.verdicts.push({ slot, action, outcome, reason, rule });
     return this;
   }
 

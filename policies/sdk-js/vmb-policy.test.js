@@ -153,6 +153,9 @@ test('the snapshot builder gives the daemon shape', () => {
   assert.deepEqual(s.host.memory, { total_kib: 16384 * MIB, available_kib: 8192 * MIB, reserve_kib: 512 * MIB });
   const [web, db] = s.domains;
   assert.deepEqual(web.tags, ['latency']);
+  const pin = { kind: 'pin', domain: 'web', vcpu: 0, cpus: [9], reason: 'r' };
+  const v = new SnapshotBuilder(2, MIB).verdict('cpu', pin, 'rejected', 'no CPU 9', 'bad_cpu').verdict('cpu', pin, 'clamped', 'x').build().verdicts;
+  assert.deepEqual(v.map((x) => x.rule), ['bad_cpu', 'other']); // the daemon's field, 'other' unless named
   assert.equal('tags' in db, false, 'optional fields are absent, not null');
   assert.deepEqual(web.vcpus[0], { id: 0, cpu: 0, affinity: [0], usage: 0.5 });
   assert.equal(web.vcpus[1].steal, 0.25);

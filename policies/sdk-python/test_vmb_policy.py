@@ -188,6 +188,9 @@ class Builder(unittest.TestCase):
         self.assertNotIn("tags", db)  # optional fields are absent, not null
         self.assertEqual(web["vcpus"][0], {"id": 0, "cpu": 0, "affinity": [0], "usage": 0.5})
         self.assertEqual(web["vcpus"][1]["steal"], 0.25)
+        pin = {"kind": "pin", "domain": "web", "vcpu": 0, "cpus": [9], "reason": "r"}
+        v = SnapshotBuilder(2, MIB).verdict("cpu", pin, "rejected", "no CPU 9", "bad_cpu").verdict("cpu", pin, "clamped", "x").build()["verdicts"]
+        self.assertEqual([x["rule"] for x in v], ["bad_cpu", "other"])  # the daemon's field, "other" unless named
         self.assertEqual(web["vcpus"][2]["affinity"], [])
         self.assertEqual(web["memory"], {"max_kib": 4096 * MIB, "target_kib": 2048 * MIB, "usable_kib": 1000 * MIB,
                                          "unused_kib": 1000 * MIB, "available_kib": 2048 * MIB, "autodeflate": False})

@@ -370,8 +370,10 @@ class SnapshotBuilder:
         self._s["params"][key] = value
         return self
 
-    def verdict(self, slot, action, outcome, reason):
-        self._s["verdicts"].append({"slot": slot, "action": action, "outcome": outcome, "reason": reason})
+    def verdict(self, slot, action, outcome, reason, rule="other"):
+        """Adds a verdict of last quantum; `rule` names the guard rule that
+        clamped or rejected it (e.g. "pin_rate_limit"; see wit/SCHEMA.md)."""
+        self._s["verdicts"].append({"slot": slot, "action": action, "outcome": outcome, "reason": reason, "rule": rule})
         return self
 
     def domain(self, domain):
