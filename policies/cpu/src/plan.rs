@@ -193,29 +193,30 @@ fn order_moves(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], 
         let mut done = vec![false; demand.len()];
         order.iter().for_each(|k| done[*k] = true);
         for &k in pending.iter().filter(|k| !done[**k]) {
-            load[home[k]] -= demand[k];
-            load[at[k]] += demand[k];
+            shift(load, home[k], at[k], demand[k]);
             order.push(k);
         }
     }
     order
 }
 
+/// Moves `demand` of load from pCPU `from` to pCPU `to`.
+fn shift(load: &mut [f32], from: usize, to: usize, demand: f32) {
+    load[from] -= demand;
+    load[to] += demand;
+}
+
 /// At most `budget` of `pending`'s moves that never raise the busiest pCPU,
 /// busiest source first (see [`order_moves`]), applied to `load`.
 fn drain(demand: &[f32], home: &[usize], at: &[usize], pending: &[usize], load: &mut [f32], budget: usize) -> Vec<usize> {
-    let apply = |load: &mut [f32], k: usize| {
-        load[home[k]] -= demand[k];
-        load[at[k]] += demand[k];
-    };
+    let apply = |load: &mut [f32], k: usize| shift(load, home[k], at[k], demand[k]);
     let max = load.iter().copied().fold(0.0, larger);
     let tol = 1e-5 * larger(max, 1.0);
     let mut done = Vec::with_capacity(budget);
     // Each pCPU's load once every pending move has landed.
     let mut goal = load.to_vec();
     for &k in pending {
-        goal[home[k]] -= demand[k];
-        goal[at[k]] += demand[k];
+        apply(&mut goal, k);
     }
     // Safe single moves, each from the busiest source of the moment (its
     // largest move that is safe first). Draining whichever source is

@@ -197,7 +197,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
     let lower = p.lower_bound();
     if !exact && n > DESCENT_ITEMS {
         let level = lower * (1.0 + FAST_LEVEL_PCT / 100.0);
-        let Placed { mut at, load } = repair(p, level, level);
+        let Placed { mut at, load } = repair(p, level);
         let makespan = load.iter().copied().fold(0.0, larger);
         if makespan <= level + tie(lower) {
             // Spread only among the moved: see below.
@@ -236,7 +236,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
     }
     let level = candidates.iter().map(|t| t.makespan).fold(groups_makespan, f32::min);
     let repaired = {
-        let at = repair(p, level, level).at;
+        let at = repair(p, level).at;
         let mut t = p.target(at);
         // Searched on only when it missed the level it was repaired to.
         if t.makespan > level + tie(level) {
@@ -504,12 +504,12 @@ fn place_largest_first(p: &Problem, at: &mut [usize]) {
     place(p, at, &order, load);
 }
 
-/// The current placement with, from each pCPU above `above`, the least
-/// that brings it to `level` (≤ `above`) taken off (the smallest vCPU that is enough
-/// alone, else the largest, and again), then everything taken off (and
-/// every vCPU without a pCPU) put back largest first onto the least loaded.
-fn repair(p: &Problem, above: f32, level: f32) -> Placed {
-    let mut placed = repair_from(p, p.home.to_vec(), above, level, true);
+/// The current placement with, from each pCPU above `level`, the least
+/// that brings it there taken off (the smallest vCPU that is enough alone,
+/// else the largest, and again), then everything taken off (and every vCPU
+/// without a pCPU) put back largest first onto the least loaded.
+fn repair(p: &Problem, level: f32) -> Placed {
+    let mut placed = repair_from(p, p.home.to_vec(), level, true);
     // The large vCPUs taken off may find no room under the level: the
     // pCPUs they land on are trimmed in turn (of their own smaller vCPUs, a
     // chain over three pCPUs), while that lowers the busiest. (`large`
@@ -517,30 +517,31 @@ fn repair(p: &Problem, above: f32, level: f32) -> Placed {
     // for four quanta, since one pass of the repair ended at 0.93-0.96
     // against a level of 0.87.)
     let eps = 1e-5 * larger(level, 1.0);
+    let mut makespan = placed.load.iter().copied().fold(0.0, larger);
     for _ in 0..REPAIR_PASSES {
-        let makespan = placed.load.iter().copied().fold(0.0, larger);
         if makespan <= level + eps {
             break;
         }
-        let next = repair_from(p, placed.at.clone(), level, level, false);
-        if next.load.iter().copied().fold(0.0, larger) >= makespan {
+        let next = repair_from(p, placed.at.clone(), level, false);
+        let next_makespan = next.load.iter().copied().fold(0.0, larger);
+        if next_makespan >= makespan {
             break;
         }
-        placed = next;
+        (placed, makespan) = (next, next_makespan);
     }
     placed
 }
 
 /// One pass of [`repair`] from the placement `at` (`first`: every vCPU at
 /// home).
-fn repair_from(p: &Problem, mut at: Vec<usize>, above: f32, level: f32, first: bool) -> Placed {
+fn repair_from(p: &Problem, mut at: Vec<usize>, level: f32, first: bool) -> Placed {
     let m = p.base.len();
     let mut load = p.loads(&at);
     let (start, mut on) = by_cpu(&at, m);
     let eps = 1e-5 * larger(level, 1.0);
     let mut removed: Vec<usize> = (0..at.len()).filter(|i| at[*i] == NONE).collect();
     for c in 0..m {
-        if load[c] <= above + eps {
+        if load[c] <= level + eps {
             continue;
         }
         // Smallest first, so the smallest sufficient one is found by a scan;
@@ -558,6 +559,8 @@ fn repair_from(p: &Problem, mut at: Vec<usize>, above: f32, level: f32, first: b
             let home_count = items.iter().filter(|i| at[**i] == p.home[**i]).count();
             // And smaller than the largest that arrived: taking off one as
             // large only moves the same shortage of room elsewhere.
+            // (A pCPU above the level with none arrived had nothing left
+            // to take off in the first pass.)
             let arrived = items[home_count..].iter().map(|i| p.demand[*i]).fold(f32::NEG_INFINITY, larger);
             items[..home_count].iter().filter(|i| p.demand[**i] < arrived).count()
         };
@@ -885,9 +888,9 @@ mod tests {
         }
         let domain: Vec<u32> = (0..d.len() as u32).collect();
         let p = Problem { demand: &d, home: &home, domain: &domain, base: &[0.0; 4], hint: &[], fixed: &[] };
-        let one_pass = repair_from(&p, home.clone(), 0.6, 0.6, true).load.into_iter().fold(0.0, larger);
+        let one_pass = repair_from(&p, home.clone(), 0.6, true).load.into_iter().fold(0.0, larger);
         assert!((one_pass - 0.7).abs() < 1e-5, "one pass: {one_pass}");
-        let Placed { at, load } = repair(&p, 0.6, 0.6);
+        let Placed { at, load } = repair(&p, 0.6);
         let makespan = load.into_iter().fold(0.0, larger);
         assert!(makespan <= 0.6 + 1e-5, "repaired to {makespan}");
         let moved = at.iter().zip(&home).filter(|(a, h)| a != h).count();
