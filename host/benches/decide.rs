@@ -7,7 +7,7 @@
 //! `cargo bench --bench decide -- count [DOMAINS] [cpu|mem]` makes 10 calls
 //! of each kind for an instruction count under callgrind (see [`counted`]).
 //!
-//! `cargo bench --bench decide -- ratio [DOMAINS]` measures the wasm/native ratio
+//! `cargo bench --bench decide -- ratio [DOMAINS] [cpu|mem]` measures the wasm/native ratio
 //! interleaved instead (at 10 to 10,000 domains, or only at DOMAINS): rounds of wasm calls and native calls alternate, so
 //! a neighbour's load on a shared VM hits both sides alike (criterion
 //! measures one side for seconds, then the other).
@@ -250,8 +250,12 @@ fn main() {
         // `-- ratio 1000` measures only that many domains.
         let only: Vec<u32> = args.iter().filter_map(|a| a.parse().ok()).collect();
         for domains in [10, 100, 1000, 10_000].into_iter().filter(|n| only.is_empty() || only.contains(n)) {
-            interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
-            interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
+            if !args.iter().any(|a| a == "mem") {
+                interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
+            }
+            if !args.iter().any(|a| a == "cpu") {
+                interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
+            }
         }
         return;
     }
