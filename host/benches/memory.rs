@@ -16,7 +16,9 @@
 //! - `shortage, weighted`: the same with two `shares=2` guests and two
 //!   `shares=1` guests;
 //! - `overcommitted`: four guests whose use alone is more than the host
-//!   can give above its reserve (pressure cannot be avoided; OOM can).
+//!   can give above its reserve (pressure cannot be avoided; OOM can);
+//! - `late arrivals`: two guests grown to their need spend the pool, then
+//!   two more start and push the host below its reserve.
 //!
 //! Columns: idle excess (free above a reference headroom of
 //! `max(64 MiB, 20 % of use)`) reclaimed after 10 quanta (idle families);
@@ -24,7 +26,8 @@
 //! quanta (balloon below use) and OOM quanta; spread of balloon targets
 //! among identical guests at the end (`(max - min) / mean`); for the
 //! weighted family, the `shares=2` guests' target over the `shares=1`
-//! guests'; lowest host available memory; free memory left in guests at the
+//! guests'; lowest host available memory, and the quanta below the reserve
+//! (summed over seeds); free memory left in guests at the
 //! end; memory reclaimed and given.
 
 use std::collections::BTreeMap;
@@ -35,8 +38,16 @@ use vm_balancer::config::Config;
 use vm_balancer::simulate::simulate_observed;
 
 const MIB: u64 = 1024;
-const FAMILIES: [&str; 7] =
-    ["idle, plenty", "idle, soft pressure", "filling", "bursts", "shortage, identical", "shortage, weighted", "overcommitted"];
+const FAMILIES: [&str; 8] = [
+    "idle, plenty",
+    "idle, soft pressure",
+    "filling",
+    "bursts",
+    "shortage, identical",
+    "shortage, weighted",
+    "overcommitted",
+    "late arrivals",
+];
 
 /// A family's scenario for `seed` (the seed jitters sizes and rates by a
 /// few percent, so a tuned constant does not pass by luck).
@@ -88,6 +99,14 @@ fn scenario(family: &str, seed: u64) -> Scenario {
                 + &vm("heavy", 2, 4096, 1024, &ramp, "\"shares=2\"")
                 + &vm("light", 2, 4096, 1024, &ramp, "\"shares=1\"")
         }
+        "late arrivals" => {
+            let used = j(1700, 5);
+            let late = j(600, 10);
+            head(5120, 512)
+                + &vm("big", 2, 2048, 512, &format!("{{ kind = \"constant\", value = {used} }}"), "")
+                + &vm("late", 2, 1024, 512, &format!("{{ kind = \"constant\", value = {late} }}"), "")
+                + "start = 20\n"
+        }
         _ => {
             let used = j(2048, 10);
             head(8192 + 1024, 1024)
@@ -106,6 +125,7 @@ struct Run {
     spread_pct: f64,
     weighted_ratio: f64,
     lowest_avail_mib: u64,
+    below_reserve: u64,
     final_free_mib: u64,
     reclaimed_mib: u64,
     given_mib: u64,
@@ -141,6 +161,7 @@ fn run(sc: &Scenario, specs: &[String]) -> Run {
         spread_pct: report.memory.final_group_spread_pct,
         weighted_ratio: if sc.name == "shortage, weighted" { mean_of("heavy") / mean_of("light").max(1.0) } else { f64::NAN },
         lowest_avail_mib: report.memory.lowest_host_available_mib,
+        below_reserve: report.memory.below_reserve_quanta,
         final_free_mib: report.memory.final_guest_free_mib,
         reclaimed_mib: report.memory.reclaimed_mib,
         given_mib: report.memory.given_mib,
@@ -164,7 +185,7 @@ fn main() {
     let policies: [(&str, Vec<String>); 2] = [("default", Vec::new()), ("classic", vec!["builtin:classic".to_string()])];
     println!("Memory families, {seeds} seed(s) each, 60 quanta; means over seeds (worst in brackets where it matters).");
     println!(
-        "| family | policy | idle excess reclaimed after 10 quanta | pressure (OOM) quanta | identical guests' spread at end | shares=2 / shares=1 target | lowest host available | free in guests at end | reclaimed / given |"
+        "| family | policy | idle excess reclaimed after 10 quanta | pressure (OOM) quanta | identical guests' spread at end | shares=2 / shares=1 target | lowest host available [quanta below the reserve] | free in guests at end | reclaimed / given |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for family in FAMILIES {
@@ -175,13 +196,14 @@ fn main() {
             let pct = |x: f64| if x.is_nan() { "–".to_string() } else { format!("{x:.0} %") };
             let ratio = mean(runs.iter().map(|r| r.weighted_ratio));
             println!(
-                "| {family} | {name} | {} | {:.1} ({:.1}) [{worst_pressure}] | {:.1} % [{worst_spread:.1} %] | {} | {} MiB | {:.0} MiB | {:.0} / {:.0} MiB |",
+                "| {family} | {name} | {} | {:.1} ({:.1}) [{worst_pressure}] | {:.1} % [{worst_spread:.1} %] | {} | {} MiB [{}] | {:.0} MiB | {:.0} / {:.0} MiB |",
                 pct(mean(runs.iter().map(|r| r.reclaimed_at10_pct))),
                 mean(runs.iter().map(|r| r.pressure as f64)),
                 mean(runs.iter().map(|r| r.oom as f64)),
                 mean(runs.iter().map(|r| r.spread_pct)),
                 if ratio.is_nan() { "–".to_string() } else { format!("{ratio:.2}") },
                 runs.iter().map(|r| r.lowest_avail_mib).min().unwrap_or(0),
+                runs.iter().map(|r| r.below_reserve).sum::<u64>(),
                 mean(runs.iter().map(|r| r.final_free_mib as f64)),
                 mean(runs.iter().map(|r| r.reclaimed_mib as f64)),
                 mean(runs.iter().map(|r| r.given_mib as f64)),

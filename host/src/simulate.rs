@@ -182,6 +182,10 @@ pub struct MemoryReport {
     pub lowest_host_available_mib: u64,
     /// Quanta in which guests held more memory than the host has.
     pub host_oom_events: u64,
+    /// Quanta with host available memory below the guard's reserve
+    /// (`guard.host_reserve_mib`, or the scenario's `reserve_mib`): guests
+    /// that start or fill can spend it; the memory policy wins it back.
+    pub below_reserve_quanta: u64,
     /// Free memory left in the guests (balloon above use, summed), MiB,
     /// mean over the run: what ballooning left idle.
     pub mean_guest_free_mib: u64,
@@ -234,6 +238,7 @@ impl Report {
         let steady = &r[converged_at.min(r.len())..];
         let demand: f64 = m.demand_cpu_s.iter().sum();
         let unserved: f64 = m.unserved_cpu_s.iter().sum();
+        let reserve_kib = pipeline.config().guard.host_reserve_mib.saturating_mul(KIB_PER_MIB);
         Report {
             scenario: scenario.name.clone(),
             policies: pipeline.policies().slots().iter().map(|s| s.name().to_string()).collect(),
@@ -263,6 +268,7 @@ impl Report {
                 given_mib: m.given_kib / KIB_PER_MIB,
                 lowest_host_available_mib: m.lowest_host_available_kib / KIB_PER_MIB,
                 host_oom_events: m.host_oom_events,
+                below_reserve_quanta: m.host_available_kib.iter().filter(|a| **a < reserve_kib).count() as u64,
                 mean_guest_free_mib: mean(&m.guest_free_kib.iter().map(|x| *x as f64).collect::<Vec<_>>()).unwrap_or(0.0) as u64
                     / KIB_PER_MIB,
                 final_guest_free_mib: m.guest_free_kib.last().copied().unwrap_or(0) / KIB_PER_MIB,
@@ -313,7 +319,11 @@ impl fmt::Display for Report {
         writeln!(f, "memory")?;
         writeln!(f, "  guest pressure events        {} ({} OOM)", m.pressure_events, m.oom_events)?;
         writeln!(f, "  reclaimed / given            {} MiB / {} MiB", m.reclaimed_mib, m.given_mib)?;
-        writeln!(f, "  lowest host available        {} MiB ({} host OOM quanta)", m.lowest_host_available_mib, m.host_oom_events)?;
+        writeln!(
+            f,
+            "  lowest host available        {} MiB ({} quanta below the reserve, {} host OOM quanta)",
+            m.lowest_host_available_mib, m.below_reserve_quanta, m.host_oom_events
+        )?;
         writeln!(f, "  free in guests, mean / final {} MiB / {} MiB", m.mean_guest_free_mib, m.final_guest_free_mib)?;
         writeln!(f, "  same-group target spread     {:.1} % mean / {:.1} % final", m.mean_group_spread_pct, m.final_group_spread_pct)?;
         writeln!(

@@ -34,6 +34,13 @@
 //!     squeezed toward `used + mem.grow_below_pct % of headroom` (the
 //!     growth trigger, so a squeezed guest is not grown back at once), as
 //!     fast as the step cap allows.
+//!   - *below the reserve* (guests started or filled on a host whose pool
+//!     was spent): what the squeeze and the targets still under way do not
+//!     win back is taken from every guest that may shrink, growing ones
+//!     too (the pool is empty, nothing is granted), down to its floor and
+//!     its predicted use plus the margin, in proportion to what each has
+//!     above that. The squeeze alone stops at the growth trigger, and left
+//!     the reserve spent for as long as the guests stayed as they were.
 //!
 //!   Every reclaim step is at most `mem.max_shrink_pct` % of the guest's max
 //!   (the guard's default, so steps are not clamped) and at least
@@ -289,6 +296,9 @@ struct Grow {
     from: u64,
     want: u64,
     shares: f64,
+    /// What it gives when the host is below its reserve (none from stale
+    /// figures or a balloon still moving).
+    squeezed: Option<Donor>,
 }
 
 /// Water-fills `pool` over the growers' totals by shares: each ends at
@@ -371,6 +381,9 @@ impl Policy for MemPolicy {
         self.read_verdicts(snap);
         let mut grows = Vec::new();
         let mut donors = Vec::new();
+        // Targets set earlier and still under way: shrinks give the host
+        // memory back without a new target, growths will take more.
+        let (mut shrinking_kib, mut growing_kib) = (0u64, 0u64);
 
         for (di, d) in snap.domains.iter().enumerate() {
             if !self.seen.contains_key(d.name.as_str()) {
@@ -379,11 +392,27 @@ impl Policy for MemPolicy {
             let Some(seen) = self.seen.get_mut(d.name.as_str()) else { continue };
             seen.quantum = q;
             match consider(&p, q, snap.quantum_ms, d, seen) {
-                Some(Consider::Grow { from, want, shares }) => grows.push(Grow { domain: di, from, want, shares }),
+                Some(Consider::Grow { from, want, shares, squeezed }) => grows.push(Grow {
+                    domain: di,
+                    from,
+                    want,
+                    shares,
+                    squeezed: squeezed.map(|(predicted_used, headroom, floor, free)| Donor {
+                        domain: di,
+                        predicted_used,
+                        headroom,
+                        floor,
+                        free,
+                    }),
+                }),
                 Some(Consider::Donor { predicted_used, headroom, floor, free }) => {
                     donors.push(Donor { domain: di, predicted_used, headroom, floor, free })
                 }
                 None => {}
+            }
+            if let Some(set) = seen.set {
+                shrinking_kib = shrinking_kib.saturating_add(d.memory.target_kib.saturating_sub(set.target_kib));
+                growing_kib = growing_kib.saturating_add(set.target_kib.saturating_sub(d.memory.target_kib));
             }
         }
         self.seen.retain(|_, seen| seen.quantum == q);
@@ -401,34 +430,80 @@ impl Policy for MemPolicy {
             Tier::Soft => (1.0, p.soft_rate_pct),
             Tier::Hard => (p.grow_below_pct / 100.0, p.hard_rate_pct),
         };
-        let mut actions = Vec::new();
-        for donor in donors {
-            let d = &snap.domains[donor.domain];
-            let m = &d.memory;
-            let keep_kib = donor.predicted_used.saturating_add((donor.headroom as f64 * keep) as u64).max(donor.floor).min(m.max_kib);
-            let excess = m.target_kib.saturating_sub(keep_kib);
-            let min_step = pct_of(m.max_kib, p.min_step_pct).max(MIB);
-            if excess < min_step {
-                continue; // Inside the dead band.
+        // Each donor's step toward what it keeps at this tier.
+        let mut steps: Vec<u64> = donors
+            .iter()
+            .map(|donor| {
+                let m = &snap.domains[donor.domain].memory;
+                let keep_kib = donor.predicted_used.saturating_add((donor.headroom as f64 * keep) as u64).max(donor.floor).min(m.max_kib);
+                let excess = m.target_kib.saturating_sub(keep_kib);
+                let min_step = pct_of(m.max_kib, p.min_step_pct).max(MIB);
+                if excess < min_step {
+                    return 0; // Inside the dead band.
+                }
+                let step = pct_of(excess, rate).max(min_step).min(pct_of(m.max_kib, p.max_shrink_pct)).min(excess);
+                if step < MIB {
+                    0
+                } else {
+                    step
+                }
+            })
+            .collect();
+        // Below the reserve (guests started or filled on a host that had
+        // spent its pool) the squeeze above stops at the growth trigger,
+        // which can leave the reserve spent for as long as the guests stay
+        // as they are. What it and the targets under way do not cover is
+        // taken from every guest that may shrink (growers too: the pool is
+        // empty, nothing is granted) down to its floor and its predicted
+        // use plus the margin, in proportion to what each has above that.
+        let short_of_reserve = if host.available_kib < host.reserve_kib {
+            let projected_kib = host.available_kib.saturating_add(shrinking_kib).saturating_sub(growing_kib);
+            host.reserve_kib.saturating_sub(projected_kib).saturating_sub(steps.iter().sum())
+        } else {
+            0
+        };
+        if short_of_reserve > 0 {
+            for g in &mut grows {
+                if let Some(donor) = g.squeezed.take() {
+                    donors.push(donor);
+                    steps.push(0);
+                }
             }
-            let step = pct_of(excess, rate).max(min_step).min(pct_of(m.max_kib, p.max_shrink_pct)).min(excess);
+            let room: Vec<u64> = donors
+                .iter()
+                .zip(&steps)
+                .map(|(donor, step)| {
+                    let m = &snap.domains[donor.domain].memory;
+                    let floor = donor.floor.max(donor.predicted_used.saturating_add(p.margin_mib.saturating_mul(MIB)));
+                    let above_floor = m.target_kib.saturating_sub(*step).saturating_sub(floor);
+                    above_floor.min(pct_of(m.max_kib, p.max_shrink_pct).saturating_sub(*step))
+                })
+                .collect();
+            let total: u64 = room.iter().sum();
+            let share = (short_of_reserve as f64 / total.max(1) as f64).min(1.0);
+            for (step, room) in steps.iter_mut().zip(room) {
+                // Rounded up to whole MiB (within the room): the deficit is
+                // covered, not missed by a rounding.
+                *step += ((room as f64 * share) as u64).div_ceil(MIB).saturating_mul(MIB).min(room);
+            }
+        }
+        let mut actions = Vec::new();
+        for (donor, step) in donors.iter().zip(steps) {
             if step < MIB {
                 continue;
             }
+            let d = &snap.domains[donor.domain];
+            let m = &d.memory;
             let target = m.target_kib - step;
+            let reason = if short_of_reserve > 0 {
+                Reason::new("reclaim, host below its reserve by ").mib(short_of_reserve).text(" MiB: -")
+            } else {
+                Reason::new("reclaim, host ").text(tier.name()).text(": -")
+            };
             actions.push(Action::set_memory(
                 &d.name,
                 target,
-                Reason::new("reclaim, host ")
-                    .text(tier.name())
-                    .text(": -")
-                    .mib(step)
-                    .text(" MiB (free ")
-                    .mib(donor.free)
-                    .text(" MiB, headroom ")
-                    .mib(donor.headroom)
-                    .text(" MiB)")
-                    .0,
+                reason.mib(step).text(" MiB (free ").mib(donor.free).text(" MiB, headroom ").mib(donor.headroom).text(" MiB)").0,
             ));
             self.record(&d.name, m.target_kib, target, q);
         }
@@ -436,7 +511,7 @@ impl Policy for MemPolicy {
         // The pool (available minus reserve) is the budget; in a shortage it
         // is shared by weight over the growers' totals.
         for (g, grant) in grows.iter().zip(fair_grants(&grows, need_kib, pool_kib)) {
-            if grant < MIB {
+            if grant < MIB || short_of_reserve > 0 {
                 continue;
             }
             let d = &snap.domains[g.domain];
@@ -455,8 +530,20 @@ impl Policy for MemPolicy {
 
 /// What one domain is this quantum.
 enum Consider {
-    Grow { from: u64, want: u64, shares: f64 },
-    Donor { predicted_used: u64, headroom: u64, floor: u64, free: u64 },
+    /// `squeezed`: (predicted used, headroom, floor, free), as for a donor,
+    /// when it may be shrunk at all.
+    Grow {
+        from: u64,
+        want: u64,
+        shares: f64,
+        squeezed: Option<(u64, u64, u64, u64)>,
+    },
+    Donor {
+        predicted_used: u64,
+        headroom: u64,
+        floor: u64,
+        free: u64,
+    },
 }
 
 /// Updates what is known of `d` and says whether it should grow, may give,
@@ -529,8 +616,10 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen)
     // (Predicted to fill the balloon counts even where the headroom is 0,
     // at max.)
     let short = (predicted_free as f64) < headroom as f64 * p.grow_below_pct / 100.0 || predicted_used >= m.target_kib;
+    let floor = floor_kib(p, used, tags.min_kib, m.max_kib);
     if (short || m.under_pressure_signals()) && want > m.target_kib {
-        return Some(Consider::Grow { from: m.target_kib, want, shares: tags.shares });
+        let squeezed = (!only_growth && m.age_ms <= p.stale_ms).then_some((predicted_used, headroom, floor, free));
+        return Some(Consider::Grow { from: m.target_kib, want, shares: tags.shares, squeezed });
     }
     if only_growth {
         return None;
@@ -538,7 +627,6 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen)
     if m.age_ms > p.stale_ms {
         return None; // Old figures never justify a shrink.
     }
-    let floor = floor_kib(p, used, tags.min_kib, m.max_kib);
     Some(Consider::Donor { predicted_used, headroom, floor, free })
 }
 
@@ -752,6 +840,40 @@ mod tests {
         // at most 10 % of max (102.4) per quantum.
         let t = target_kib_of(&MemPolicy::default().decide(&snap).unwrap(), "roomy").unwrap();
         assert_eq!(t, 1024 * MIB - 104_857);
+    }
+
+    /// A host below its reserve (guests started on a host whose pool was
+    /// spent) gets it back from every guest that may shrink, growers too,
+    /// down to their floors: the squeeze to the growth trigger alone left
+    /// it 128 MiB short for good (a random scenario of the sweep: 4 GiB
+    /// host, two guests starting on it).
+    #[test]
+    fn below_the_reserve_guests_give_down_to_their_floors() {
+        let snap = |available_mib: u64| {
+            SnapshotBuilder::new(2, 4096 * MIB)
+                .host_memory(available_mib * MIB, 512 * MIB)
+                // used 1735, headroom 347: free 108 is below half of it, a grower.
+                .domain(DomainBuilder::new("a").memory_mib(2048, 1843, Some(108)))
+                // used 724, headroom 144.8: a donor, squeezed toward 724 + 72.4.
+                .domain(DomainBuilder::new("b").memory_mib(1024, 819, Some(95)))
+                .build()
+        };
+        // 212 MiB short; the squeeze gives 22.6, the floors (used + 32) 116 more: all of it.
+        let actions = MemPolicy::default().decide(&snap(300)).unwrap();
+        assert_eq!(target_of(&actions, "a"), Some(1735 + 32), "{actions:?}");
+        assert_eq!(target_of(&actions, "b"), Some(724 + 32), "{actions:?}");
+        // 60 MiB short: the rest after the squeeze (37.4) in proportion to the room above the floors.
+        let actions = MemPolicy::default().decide(&snap(452)).unwrap();
+        let (a, b) = (target_kib_of(&actions, "a").unwrap(), target_kib_of(&actions, "b").unwrap());
+        let given_kib = (1843 + 819) * MIB - a - b;
+        assert!((60 * MIB..62 * MIB).contains(&given_kib), "{given_kib} KiB given: {actions:?}");
+        assert!(a > (1735 + 32) * MIB && b > (724 + 32) * MIB, "neither is squeezed to its floor: {actions:?}");
+        // Rooms above the floors: a 76 MiB, b 40.4 (after its squeeze of 22.6).
+        let (extra_a, extra_b) = ((1843 * MIB - a) as f64, (819 * MIB - b) as f64 - 22.6 * MIB as f64);
+        assert!((extra_a / extra_b - 76.0 / 40.4).abs() < 0.15, "in proportion to the rooms: {extra_a} and {extra_b} KiB");
+        // At the reserve, the grower is not shrunk (and the empty pool grants nothing).
+        let actions = MemPolicy::default().decide(&snap(512)).unwrap();
+        assert_eq!(target_of(&actions, "a"), None, "{actions:?}");
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub given_kib: u64,
     /// Lowest host available memory seen, KiB.
     pub lowest_host_available_kib: u64,
+    /// Host available memory, KiB, per quantum (the report counts the
+    /// quanta below the guard's reserve, which the model does not know).
+    pub host_available_kib: Vec<u64>,
     /// Most VMs alive at once.
     pub peak_vms: usize,
     /// Busiest pCPU's demand over the best placement's (1.0 when idle), per quantum.
@@ -395,6 +398,7 @@ impl Backend for SimBackend {
         }
         let available_kib = capacity_kib.saturating_sub(held_kib);
         self.metrics.lowest_host_available_kib = self.metrics.lowest_host_available_kib.min(available_kib);
+        self.metrics.host_available_kib.push(available_kib);
 
         self.metrics.group_spread.push(self.group_spread());
         let mut guest_free_kib = 0;
