@@ -134,17 +134,12 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     }
     if chosen.is_none() {
         // Second to the busiest pCPU, demand above capacity (see
-        // [`target::overload`]): a plan that keeps the busiest is worth its
-        // moves when it leaves fewer pCPUs overloaded and gains the margin
-        // on each overloaded pCPU (their noise adds up in the sum).
-        let current_overload = target::overload(load.iter().copied());
-        let overloaded = load.iter().filter(|l| **l > 1.0).count();
-        if let Some(t) = planned.filter(|t| {
-            t.makespan < current - hysteresis
-                || (t.makespan <= current + 1e-4
-                    && t.overloaded < overloaded
-                    && t.overload < current_overload - hysteresis * overloaded as f32)
-        }) {
+        // [`target::Overload`]): a plan that keeps the busiest and leaves
+        // less overload by the margin is worth its moves.
+        let overload = target::Overload::of(load);
+        if let Some(t) = planned
+            .filter(|t| t.makespan < current - hysteresis || (t.makespan <= current + 1e-4 && t.overload.beats(overload, hysteresis)))
+        {
             chosen = Some((t, "plan"));
         }
     }

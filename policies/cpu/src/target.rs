@@ -134,19 +134,33 @@ pub(crate) struct Target {
     pub(crate) at: Vec<usize>,
     /// The busiest pCPU's load in the target.
     pub(crate) makespan: f32,
-    /// Demand above the pCPUs' capacity, summed (see [`overload`]).
-    pub(crate) overload: f32,
-    /// pCPUs above their capacity.
-    pub(crate) overloaded: usize,
+    /// Its demand above the pCPUs' capacity.
+    pub(crate) overload: Overload,
 }
 
-/// Demand above the pCPUs' capacity (1 CPU each), summed over `loads`: what
-/// no pCPU serves. Second to the busiest pCPU: with the busiest at its best
-/// (40 vCPUs of 0.84 on 32 pCPUs: 8 must share, 1.68), a placement that
-/// doubled 12 pCPUs and left 4 idle served 2.7 CPUs less, and no plan
-/// lowered the busiest pCPU to undo it.
-pub(crate) fn overload(loads: impl IntoIterator<Item = f32>) -> f32 {
-    loads.into_iter().map(|l| larger(l - 1.0, 0.0)).sum()
+/// Demand above the pCPUs' capacity (1 CPU each): what no pCPU serves.
+/// Second to the busiest pCPU: with the busiest at its best (40 vCPUs of
+/// 0.84 on 32 pCPUs: 8 must share, 1.68), a placement that doubled 12
+/// pCPUs and left 4 idle served 2.7 CPUs less, and no plan lowered the
+/// busiest pCPU to undo it.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Overload {
+    /// Load above 1 CPU, summed over the pCPUs.
+    cpus: f32,
+    /// pCPUs above 1 CPU.
+    pcpus: usize,
+}
+
+impl Overload {
+    pub(crate) fn of(loads: &[f32]) -> Self {
+        Overload { cpus: loads.iter().map(|l| larger(l - 1.0, 0.0)).sum(), pcpus: loads.iter().filter(|l| **l > 1.0).count() }
+    }
+
+    /// Fewer pCPUs overloaded than `than`, and `margin` less overload on
+    /// each of `than`'s (their noise adds up in the sum).
+    pub(crate) fn beats(self, than: Overload, margin: f32) -> bool {
+        self.pcpus < than.pcpus && self.cpus < than.cpus - margin * than.pcpus as f32
+    }
 }
 
 impl Problem<'_> {
@@ -169,8 +183,7 @@ impl Problem<'_> {
     pub(crate) fn target(&self, at: Vec<usize>) -> Target {
         let loads = self.loads(&at);
         let makespan = loads.iter().copied().fold(0.0, larger);
-        let overloaded = loads.iter().filter(|l| **l > 1.0).count();
-        Target { at, makespan, overload: overload(loads), overloaded }
+        Target { at, makespan, overload: Overload::of(&loads) }
     }
 
     /// Demand that `at` moves away from its current pCPU.
@@ -192,7 +205,7 @@ impl Problem<'_> {
 pub(crate) fn plan(p: &Problem) -> Target {
     let m = p.base.len();
     if m == 0 {
-        return Target { at: p.home.to_vec(), makespan: 0.0, overload: 0.0, overloaded: 0 };
+        return Target { at: p.home.to_vec(), makespan: 0.0, overload: Overload::default() };
     }
     let n = p.demand.len();
     let exact = n <= EXACT_ITEMS && m <= EXACT_CPUS;
@@ -280,13 +293,11 @@ pub(crate) fn plan(p: &Problem) -> Target {
             None => Some((t, moved)),
             Some((b, bm)) => {
                 let tie = tie(b.makespan.min(t.makespan));
-                // Within the tie, a candidate that leaves fewer pCPUs
-                // overloaded wins, by the tie on each of them (see
-                // [`overload`]); then the one that moves less.
-                let serves_more = t.overloaded < b.overloaded && t.overload < b.overload - tie * b.overloaded as f32;
-                let serves_less = b.overloaded < t.overloaded && b.overload < t.overload - tie * t.overloaded as f32;
-                let better =
-                    t.makespan < b.makespan - tie || (t.makespan <= b.makespan + tie && (serves_more || (!serves_less && moved < bm)));
+                // Within the tie, a candidate that leaves less overload
+                // wins (see [`Overload`]); then the one that moves less.
+                let better = t.makespan < b.makespan - tie
+                    || (t.makespan <= b.makespan + tie
+                        && (t.overload.beats(b.overload, tie) || (!b.overload.beats(t.overload, tie) && moved < bm)));
                 Some(if better { (t, moved) } else { (b, bm) })
             }
         })
