@@ -391,23 +391,9 @@ impl Policy for MemPolicy {
             }
             let Some(seen) = self.seen.get_mut(d.name.as_str()) else { continue };
             seen.quantum = q;
-            match consider(&p, q, snap.quantum_ms, d, seen) {
-                Some(Consider::Grow { from, want, shares, squeezed }) => grows.push(Grow {
-                    domain: di,
-                    from,
-                    want,
-                    shares,
-                    squeezed: squeezed.map(|(predicted_used, headroom, floor, free)| Donor {
-                        domain: di,
-                        predicted_used,
-                        headroom,
-                        floor,
-                        free,
-                    }),
-                }),
-                Some(Consider::Donor { predicted_used, headroom, floor, free }) => {
-                    donors.push(Donor { domain: di, predicted_used, headroom, floor, free })
-                }
+            match consider(&p, q, snap.quantum_ms, di, d, seen) {
+                Some(Consider::Grow(grow)) => grows.push(grow),
+                Some(Consider::Donor(donor)) => donors.push(donor),
                 None => {}
             }
             if let Some(set) = seen.set {
@@ -530,25 +516,13 @@ impl Policy for MemPolicy {
 
 /// What one domain is this quantum.
 enum Consider {
-    /// `squeezed`: (predicted used, headroom, floor, free), as for a donor,
-    /// when it may be shrunk at all.
-    Grow {
-        from: u64,
-        want: u64,
-        shares: f64,
-        squeezed: Option<(u64, u64, u64, u64)>,
-    },
-    Donor {
-        predicted_used: u64,
-        headroom: u64,
-        floor: u64,
-        free: u64,
-    },
+    Grow(Grow),
+    Donor(Donor),
 }
 
 /// Updates what is known of `d` and says whether it should grow, may give,
 /// or is left alone (`None`).
-fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen) -> Option<Consider> {
+fn consider(p: &MemParams, q: u64, quantum_ms: u32, domain: usize, d: &Domain, seen: &mut Seen) -> Option<Consider> {
     let m: &DomainMemory = &d.memory;
     let figures = m.used_kib().zip(m.free_kib());
     // Growth per quantum, over the quanta since the last figures (a moving
@@ -616,18 +590,14 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, d: &Domain, seen: &mut Seen)
     // (Predicted to fill the balloon counts even where the headroom is 0,
     // at max.)
     let short = (predicted_free as f64) < headroom as f64 * p.grow_below_pct / 100.0 || predicted_used >= m.target_kib;
-    let floor = floor_kib(p, used, tags.min_kib, m.max_kib);
+    // Old figures never justify a shrink, nor does a balloon still moving.
+    let may_shrink = !only_growth && m.age_ms <= p.stale_ms;
+    let donor = Donor { domain, predicted_used, headroom, floor: floor_kib(p, used, tags.min_kib, m.max_kib), free };
     if (short || m.under_pressure_signals()) && want > m.target_kib {
-        let squeezed = (!only_growth && m.age_ms <= p.stale_ms).then_some((predicted_used, headroom, floor, free));
-        return Some(Consider::Grow { from: m.target_kib, want, shares: tags.shares, squeezed });
+        let squeezed = may_shrink.then_some(donor);
+        return Some(Consider::Grow(Grow { domain, from: m.target_kib, want, shares: tags.shares, squeezed }));
     }
-    if only_growth {
-        return None;
-    }
-    if m.age_ms > p.stale_ms {
-        return None; // Old figures never justify a shrink.
-    }
-    Some(Consider::Donor { predicted_used, headroom, floor, free })
+    may_shrink.then_some(Consider::Donor(donor))
 }
 
 /// A reason, built without `format!`: the formatting machinery was a
