@@ -236,24 +236,27 @@ use groups::benches;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "count") {
+    let has = |word: &str| args.iter().any(|a| a == word);
+    // `cpu` or `mem` after `count` or `ratio` measures that policy only.
+    let (cpu, mem) = (!has("mem"), !has("cpu"));
+    if has("count") {
         let domains = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1000);
-        if !args.iter().any(|a| a == "mem") {
+        if cpu {
             counted::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
         }
-        if !args.iter().any(|a| a == "cpu") {
+        if mem {
             counted::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
         }
         return;
     }
-    if args.iter().any(|a| a == "ratio") {
+    if has("ratio") {
         // `-- ratio 1000` measures only that many domains.
         let only: Vec<u32> = args.iter().filter_map(|a| a.parse().ok()).collect();
         for domains in [10, 100, 1000, 10_000].into_iter().filter(|n| only.is_empty() || only.contains(n)) {
-            if !args.iter().any(|a| a == "mem") {
+            if cpu {
                 interleaved::<vmb_policy_cpu::CpuPolicy>(Builtin::Cpu, domains);
             }
-            if !args.iter().any(|a| a == "cpu") {
+            if mem {
                 interleaved::<vmb_policy_mem::MemPolicy>(Builtin::Mem, domains);
             }
         }
