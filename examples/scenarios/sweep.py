@@ -129,6 +129,8 @@ def main():
     # Worse by more than this is reported (figures wander a little).
     slack = {"busiest / best": 0.02, "unserved %": 0.5, "guest OOM": 0, "below reserve": 0, "host OOM": 0}
     totals = [dict.fromkeys(slack | {"pins": 0}, 0.0) for _ in range(2)]
+    if a.keep:
+        os.makedirs(a.keep, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             path = os.path.join(a.keep or tmp, f"sweep-{seed}.toml")

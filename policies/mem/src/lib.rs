@@ -18,6 +18,14 @@
 //!   used + headroom, capped at max and at `mem.max_grow_pct` % of max per
 //!   quantum, the guard's grow step) in one step from the host pool
 //!   (available minus reserve).
+//! - **A swinging guest keeps its peak** (Hyper-V removes memory slowly for
+//!   the same reason). A guest whose use fell by more than its headroom from
+//!   its recent peak and then rose again by more than its headroom in one
+//!   quantum (a batch job, a heap collected and refilled) keeps, short of
+//!   hard pressure, its peak of the last `mem.peak_hold_quanta` quanta plus
+//!   that peak's headroom, for as long as it keeps swinging. Its next rise
+//!   finds the memory there instead of a balloon reclaimed during the lull.
+//!   A guest that frees memory once is reclaimed as before.
 //! - **Host pressure tiers** on host available memory / total (MOM's
 //!   thresholds: 20 % shrink, 5 % critical):
 //!   - *plenty* (at least `mem.soft_pct` % available): a guest keeps
@@ -108,6 +116,13 @@ pub struct MemParams {
     pub hard_pct: f64,
     /// Headrooms a guest keeps free while the host has plenty [2].
     pub plenty_keep: f64,
+    /// Quanta a swinging guest's peak use is held [20]. A guest whose use
+    /// fell by more than its headroom and rose again by more than its
+    /// headroom (a batch job, a heap that is collected and refilled) keeps,
+    /// short of hard pressure, its peak of the last this many quanta plus
+    /// the peak's headroom: the next swing finds its memory still there.
+    /// A guest that frees memory once is not held.
+    pub peak_hold_quanta: u64,
     /// Share of the excess reclaimed per quantum with plenty [20 %: 89 % in 10 quanta].
     pub plenty_rate_pct: f64,
     /// Share of the excess reclaimed per quantum under soft pressure [40 %].
@@ -154,6 +169,7 @@ impl MemParams {
             soft_pct: pct("mem.soft_pct", 20.0),
             hard_pct: pct("mem.hard_pct", 5.0),
             plenty_keep: f("mem.plenty_keep", 2.0).max(1.0),
+            peak_hold_quanta: f("mem.peak_hold_quanta", 20.0) as u64,
             plenty_rate_pct: pct("mem.plenty_rate_pct", 20.0),
             soft_rate_pct: pct("mem.soft_rate_pct", 40.0),
             hard_rate_pct: pct("mem.hard_rate_pct", 100.0),
@@ -262,6 +278,13 @@ struct Seen {
     quantum: u64,
     /// Growth per quantum of the last fresh figures.
     growth_kib: u64,
+    /// The highest used memory seen in the last `mem.peak_hold_quanta`
+    /// quanta (KiB), and the quantum it was seen.
+    peak: (u64, u64),
+    /// Quantum of the last fall of used memory by more than its headroom.
+    fell_at: Option<u64>,
+    /// Quantum of the last rise by more than its headroom after such a fall.
+    swung_at: Option<u64>,
     /// The last target set and not yet confirmed.
     set: Option<SetTarget>,
     /// Skipped until this quantum (a stuck balloon).
@@ -286,6 +309,9 @@ struct SetTarget {
 struct Donor {
     domain: usize,
     predicted_used: u64,
+    /// A swinging guest's recent peak of used memory plus that peak's
+    /// headroom: what it keeps short of hard pressure (0: not swinging).
+    peak_keep: u64,
     headroom: u64,
     floor: u64,
     free: u64,
@@ -421,7 +447,11 @@ impl Policy for MemPolicy {
             .iter()
             .map(|donor| {
                 let m = &snap.domains[donor.domain].memory;
-                let keep_kib = donor.predicted_used.saturating_add((donor.headroom as f64 * keep) as u64).max(donor.floor).min(m.max_kib);
+                let mut keep_kib = donor.predicted_used.saturating_add((donor.headroom as f64 * keep) as u64).max(donor.floor);
+                if tier < Tier::Hard {
+                    keep_kib = keep_kib.max(donor.peak_keep);
+                }
+                let keep_kib = keep_kib.min(m.max_kib);
                 let excess = m.target_kib.saturating_sub(keep_kib);
                 let min_step = pct_of(m.max_kib, p.min_step_pct).max(MIB);
                 if excess < min_step {
@@ -532,9 +562,19 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, domain: usize, d: &Domain, s
             Some((last, at)) if m.age_ms == 0 || used != last => {
                 seen.growth_kib = used.saturating_sub(last) / q.saturating_sub(at).max(1);
                 seen.used = Some((used, q));
+                // A fall from the recent peak, then a sudden rise: a swing.
+                let headroom = p.headroom_kib(used.min(last), m.max_kib);
+                if seen.peak.0.saturating_sub(used) > headroom {
+                    seen.fell_at = Some(q);
+                } else if used.saturating_sub(last) > headroom && seen.fell_at.is_some_and(|f| q.saturating_sub(f) <= p.peak_hold_quanta) {
+                    seen.swung_at = Some(q);
+                }
             }
             Some(_) => {}
             None => seen.used = Some((used, q)),
+        }
+        if used >= seen.peak.0 || q.saturating_sub(seen.peak.1) > p.peak_hold_quanta {
+            seen.peak = (used, q);
         }
     }
     if d.not_answering_ms > 0 {
@@ -592,7 +632,9 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, domain: usize, d: &Domain, s
     let short = (predicted_free as f64) < headroom as f64 * p.grow_below_pct / 100.0 || predicted_used >= m.target_kib;
     // Old figures never justify a shrink, nor does a balloon still moving.
     let may_shrink = !only_growth && m.age_ms <= p.stale_ms;
-    let donor = Donor { domain, predicted_used, headroom, floor: floor_kib(p, used, tags.min_kib, m.max_kib), free };
+    let swinging = seen.swung_at.is_some_and(|s| q.saturating_sub(s) <= p.peak_hold_quanta);
+    let peak_keep = if swinging { seen.peak.0.saturating_add(p.headroom_kib(seen.peak.0, m.max_kib)) } else { 0 };
+    let donor = Donor { domain, predicted_used, peak_keep, headroom, floor: floor_kib(p, used, tags.min_kib, m.max_kib), free };
     if (short || m.under_pressure_signals()) && want > m.target_kib {
         let squeezed = may_shrink.then_some(donor);
         return Some(Consider::Grow(Grow { domain, from: m.target_kib, want, shares: tags.shares, squeezed }));
@@ -1064,11 +1106,13 @@ mod tests {
         vms: Vec<Vm>,
         /// Guest-quanta with free memory below 16 MiB (or negative).
         pressure_events: u64,
+        /// `[params.mem]` of every snapshot.
+        params: Vec<(&'static str, f64)>,
     }
 
     impl World {
         fn new(total_mib: u64, base_mib: u64, reserve_mib: u64, vms: Vec<Vm>) -> Self {
-            World { total_mib, base_mib, reserve_mib, fixed_available_mib: None, vms, pressure_events: 0 }
+            World { total_mib, base_mib, reserve_mib, fixed_available_mib: None, vms, pressure_events: 0, params: Vec::new() }
         }
 
         fn available_kib(&self) -> u64 {
@@ -1084,6 +1128,10 @@ mod tests {
                     .quantum(q)
                     .host_memory(self.available_kib(), self.reserve_mib * MIB)
                     .build();
+                if !self.params.is_empty() {
+                    let params = self.params.iter().map(|(k, v)| (k.to_string(), Param::Float(*v))).collect();
+                    snap.params.insert("mem".into(), Param::Map(params));
+                }
                 for v in &self.vms {
                     let wants = (v.used)(q) * MIB;
                     if wants + 16 * MIB > v.target_kib {
@@ -1212,6 +1260,46 @@ mod tests {
     }
 
     #[test]
+    fn closed_loop_a_swinging_guest_keeps_its_peak_after_one_swing_a_one_off_free_is_reclaimed() {
+        // Use swings 300 <-> 900 MiB every 8 quanta (a batch job's heap,
+        // collected and refilled), beside a guest that frees 1.1 GiB once.
+        // Plenty of host memory, then soft pressure.
+        fn swing(q: u64) -> u64 {
+            if (q / 8).is_multiple_of(2) {
+                900
+            } else {
+                300
+            }
+        }
+        for fixed in [None, Some(3000)] {
+            let mut world = World::new(
+                24576,
+                1024,
+                512,
+                vec![vm("swinging", 2048, 1024, swing), vm("consumer", 2048, 1800, |q| if q < 5 { 1500 } else { 400 })],
+            );
+            world.fixed_available_mib = fixed;
+            let mut policy = MemPolicy::default();
+            // The first swing (a fall at 8, the rise at 16, met by a grant
+            // sized from figures capped at the balloon) cannot be foreseen.
+            world.run(&mut policy, 0..18);
+            let before = world.pressure_events;
+            world.run(&mut policy, 18..80);
+            assert_eq!(world.pressure_events, before, "host available {fixed:?}: pressure after the first swing");
+            // Held at its peak plus the peak's headroom (180 MiB) in a low phase.
+            assert!(world.target_mib("swinging") >= 900 + 32, "host available {fixed:?}: {}", world.target_mib("swinging"));
+            let free = world.target_mib("consumer") - 400;
+            assert!(free <= 2 * 80 + 41, "host available {fixed:?}: the consumer that freed memory once kept {free} MiB free");
+        }
+        // Without the hold (`mem.peak_hold_quanta = 0`) the same guest is
+        // shrunk in each low phase and hit by each rise.
+        let mut world = World::new(24576, 1024, 512, vec![vm("swinging", 2048, 1024, swing)]);
+        world.params = vec![("peak_hold_quanta", 0.0)];
+        world.run(&mut MemPolicy::default(), 0..80);
+        assert!(world.pressure_events > 3, "without the hold: {} pressure quanta", world.pressure_events);
+    }
+
+    #[test]
     fn closed_loop_grants_never_take_the_host_below_its_reserve() {
         // Guests that all want more than the host has; `run` checks every
         // quantum's grants against the pool.
@@ -1266,8 +1354,14 @@ mod tests {
                 let mut snap = SnapshotBuilder::new(2, total).quantum(q).host_memory(r.below(total + 2), r.below(total / 2 + 2)).build();
                 snap.quantum_ms = [0, 1, 1000, u32::MAX][r.below(4) as usize];
                 if r.below(4) == 0 {
-                    let params =
-                        [("buffer_pct", 0.0), ("free_min_mib", 0.0), ("stuck_quanta", 0.0), ("max_shrink_pct", 1e9), ("soft_pct", -5.0)];
+                    let params = [
+                        ("buffer_pct", 0.0),
+                        ("free_min_mib", 0.0),
+                        ("stuck_quanta", 0.0),
+                        ("max_shrink_pct", 1e9),
+                        ("soft_pct", -5.0),
+                        ("peak_hold_quanta", 1e30),
+                    ];
                     let (k, v) = params[r.below(params.len() as u64) as usize];
                     snap.params.insert("mem".into(), Param::Map([(k.to_string(), Param::Float(v))].into()));
                 }
