@@ -9,6 +9,7 @@ mod hot_swap;
 mod languages;
 mod libvirt_e2e;
 mod operating;
+mod peer_suite;
 mod record_replay;
 mod sandbox_limits;
 mod simulate;
