@@ -49,6 +49,12 @@
 //!     its predicted use plus the margin, in proportion to what each has
 //!     above that. The squeeze alone stops at the growth trigger, and left
 //!     the reserve spent for as long as the guests stayed as they were.
+//!   - *nothing available* (host available 0: guests that started on a
+//!     spent host hold more than it has, and how much more is unknown):
+//!     every guest that may shrink gives all it has above that floor, as
+//!     fast as the step cap allows, and for 10 quanta only starving guests (balloon below use +
+//!     margin, or swapping) are grown: the memory just won back is not
+//!     handed out again as headroom while more guests may be starting.
 //!
 //!   Every reclaim step is at most `mem.max_shrink_pct` % of the guest's max
 //!   (the guard's default, so steps are not clamped) and at least
@@ -267,7 +273,14 @@ pub struct MemPolicy {
     /// domain costs no allocation per quantum. (FxHash: the keys are the
     /// daemon's domain names, and SipHash showed in wasm profiles.)
     seen: FxHashMap<String, Seen>,
+    /// The last quantum the host had nothing available.
+    exhausted_at: Option<u64>,
 }
+
+/// Quanta after the host ran out in which only starving guests are grown:
+/// guests that were squeezed to their floors are not given their headroom
+/// back with the memory they just gave, while more guests may be starting.
+const AFTER_EXHAUSTION_QUANTA: u64 = 10;
 
 /// A domain as last seen.
 #[derive(Clone, Copy, Debug, Default)]
@@ -319,6 +332,8 @@ struct Donor {
 
 struct Grow {
     domain: usize,
+    /// Its balloon is below its use, or it swaps or faults.
+    starving: bool,
     from: u64,
     want: u64,
     shares: f64,
@@ -431,6 +446,18 @@ impl Policy for MemPolicy {
 
         // Growth requests beyond the pool are a shortage: the donors' idle
         // memory is worth more to the growing guests than to them.
+        // With nothing available the depth of the hole is unknown (guests
+        // that started on a spent host hold more than it has: host OOM).
+        let exhausted = host.available_kib == 0 && host.reserve_kib > 0;
+        if exhausted {
+            self.exhausted_at = Some(q);
+        }
+        if self.exhausted_at.is_some_and(|at| q.saturating_sub(at) <= AFTER_EXHAUSTION_QUANTA) {
+            // Only starving guests grow; the others count as donors.
+            let (starving, fed): (Vec<Grow>, Vec<Grow>) = grows.into_iter().partition(|g| g.starving);
+            grows = starving;
+            donors.extend(fed.into_iter().filter_map(|g| g.squeezed));
+        }
         let need_kib: u64 = grows.iter().map(|g| g.want - g.from).sum();
         let short = need_kib > pool_kib;
         let mut tier = Tier::of(host, &p);
@@ -472,7 +499,11 @@ impl Policy for MemPolicy {
         // taken from every guest that may shrink (growers too: the pool is
         // empty, nothing is granted) down to its floor and its predicted
         // use plus the margin, in proportion to what each has above that.
-        let short_of_reserve = if host.available_kib < host.reserve_kib {
+        // With nothing available (see `exhausted`), every guest that may
+        // shrink gives all it has above its floor.
+        let short_of_reserve = if exhausted {
+            u64::MAX
+        } else if host.available_kib < host.reserve_kib {
             let projected_kib = host.available_kib.saturating_add(shrinking_kib).saturating_sub(growing_kib);
             host.reserve_kib.saturating_sub(projected_kib).saturating_sub(steps.iter().sum())
         } else {
@@ -511,7 +542,9 @@ impl Policy for MemPolicy {
             let d = &snap.domains[donor.domain];
             let m = &d.memory;
             let target = m.target_kib - step;
-            let reason = if short_of_reserve > 0 {
+            let reason = if exhausted {
+                Reason::new("reclaim, host out of memory: -")
+            } else if short_of_reserve > 0 {
                 Reason::new("reclaim, host below its reserve by ").mib(short_of_reserve).text(" MiB: -")
             } else {
                 Reason::new("reclaim, host ").text(tier.name()).text(": -")
@@ -637,7 +670,8 @@ fn consider(p: &MemParams, q: u64, quantum_ms: u32, domain: usize, d: &Domain, s
     let donor = Donor { domain, predicted_used, peak_keep, headroom, floor: floor_kib(p, used, tags.min_kib, m.max_kib), free };
     if (short || m.under_pressure_signals()) && want > m.target_kib {
         let squeezed = may_shrink.then_some(donor);
-        return Some(Consider::Grow(Grow { domain, from: m.target_kib, want, shares: tags.shares, squeezed }));
+        let starving = m.under_pressure_signals() || used.saturating_add(p.margin_mib.saturating_mul(MIB)) > m.target_kib;
+        return Some(Consider::Grow(Grow { domain, starving, from: m.target_kib, want, shares: tags.shares, squeezed }));
     }
     may_shrink.then_some(Consider::Donor(donor))
 }
@@ -886,6 +920,33 @@ mod tests {
         // At the reserve, the grower is not shrunk (and the empty pool grants nothing).
         let actions = MemPolicy::default().decide(&snap(512)).unwrap();
         assert_eq!(target_of(&actions, "a"), None, "{actions:?}");
+    }
+
+    #[test]
+    fn a_host_with_nothing_available_takes_all_room_then_grows_only_starving_guests_for_a_while() {
+        let snap = |q: u64, available_mib: u64, a_target_mib: u64| {
+            SnapshotBuilder::new(2, 40_000 * MIB)
+                .quantum(q)
+                .host_memory(available_mib * MIB, 512 * MIB)
+                // used 3552: a donor at 3824, a grower (headroom) at 3584.
+                .domain(DomainBuilder::new("a").memory_mib(4096, a_target_mib, Some(a_target_mib - 3552)))
+                // Started on the spent host: its balloon is below its use.
+                .domain(DomainBuilder::new("b").memory_mib(4096, 2048, Some(0)).pressure(4096, 10))
+                .build()
+        };
+        let mut policy = MemPolicy::default();
+        // Nothing available: how far short is unknown, all of a's room goes.
+        let actions = policy.decide(&snap(1, 0, 3824)).unwrap();
+        assert_eq!(target_of(&actions, "a"), Some(3552 + 32), "{actions:?}");
+        assert!(actions[0].reason().contains("out of memory"), "{actions:?}");
+        // Memory came back: the starving guest is fed, a is not given its
+        // headroom back while more guests may be starting.
+        let actions = policy.decide(&snap(2, 1800, 3584)).unwrap();
+        assert_eq!(target_of(&actions, "a"), None, "{actions:?}");
+        assert!(target_of(&actions, "b").is_some_and(|t| t > 2048), "{actions:?}");
+        // Ten quanta later a grows again.
+        let actions = policy.decide(&snap(12, 30_000, 3584)).unwrap();
+        assert!(target_of(&actions, "a").is_some_and(|t| t > 3584), "{actions:?}");
     }
 
     #[test]
