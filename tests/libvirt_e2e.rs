@@ -677,8 +677,9 @@ fn libvirt_vcpu_times(name: &str) -> BTreeMap<u32, (u64, u64)> {
 /// Issue 15: the fast path's CPU figures (procfs `schedstat` of each vCPU
 /// thread) are libvirt's own counters: read one right after the other, run
 /// time within 20 ms plus the time between the two reads (libvirt's has
-/// 10 ms tick resolution), and wait (steal) likewise; and the two paths'
-/// usage of a burning and an idle guest agree.
+/// 10 ms tick resolution), and wait (steal) likewise, in at least one of 10
+/// pairs of reads three times over (a wait is credited when it ends); and
+/// the two paths' usage of a burning and an idle guest agree.
 fn scenario_fast_path_agrees_with_libvirt(guests: &Guests) {
     use vm_balancer::backend::libvirt::procfs::ProcRoots;
     use vm_balancer::backend::libvirt::{CollectMode, LibvirtBackend, LibvirtOptions};
@@ -692,25 +693,32 @@ fn scenario_fast_path_agrees_with_libvirt(guests: &Guests) {
         let threads = roots.map_vcpus(roots.qemu_pid(name).expect("pid file")).expect("vCPU threads");
         let want = if name == &burn { 2 } else { 1 };
         assert_eq!(threads.tids.len(), want, "{name}: vCPU threads {threads:?}");
+        // Three pairs of reads must agree. The kernel credits a wait to
+        // `run_delay` when the thread gets a CPU, so a wait that began
+        // before the first read can land whole between the two reads (seen
+        // on a loaded CI machine: 191 ms against libvirt's 295 ms, read
+        // within a few ms of each other). A pair that disagrees is read
+        // again, up to 10 times; the same field read wrong never agrees.
         for _ in 0..3 {
-            let t = Instant::now();
-            let ours = roots.read(&threads).expect("schedstat");
-            let theirs = libvirt_vcpu_times(name);
-            let between_ns = t.elapsed().as_nanos() as u64 * 2;
-            for (vcpu, s) in &ours {
-                let (time, delay) = theirs[vcpu];
-                let slack = 20_000_000 + between_ns;
-                assert!(
-                    s.run_ns.abs_diff(time) <= slack,
-                    "{name} vCPU {vcpu}: schedstat run {} ns, libvirt time {time} ns (slack {slack})",
-                    s.run_ns
-                );
-                assert!(
-                    s.wait_ns.abs_diff(delay) <= slack,
-                    "{name} vCPU {vcpu}: schedstat wait {} ns, libvirt delay {delay} ns",
-                    s.wait_ns
-                );
-            }
+            let mut disagreements = Vec::new();
+            let agreed = (0..10).any(|_| {
+                let t = Instant::now();
+                let ours = roots.read(&threads).expect("schedstat");
+                let theirs = libvirt_vcpu_times(name);
+                let slack = 20_000_000 + t.elapsed().as_nanos() as u64 * 2;
+                let before = disagreements.len();
+                for (vcpu, s) in &ours {
+                    let (time, delay) = theirs[vcpu];
+                    if s.run_ns.abs_diff(time) > slack || s.wait_ns.abs_diff(delay) > slack {
+                        disagreements.push(format!(
+                            "vCPU {vcpu}: schedstat run {} / wait {} ns, libvirt time {time} / delay {delay} ns (slack {slack})",
+                            s.run_ns, s.wait_ns
+                        ));
+                    }
+                }
+                disagreements.len() == before
+            });
+            assert!(agreed, "{name}: 10 reads in a row disagree:\n{}", disagreements.join("\n"));
         }
     }
     let backend = |mode| {

@@ -101,6 +101,11 @@ def simulate(binary, path, specs):
     if out.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
     report = json.loads(out.stdout)
+    # A decide call past its deadline (a loaded machine) falls back to the
+    # built-in default: that run is not the policy's own.
+    fell = {name: s["fallbacks"] for name, s in report["slots"].items() if s["fallbacks"] or s["failures"]}
+    if fell:
+        print(f"warning: {path} {' '.join(specs) or 'defaults'}: fallbacks {fell}; figures are not the policy's own", file=sys.stderr)
     cpu, mem = report["cpu"], report["memory"]
     return {
         "busiest / best": cpu["mean_best_ratio"],
