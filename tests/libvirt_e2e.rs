@@ -516,7 +516,13 @@ fn scenario_cpu_dry_run_and_restore(guests: &Guests) {
     daemon.assert_clean_exit(Duration::from_secs(20));
     let log = daemon.log();
     assert!(log.contains("restored the original pins and balloon targets"), "{log}");
-    assert!(all_on_zero(), "pins not restored: {:?}", names.iter().map(|n| pins(n)).collect::<Vec<_>>());
+    if !all_on_zero() && log.contains("not restored: the domain is not answering") {
+        // A TCG guest's monitor can be busy on a loaded machine: the daemon
+        // does not block its exit on it and says so; the documented remedy.
+        let run = crate::util::vm_balancer(&["restore", "--connect", URI]);
+        assert_eq!(run.code, 0, "{}", run.context(&["restore"]));
+    }
+    assert!(all_on_zero(), "pins not restored: {:?}; log:\n{log}", names.iter().map(|n| pins(n)).collect::<Vec<_>>());
     wait_until("balloon targets restored", Duration::from_secs(20), || {
         names.iter().zip(&targets).all(|(n, t)| current_kib(n).abs_diff(*t) <= MIB)
     });
