@@ -130,7 +130,7 @@ fn eating(free_at: Option<u64>) -> String {
 /// 4 VMs of 512 MiB (max 2048, floor 200) on a host of `host_mib` (512 MiB
 /// of its own, a 512 MiB reserve): `eaters` as (name, memory profile,
 /// extra keys), the rest idle at 150 MiB.
-fn mem_case(host_mib: u64, eaters: &[(&str, String, &str)]) -> String {
+fn mem_case(host_mib: u64, eaters: &[(&str, &str, &str)]) -> String {
     let mut text = format!(
         "name = \"peer-mem\"\nseed = 1\nquanta = 60\n[host]\ncpus = 4\nmemory_mib = {host_mib}\nbase_used_mib = 512\nreserve_mib = 512\n"
     );
@@ -181,7 +181,7 @@ fn run_mem(text: &str) -> Vec<std::collections::BTreeMap<String, Seen>> {
 
 #[test]
 fn mem_one_vm_eats_to_its_max_is_supplied_in_time_and_reclaimed_after_it_frees() {
-    let quanta = run_mem(&mem_case(8192, &[("eater", eating(Some(40)), "")]));
+    let quanta = run_mem(&mem_case(8192, &[("eater", &eating(Some(40)), "")]));
     // Use is never above the balloon (`pressure`), so never past swap either.
     let short: Vec<usize> = (0..60).filter(|&q| quanta[q]["eater"].pressure).collect();
     assert!(short.is_empty(), "the eater was short of memory at quanta {short:?}");
@@ -197,9 +197,8 @@ fn mem_one_vm_eats_to_its_max_is_supplied_in_time_and_reclaimed_after_it_frees()
 fn mem_all_four_eat_the_host_stops_giving_at_its_reserve_and_shares_fairly() {
     // 6 GiB: 5 GiB above the host's own, 4.5 above the reserve; four
     // guests at 2 GiB do not fit. `run_mem` checks the reserve each quantum.
-    let eaters: Vec<(String, String)> = (0..4).map(|i| (format!("eater-{i}"), eating(Some(40)))).collect();
-    let eaters: Vec<(&str, String, &str)> = eaters.iter().map(|(n, m)| (n.as_str(), m.clone(), "")).collect();
-    let quanta = run_mem(&mem_case(6144, &eaters));
+    let (eat, names) = (eating(Some(40)), ["eater-0", "eater-1", "eater-2", "eater-3"]);
+    let quanta = run_mem(&mem_case(6144, &names.map(|n| (n, eat.as_str(), ""))));
     let at_35: Vec<u64> = (0..4).map(|i| quanta[35][&format!("eater-{i}")].target).collect();
     let (lo, hi) = (*at_35.iter().min().unwrap(), *at_35.iter().max().unwrap());
     assert!((hi - lo) * 20 <= lo, "identical guests 5 % apart or more in a shortage: {at_35:?}");
@@ -213,7 +212,8 @@ fn mem_two_eat_one_stops_and_its_memory_goes_to_the_other() {
     // 4 GiB: 3 above the host's own, 2.5 above the reserve; two idle
     // guests keep ~280 MiB each, so the eaters share what is left until
     // one stops at quantum 40.
-    let quanta = run_mem(&mem_case(4096, &[("eater-a", eating(None), "stop = 40"), ("eater-b", eating(None), "")]));
+    let eat = eating(None);
+    let quanta = run_mem(&mem_case(4096, &[("eater-a", &eat, "stop = 40"), ("eater-b", &eat, "")]));
     let (a, b) = (&quanta[35]["eater-a"], &quanta[35]["eater-b"]);
     assert!(a.target < 2000 && b.target < 2000, "both cannot have 2 GiB: {a:?} {b:?}");
     assert!(a.target.abs_diff(b.target) * 20 <= a.target, "shared: {a:?} {b:?}");

@@ -475,11 +475,14 @@ impl Policy for MemPolicy {
             .iter()
             .map(|donor| {
                 let m = &snap.domains[donor.domain].memory;
-                let mut keep_kib = donor.predicted_used.saturating_add((donor.headroom as f64 * keep) as u64).max(donor.floor);
-                if tier < Tier::Hard {
-                    keep_kib = keep_kib.max(donor.peak_keep);
-                }
-                let keep_kib = keep_kib.min(m.max_kib);
+                // A swinging guest keeps its peak short of hard pressure.
+                let peak_keep = if tier < Tier::Hard { donor.peak_keep } else { 0 };
+                let keep_kib = donor
+                    .predicted_used
+                    .saturating_add((donor.headroom as f64 * keep) as u64)
+                    .max(donor.floor)
+                    .max(peak_keep)
+                    .min(m.max_kib);
                 let excess = m.target_kib.saturating_sub(keep_kib);
                 let min_step = pct_of(m.max_kib, p.min_step_pct).max(MIB);
                 if excess < min_step {
