@@ -88,10 +88,10 @@ const FAST_LEVEL_PCT: f32 = 2.5;
 /// left alone. Trimming every pCPU above s at each plan, as before, moved
 /// a vCPU off a quarter of `large`'s host every other quantum while its
 /// demand wandered, to gain what the next drift undid: over `large` with
-/// seeds 1-6, 8,003 pins against 9,593, and a mean 1.196 × best against
+/// seeds 1-6, 7,887 pins against 9,593, and a mean 1.196 × best against
 /// 1.198. 4 %, under the 5 % of the quality target, so that a host planned
-/// from far lands within it (5 %: 7,551 pins, and the quality bench's
-/// 256-pCPU instances at 1.050 × best at worst, against 1.040).
+/// from far lands within it (at 5 % the quality bench's 256-pCPU instances
+/// ended at 1.050 × best at worst; at 4 %, 1.040).
 const FAST_TRIGGER_PCT: f32 = 4.0;
 /// A plan that lowers the busiest pCPU by more than this share spreads
 /// every sibling that shares a pCPU, on a large host too (see
@@ -601,13 +601,15 @@ fn repair_above(p: &Problem, trigger: f32, level: f32) -> Placed {
     // after its batch VMs woke: 670 moves planned from scratch each quantum
     // for four quanta, since one pass of the repair ended at 0.93-0.96
     // against a level of 0.87.)
-    let eps = 1e-5 * larger(level, 1.0);
+    // Only what passed the trigger: the pCPUs the first pass left between
+    // the level and the trigger are left alone here too.
+    let eps = 1e-5 * larger(trigger, 1.0);
     let mut makespan = placed.load.iter().copied().fold(0.0, larger);
     for _ in 0..REPAIR_PASSES {
-        if makespan <= level + eps {
+        if makespan <= trigger + eps {
             break;
         }
-        let next = repair_from(p, placed.at.clone(), level, level, false);
+        let next = repair_from(p, placed.at.clone(), trigger, level, false);
         let next_makespan = next.load.iter().copied().fold(0.0, larger);
         if next_makespan >= makespan {
             break;
