@@ -15,8 +15,8 @@
 //! - **descent** (up to [`DESCENT_ITEMS`] vCPUs): the current placement,
 //!   improved by local search;
 //! - **repair**: the current placement with the least it takes removed from
-//!   each pCPU above the planned level (of the vCPUs some pCPU has room
-//!   for, while any is left), put back largest first onto the least-loaded
+//!   each pCPU above the planned level (on a large host, of the vCPUs some
+//!   pCPU has room for, while any is left), put back largest first onto the least-loaded
 //!   pCPUs, and where a large vCPU found no room under the level, the pCPU
 //!   it landed on trimmed in turn (few moves on a large host);
 //! - **plan**: the exact optimum on small instances (the SDK's branch and
@@ -579,8 +579,8 @@ fn place_largest_first(p: &Problem, at: &mut [usize]) {
 
 /// The current placement with, from each pCPU above `level`, the least
 /// that brings it there taken off (the smallest vCPU that is enough alone,
-/// else the largest, and again; among the vCPUs no larger than the most
-/// room any pCPU has under the level, while there are any), then
+/// else the largest, and again; on a large host, among the vCPUs no larger
+/// than the most room any pCPU has under the level, while there are any), then
 /// everything taken off (and every vCPU without a pCPU) put back largest
 /// first onto the least loaded. Why the room: a vCPU larger than it lands
 /// above the level wherever it goes, and the pCPU it lands on must give up
@@ -591,8 +591,9 @@ fn repair(p: &Problem, level: f32) -> Placed {
     repair_above(p, level, level)
 }
 
-/// [`repair`] of the pCPUs above `trigger` only (to `level`); the first
-/// pass only, the pCPUs it overfilled are trimmed whatever their load.
+/// [`repair`] of the pCPUs above `trigger` only, down to `level`, in every
+/// pass: the pCPUs between the two are left alone (see
+/// [`FAST_TRIGGER_PCT`]).
 fn repair_above(p: &Problem, trigger: f32, level: f32) -> Placed {
     let mut placed = repair_from(p, p.home.to_vec(), trigger, level, true);
     // The large vCPUs taken off may find no room under the level: the
