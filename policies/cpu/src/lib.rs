@@ -73,7 +73,10 @@ pub struct CpuParams {
     /// it is reached, and moving to it is churn. Default 2: it cut the pins
     /// of a jumpy 8-pCPU host by a fifth to a third for a busiest pCPU 2-5 %
     /// higher, and `churn`'s from 599 to 515; `large` and the
-    /// constant-demand quality bench are as without it. 0 turns it off.
+    /// constant-demand quality bench are as without it. The noise itself
+    /// is also the tie between candidate targets and where the local
+    /// search stops above the lower bound (`target::Problem::noise`). 0
+    /// turns both off.
     pub noise_factor: f32,
 }
 
@@ -223,6 +226,7 @@ impl Policy for CpuPolicy {
             converge_quanta: params.converge_quanta,
             numa_slack_pct: params.numa_slack_pct,
             noise_margin: params.noise_factor * noise_cpus,
+            noise: if params.noise_factor > 0.0 { noise_cpus } else { 0.0 },
             // Initial pins count against the guard's limit too.
             pin_cap: self.pin_cap.map_or(usize::MAX, |cap| cap.saturating_sub(unpinned.len()).max(1)),
         };
@@ -890,9 +894,11 @@ mod tests {
         for seed in 1..=5 {
             let (pins_off, busiest_off) = jumpy_host(0.0, seed);
             let (pins_on, busiest_on) = jumpy_host(2.0, seed);
-            // Measured (seeds 1-5): a fifth to a third fewer pins for a
-            // busiest pCPU a few % higher (most of which is the noise itself).
-            assert!(pins_on * 100 <= pins_off * 85, "seed {seed}: {pins_on} pins with the noise margin, {pins_off} without");
+            // Measured (seeds 1-5): a half to two thirds fewer pins (the
+            // margin, and candidates within the noise of the best taken as
+            // equal: 830 pins against 536 with it) for a busiest pCPU 3-5 %
+            // higher (most of which is the noise itself).
+            assert!(pins_on * 100 <= pins_off * 60, "seed {seed}: {pins_on} pins with the noise margin, {pins_off} without");
             assert!(busiest_on <= busiest_off * 1.06, "seed {seed}: busiest {busiest_on} with the noise margin, {busiest_off} without");
         }
     }

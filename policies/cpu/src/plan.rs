@@ -28,6 +28,9 @@ pub(crate) struct Settings {
     /// A plan must also gain this much (CPUs): `cpu.noise_factor` times
     /// the demand noise measured on the host.
     pub(crate) noise_margin: f32,
+    /// The measured demand noise itself (CPUs; 0 when `cpu.noise_factor`
+    /// is): see [`Problem::noise`].
+    pub(crate) noise: f32,
     /// Moves the guard lets through a quantum, as learnt from its verdicts
     /// (`usize::MAX`: no limit seen).
     pub(crate) pin_cap: usize,
@@ -100,8 +103,16 @@ pub(crate) fn plan_moves(items: &mut [Item], load: &mut [f32], node: &[u32], s: 
     // The carried target, for the vCPUs still movable (the ones it moved
     // already are cooling, in `base`).
     let hint: Vec<usize> = if hint.is_empty() { Vec::new() } else { movable.iter().map(|i| hint[*i]).collect() };
-    let mut problem =
-        Problem { demand: &demand, home: &home, domain: &domain, base: &base, hint: &hint, fixed: &fixed, goal: f32::INFINITY };
+    let mut problem = Problem {
+        demand: &demand,
+        home: &home,
+        domain: &domain,
+        base: &base,
+        hint: &hint,
+        fixed: &fixed,
+        goal: f32::INFINITY,
+        noise: s.noise,
+    };
     let current = load.iter().copied().fold(0.0, larger);
     let numa = Numa::new(node, items);
     let spanning = numa.as_ref().map_or(0, |n| n.spanning(items, |i| items[i].home));
@@ -472,6 +483,7 @@ impl Numa {
                 hint: &[],
                 fixed: &fixed,
                 goal: p.goal,
+                noise: p.noise,
             });
             for (j, &kk) in members.iter().enumerate() {
                 at[kk] = slots[t.at[j]];
