@@ -20,7 +20,9 @@
 //!   noise never flaps a vCPU back and forth and a
 //!   converged host makes no moves. On hosts whose demand jumps every
 //!   quantum, `cpu.noise_factor` (2; 0 turns it off) also asks a new plan
-//!   to gain that many times the measured noise of a pCPU's load.
+//!   to gain that many times the measured noise of a pCPU's load, and
+//!   candidate targets within the noise of the best count as equal (the
+//!   one that moves less wins).
 //! - **A budget that scales with the need** ([`plan::budget`]): at least
 //!   `max(8, CPUs / 4)` moves a quantum, more when the target needs more, so
 //!   any target is reached within `cpu.converge_quanta` (2) quanta; a
