@@ -1052,6 +1052,26 @@ mod tests {
         assert_eq!(moved, 2, "{at:?}");
     }
 
+    /// 128 pCPUs of 0.1-CPU vCPUs: 96 at 0.9, 16 at 0.9 + `extra` (one
+    /// vCPU of that more), 8 at 1.0 and 8 at 0.8. Demands and homes.
+    fn banded_host(extra: f32) -> (Vec<f32>, Vec<usize>) {
+        let (mut d, mut home) = (Vec::new(), Vec::new());
+        for c in 0..128usize {
+            let count = match c {
+                0..112 => 9,
+                112..120 => 10,
+                _ => 8,
+            };
+            d.extend(std::iter::repeat_n(0.1f32, count));
+            home.extend(std::iter::repeat_n(c, count));
+            if (96..112).contains(&c) {
+                d.push(extra);
+                home.push(c);
+            }
+        }
+        (d, home)
+    }
+
     #[test]
     fn a_large_hosts_plan_leaves_pcpus_between_the_level_and_the_goal_alone() {
         // 128 pCPUs of 0.1-CPU vCPUs: 96 at 0.9, 16 at 0.93 (one of 0.03
@@ -1060,21 +1080,7 @@ mod tests {
         // Only the 8 pCPUs above the goal give a vCPU each to the 8 at 0.8;
         // the 16 at 0.93, above the level but under the goal, are left as
         // they are: trimming them is what drifting demand undoes.
-        let (mut d, mut home) = (Vec::new(), Vec::new());
-        for c in 0..128usize {
-            let (count, extra) = match c {
-                0..96 => (9, None),
-                96..112 => (9, Some(0.03)),
-                112..120 => (10, None),
-                _ => (8, None),
-            };
-            d.extend(std::iter::repeat_n(0.1f32, count));
-            home.extend(std::iter::repeat_n(c, count));
-            if let Some(e) = extra {
-                d.push(e);
-                home.push(c);
-            }
-        }
+        let (d, home) = banded_host(0.03);
         let domain: Vec<u32> = (0..d.len() as u32).collect();
         let base = vec![0.0; 128];
         let p = Problem { goal: 0.95, ..problem(&d, &home, &domain, &base) };
@@ -1095,21 +1101,7 @@ mod tests {
         // more), 8 at 1.0 and 8 at 0.8. The bound is 0.906, so 1.04 × it
         // is 0.942: on constant demand the 16 at 0.945 are trimmed too.
         // With a noise of 0.02 CPU, S is 0.986 and the goal (0.95) decides.
-        let (mut d, mut home) = (Vec::new(), Vec::new());
-        for c in 0..128usize {
-            let (count, extra) = match c {
-                0..96 => (9, None),
-                96..112 => (9, Some(0.045)),
-                112..120 => (10, None),
-                _ => (8, None),
-            };
-            d.extend(std::iter::repeat_n(0.1f32, count));
-            home.extend(std::iter::repeat_n(c, count));
-            if let Some(e) = extra {
-                d.push(e);
-                home.push(c);
-            }
-        }
+        let (d, home) = banded_host(0.045);
         let domain: Vec<u32> = (0..d.len() as u32).collect();
         let base = vec![0.0; 128];
         let moved = |noise: f32| {
