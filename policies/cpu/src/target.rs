@@ -321,8 +321,10 @@ pub(crate) fn plan(p: &Problem) -> Target {
     let repaired = {
         let at = repair(p, level).at;
         let mut t = p.target(at);
-        // Searched on only when it missed the level it was repaired to.
-        if t.makespan > larger(level + tie(level), (level + noisy_tie(level)).min(p.goal)) {
+        // Searched on only when it missed the level it was repaired to (by
+        // more than the noise, if it reaches the goal).
+        let slack = if t.makespan <= p.goal { noisy_tie(level) } else { tie(level) };
+        if t.makespan > level + slack {
             improve(p, &mut t.at, lower);
             t = p.target(t.at);
         }
@@ -331,9 +333,8 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // When LPT is within the tie of the lower bound and the repair ties
     // it, the repair moves far less and nothing can do better by more
     // than the tie: the plan is relabelled and searched only otherwise.
-    let repair_ties = !exact
-        && groups_makespan <= lower + noisy_tie(lower)
-        && repaired.makespan <= (groups_makespan + noisy_tie(groups_makespan)).min(larger(p.goal, groups_makespan + tie(groups_makespan)));
+    let repair_slack = if repaired.makespan <= p.goal { noisy_tie(groups_makespan) } else { tie(groups_makespan) };
+    let repair_ties = !exact && groups_makespan <= lower + noisy_tie(lower) && repaired.makespan <= groups_makespan + repair_slack;
     candidates.push(repaired);
     if !repair_ties {
         let mut at = relabel(p, &groups);
