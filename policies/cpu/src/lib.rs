@@ -146,9 +146,15 @@ impl Noise {
     fn observe(&mut self, usable: &[u32], load: &[f32]) -> f32 {
         if self.usable == usable && self.expected.len() == load.len() && !load.is_empty() {
             // The median change: a shift of a few pCPUs (a VM started or
-            // stopped) is not noise.
+            // stopped) is not noise. The lower median of an even count: on
+            // 2 pCPUs the upper one is the larger change, and one pCPU
+            // whose two co-located vCPUs swing together read as the host's
+            // noise; its margin then held back the plan that would part
+            // them, for good (the random sweep's seed 89: 1.21 × best
+            // against 1.06; over seeds 1-100, 1.1363 against 1.1397, with
+            // 6,592 pins against 6,360).
             let mut changes: Vec<f32> = load.iter().zip(&self.expected).map(|(l, e)| (l - e).abs()).collect();
-            let mid = changes.len() / 2;
+            let mid = (changes.len() - 1) / 2;
             let change = *changes.select_nth_unstable_by(mid, f32::total_cmp).1;
             if change.is_finite() {
                 // What is smoothed is the median of the last three quanta's
@@ -891,6 +897,21 @@ mod tests {
         assert!(noise > 0.25, "a swing of 0.3 every quantum: noise {noise}");
     }
 
+    /// On 2 pCPUs, one pCPU whose load swings is not the host's noise: its
+    /// swing would hold back the very plan that parts what swings.
+    #[test]
+    fn one_swinging_pcpu_of_two_is_not_the_hosts_noise() {
+        let usable = [0, 1];
+        let mut noise = Noise::default();
+        let mut last = 0.0;
+        for q in 0..20 {
+            let load = [0.8, if q % 2 == 0 { 2.5 } else { 2.0 }];
+            last = noise.observe(&usable, &load);
+            noise.expect(&usable, &load);
+        }
+        assert!(last < 0.05, "one pCPU of two swinging by 0.5: noise {last}");
+    }
+
     #[test]
     fn jumpy_demand_raises_the_margin_and_cuts_the_churn_not_the_balance() {
         let (mut total_off, mut total_on) = (0, 0);
@@ -899,14 +920,13 @@ mod tests {
             let (pins_on, busiest_on) = jumpy_host(2.0, seed);
             total_off += pins_off;
             total_on += pins_on;
-            // Measured (seeds 1-5): a busiest pCPU 2-4 % higher (most of
-            // which is the noise itself).
-            assert!(busiest_on <= busiest_off * 1.06, "seed {seed}: busiest {busiest_on} with the noise margin, {busiest_off} without");
+            // Measured (seeds 1-5): a busiest pCPU 0-1.3 % higher. With
+            // the margin alone, and with the noise read as the upper
+            // median of the pCPUs' changes, 2.9-5 % (seed 3).
+            assert!(busiest_on <= busiest_off * 1.025, "seed {seed}: busiest {busiest_on} with the noise margin, {busiest_off} without");
         }
-        // Measured: 665 pins against 1,215, 55 % (35-56 % fewer a seed);
-        // 830 (68 %) with the margin alone, before candidates within the
-        // noise of the best counted as equal.
-        assert!(total_on * 100 <= total_off * 62, "{total_on} pins with the noise margin, {total_off} without");
+        // Measured: 854 pins against 1,215 (70 %).
+        assert!(total_on * 100 <= total_off * 75, "{total_on} pins with the noise margin, {total_off} without");
     }
 
     #[test]
