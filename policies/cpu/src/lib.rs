@@ -68,14 +68,14 @@ pub struct CpuParams {
     /// when it costs nothing).
     pub numa_slack_pct: f32,
     /// A new plan must also gain this many times the demand noise measured
-    /// on the host: the median change of a pCPU's load from one quantum to
-    /// the next that no move explains (the median of the last three
-    /// quanta's, smoothed: a step of demand is not noise). Demand that
-    /// jumps every quantum makes last quantum's best placement stale before
-    /// it is reached, and moving to it is churn. Default 2: it cut the pins
-    /// of a jumpy 8-pCPU host by a fifth to a third for a busiest pCPU 2-5 %
-    /// higher, and `churn`'s from 599 to 515; `large` and the
-    /// constant-demand quality bench are as without it. The noise itself
+    /// on the host: the (lower) median change of a pCPU's load from one
+    /// quantum to the next that no move explains (the median of the last
+    /// three quanta's, smoothed: a step of demand is not noise). Demand
+    /// that jumps every quantum makes last quantum's best placement stale
+    /// before it is reached, and moving to it is churn. Default 2: with the
+    /// tie below it cuts the pins of a jumpy 8-pCPU host by 30 % for a
+    /// busiest pCPU 0-1.3 % higher (the unit test `jumpy_demand_…`); the
+    /// constant-demand quality bench is as without it. The noise itself
     /// is also the tie between candidate targets and where the local
     /// search stops above the lower bound (`target::Problem::noise`). 0
     /// turns both off.

@@ -166,8 +166,9 @@ pub(crate) struct Problem<'a> {
     /// bound once under the goal. Why: by the time a target is reached,
     /// the busiest pCPU has drifted by about that much, so a finer edge is
     /// stale before it is paid for. On `churn` (demand that moves by up to
-    /// 0.2 CPU a quantum) over seeds 1-6: 2,235 pins against 3,135 without,
-    /// busiest pCPU 1.281 against 1.293 × best. Twice the noise cut the
+    /// 0.2 CPU a quantum) over seeds 1-6: 2,726 pins against 3,135 without,
+    /// busiest pCPU 1.279 against 1.293 × best. Twice the noise (measured
+    /// when the noise was the upper median of the pCPUs' changes) cut the
     /// pins to 1,439, but left a host of one-vCPU VMs that jump the same
     /// way 3 % higher.
     pub(crate) noise: f32,
@@ -266,7 +267,8 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // Within the demand noise, between targets that both reach the goal
     // (see [`Problem::noise`]): one that does not must not win for moving
     // less, or a plan worth taking is dropped for it (over the random
-    // sweep's seeds 1-100 this rule costs 3 % more pins, 6,360 against
+    // sweep's seeds 1-100, measured with the noise as the upper median of
+    // the pCPUs' changes, this rule cost 3 % more pins, 6,360 against
     // 6,189, for a busiest pCPU of 1.1397 against 1.1399 × best).
     let noisy_tie = |makespan: f32| larger(tie(makespan), p.noise);
     // A large host first tries the cheapest plan: the pCPUs above the
