@@ -270,7 +270,8 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // sweep's seeds 1-100, measured with the noise as the upper median of
     // the pCPUs' changes, this rule cost 3 % more pins, 6,360 against
     // 6,189, for a busiest pCPU of 1.1397 against 1.1399 × best).
-    let noisy_tie = |makespan: f32| larger(tie(makespan), p.noise);
+    // `reaches`: the candidates compared all reach the goal.
+    let tie_of = |makespan: f32, reaches: bool| if reaches { larger(tie(makespan), p.noise) } else { tie(makespan) };
     // A large host first tries the cheapest plan: the pCPUs above the
     // trigger repaired to just above the lower bound. Within the tie of the
     // bound (or under the trigger, which is under the goal), nothing can
@@ -325,8 +326,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
         let mut t = p.target(at);
         // Searched on only when it missed the level it was repaired to (by
         // more than the noise, if it reaches the goal).
-        let slack = if t.makespan <= p.goal { noisy_tie(level) } else { tie(level) };
-        if t.makespan > level + slack {
+        if t.makespan > level + tie_of(level, t.makespan <= p.goal) {
             improve(p, &mut t.at, lower);
             t = p.target(t.at);
         }
@@ -335,8 +335,9 @@ pub(crate) fn plan(p: &Problem) -> Target {
     // When LPT is within the tie of the lower bound and the repair ties
     // it, the repair moves far less and nothing can do better by more
     // than the tie: the plan is relabelled and searched only otherwise.
-    let repair_slack = if repaired.makespan <= p.goal { noisy_tie(groups_makespan) } else { tie(groups_makespan) };
-    let repair_ties = !exact && groups_makespan <= lower + noisy_tie(lower) && repaired.makespan <= groups_makespan + repair_slack;
+    let repair_ties = !exact
+        && groups_makespan <= lower + tie_of(lower, true)
+        && repaired.makespan <= groups_makespan + tie_of(groups_makespan, repaired.makespan <= p.goal);
     candidates.push(repaired);
     if !repair_ties {
         let mut at = relabel(p, &groups);
@@ -352,8 +353,7 @@ pub(crate) fn plan(p: &Problem) -> Target {
         .fold(None::<(Target, f32)>, |best, (t, moved)| match best {
             None => Some((t, moved)),
             Some((b, bm)) => {
-                let least = b.makespan.min(t.makespan);
-                let tie = if t.makespan <= p.goal && b.makespan <= p.goal { noisy_tie(least) } else { tie(least) };
+                let tie = tie_of(b.makespan.min(t.makespan), t.makespan <= p.goal && b.makespan <= p.goal);
                 // Within the tie, a candidate that leaves less overload
                 // wins (see [`Overload`]); then the one that moves less.
                 let better = t.makespan < b.makespan - tie
