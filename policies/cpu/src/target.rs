@@ -213,9 +213,13 @@ impl Overload {
 impl Problem<'_> {
     fn loads(&self, at: &[usize]) -> Vec<f32> {
         let mut load = self.base.to_vec();
-        for (i, &c) in at.iter().enumerate() {
-            if c != NONE {
-                load[c] += self.demand[i];
+        // Zipped, and `NONE` (no pCPU) fails the same range check as a bad
+        // index: in wasm, an index and two bounds checks per vCPU spilled
+        // the loop's registers to the stack (three times the native cost).
+        for (&c, &d) in at.iter().zip(self.demand) {
+            debug_assert!(c == NONE || c < load.len(), "vCPU placed on pCPU {c} of {}", load.len());
+            if let Some(l) = load.get_mut(c) {
+                *l += d;
             }
         }
         load
@@ -483,9 +487,9 @@ impl Siblings {
         }
         let mut s = Siblings { slice, cpus: vec![0; start as usize] };
         if start > 0 {
-            for (i, &c) in at.iter().enumerate() {
+            for (&c, &dom) in at.iter().zip(p.domain) {
                 if c != NONE {
-                    s.add(p.domain[i], c);
+                    s.add(dom, c);
                 }
             }
             for &(dom, c) in p.fixed {
@@ -510,11 +514,11 @@ impl Siblings {
     }
 
     fn add(&mut self, dom: u32, c: usize) {
-        let (start, len, cap) = self.slice[dom as usize];
+        let (start, len, cap) = &mut self.slice[dom as usize];
         // Only domains with a slice (two or more vCPUs) are recorded.
-        if len < cap {
-            self.cpus[(start + len) as usize] = c as u32;
-            self.slice[dom as usize].1 += 1;
+        if *len < *cap {
+            self.cpus[(*start + *len) as usize] = c as u32;
+            *len += 1;
         }
     }
 
